@@ -1,0 +1,82 @@
+"""
+Speed and memory, side by side with a reference in the same run (these machines are shared
+and noisy: read the ratios).
+
+    python bench.py loss                          # llip_loss fwd+bwd: naive vs chunked, N = 256, 512, 1024
+    python bench.py loss --n=1024 --dim=1280 --k=64
+
+Each measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
+memory it held before the call is the extra memory of that call alone.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def rss_kib(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
+    """Time and extra peak memory of one llip_loss forward+backward (run in its own process)."""
+    from loss import llip_loss, llip_loss_reference
+    torch.manual_seed(0)
+    d = dim // heads
+    leaf = lambda *s: torch.randn(*s).requires_grad_()
+    keys, values, queries = leaf(n, heads, k, d), leaf(n, heads, k, d), leaf(n, heads, d)
+    text = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1).requires_grad_()
+    out_proj = leaf(dim, dim)
+    a, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    args = (keys, values, queries, text, out_proj, a, b, 5.0)
+    before = rss_kib('VmRSS')
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = llip_loss_reference(*args) if impl == 'naive' else llip_loss(*args, chunk_size=chunk)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024}
+
+
+def bench_loss(args):
+    print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, "
+          f"D={args.dim}, K={args.k}, M={args.heads}")
+    print(f"{'N':>6} {'impl':>8} {'chunk':>6} {'seconds':>9} {'peak MiB':>10}")
+    for n in args.n:
+        rows = {}
+        for impl in ('naive', 'chunked'):
+            cmd = [sys.executable, __file__, '_loss_run', f'--impl={impl}', f'--n={n}', f'--dim={args.dim}',
+                   f'--k={args.k}', f'--heads={args.heads}', f'--chunk={args.chunk}', f'--repeats={args.repeats}']
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"{n:>6} {impl:>8}  failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            rows[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            chunk = args.chunk or max(1, 2 ** 16 // n)
+            print(f"{n:>6} {impl:>8} {chunk if impl == 'chunked' else n:>6} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f}")
+        if len(rows) == 2:
+            print(f"{n:>6} {'ratio':>8} {'':>6} {rows['chunked']['seconds'] / rows['naive']['seconds']:>9.2f} "
+                  f"{rows['chunked']['peak_mib'] / rows['naive']['peak_mib']:>10.3f}   (chunked / naive)")
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('what', choices=['loss', '_loss_run'], help='which benchmark to run')
+    p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
+    p.add_argument('--dim', type=int, default=512, help='embed dim D')
+    p.add_argument('--k', type=int, default=32, help='mixture tokens K')
+    p.add_argument('--heads', type=int, default=8, help='mixer heads M')
+    p.add_argument('--chunk', type=int, default=0, help='captions per chunk (0: the default of llip_loss)')
+    p.add_argument('--repeats', type=int, default=2, help='timed repeats; the fastest is reported')
+    p.add_argument('--impl', default='chunked', help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.what == 'loss':
+        bench_loss(args)
+    else:
+        print(json.dumps(one_loss_run(args.impl, args.n[0], args.dim, args.k, args.heads,
+                                      args.chunk or None, args.repeats)))

@@ -1,0 +1,386 @@
+"""
+The Llip model: a ViT that outputs K *mixture tokens*, CLIP's text transformer, and a
+small cross-attention (the *mixer*) whose query comes from the caption, so that every
+image gets a different vector for every caption (Lavoie et al., arXiv 2405.00740).
+
+    images (N, 3, S, S) --ViT--> h: K mixture tokens (N, K, W_v)
+        keys   K_i^{mk} = LN(h_i^k W_K^k)        one projection per mixture token k
+        values V_i^{mk} = LN(h_i^k W_V^k)
+    tokens (N, L) --text transformer--> g: EOT state (N, W_t)
+        query  Q_j^m   = LN(g_j W_Q)               split into M heads of D/M
+        text   z'_j    = g_j W_T
+    mixer  Phi_ij^{mk} = softmax_k(Q_j^m . K_i^{mk} / tau)
+           z_ij        = concat_m(sum_k Phi_ij^{mk} V_i^{mk}) W_O     (eq. 1-2, loss.mix)
+    loss   SigLIP's sigmoid loss on cos(z_ij, z'_j)                   (eq. 3, loss.llip_loss)
+
+The `pool` setting walks the paper's ablation ladder (Section 5): cls -> registers -> avg
+-> learned -> llip; `pool_image` below is the one place where they differ.
+
+Try it:
+    python -c "import torch, model; m = model.Llip(model.PRESETS['tiny']); \
+print(m(torch.randn(4, 3, 32, 32), torch.randint(1, 257, (4, 48))))"
+"""
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, einsum
+from torch.utils.checkpoint import checkpoint
+
+from loss import contextual_cosine, llip_loss, mix, siglip_loss
+
+POOLS = ('cls', 'registers', 'avg', 'learned', 'llip')
+
+
+@dataclass
+class LlipConfig:
+    # image tower
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_head_width: int = 64
+    vision_mlp_ratio: float = 4.0
+    # text tower
+    tokenizer: str = 'clip'            # 'clip' (BPE, 49408 ids) or 'byte' (UTF-8 bytes)
+    vocab_size: int = 49408
+    context_length: int = 77
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # the joint space and the mixer
+    embed_dim: int = 512               # D
+    num_mixture: int = 32              # K, mixture tokens
+    mixer_heads: int = 8               # M, heads of the cross-attention (8 in every paper run)
+    tau: float = 5.0                   # temperature of the softmax over the K mixture tokens
+    qkv_norm: bool = False             # LayerNorm(D) on keys, queries, values (H/14, G/14)
+    pool: str = 'llip'                 # cls | registers | avg | learned | llip
+    quick_gelu: bool = True            # x * sigmoid(1.702 x), as in the authors' weights
+    # SigLIP's init: a = exp(t) = 10, b = -10 (the authors' code kept CLIP's t = log(1/0.07))
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r}: expected one of {', '.join(POOLS)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.mixer_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by mixer_heads={self.mixer_heads}")
+
+    @property
+    def num_tokens(self):
+        """Learned tokens prepended in the ViT: SigLIP's single CLS token, else K."""
+        return 1 if self.pool == 'cls' else self.num_mixture
+
+
+def _vit(patch, width, layers, head_width, K, embed, text_width, text_layers, text_heads,
+         context=77, tau=5.0, qkv_norm=False, mlp_ratio=4.0):
+    return LlipConfig(image_size=224, patch_size=patch, vision_width=width, vision_layers=layers,
+                      vision_head_width=head_width, vision_mlp_ratio=mlp_ratio, context_length=context,
+                      text_width=text_width, text_layers=text_layers, text_heads=text_heads,
+                      embed_dim=embed, num_mixture=K, tau=tau, qkv_norm=qkv_norm)
+
+
+# The authors' configurations (design.md section 4), plus `tiny` for a CPU smoke test.
+PRESETS = {
+    'tiny': LlipConfig(image_size=32, patch_size=4, vision_width=128, vision_layers=4,
+                       vision_head_width=32, tokenizer='byte', vocab_size=259, context_length=48,
+                       text_width=128, text_layers=4, text_heads=4, embed_dim=128, num_mixture=16,
+                       quick_gelu=False),
+    'vit_b32': _vit(32, 768, 12, 64, 64, 512, 512, 12, 8),
+    'vit_b16': _vit(16, 768, 12, 64, 32, 512, 512, 12, 8),
+    'vit_l14': _vit(14, 1024, 24, 64, 32, 768, 768, 12, 12, context=64, tau=1.0),
+    'vit_h14': _vit(14, 1280, 32, 80, 64, 1024, 1024, 24, 16, qkv_norm=True),
+    'vit_g14': _vit(14, 1664, 48, 104, 64, 1280, 1280, 32, 20, qkv_norm=True, mlp_ratio=8192 / 1664),
+}
+
+
+# ----------------------------------------------------------------------------- transformer
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the packed q,k,v projection of nn.MultiheadAttention,
+    so the authors' `attn.in_proj_weight` loads as it is."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(width ** -0.5 * torch.randn(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):                                  # x (B, N, W)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)        # (B, N, 3W)
+        q, k, v = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, N, d)
+        return self.out_proj(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, mlp_ratio, quick_gelu):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden),
+                                             gelu=QuickGELU() if quick_gelu else nn.GELU(),
+                                             c_proj=nn.Linear(hidden, width)))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio, quick_gelu):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)])
+        self.grad_ckpt = False   # recompute each block's activations in backward (H/14, G/14)
+        # CLIP's init: residual-branch outputs scaled down with depth
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+
+    def forward(self, x, causal=False):
+        for block in self.blocks:
+            if self.grad_ckpt and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return x
+
+
+# ----------------------------------------------------------------------------- the towers
+class VisionTransformer(nn.Module):
+    """ViT with T learned tokens prepended to the patches; returns their outputs (N, T, W)."""
+
+    def __init__(self, c: LlipConfig):
+        super().__init__()
+        self.patch_size = c.patch_size
+        width, num_patches = c.vision_width, (c.image_size // c.patch_size) ** 2
+        self.patch_embed = nn.Linear(3 * c.patch_size ** 2, width, bias=False)
+        self.mixture_tokens = nn.Parameter(width ** -0.5 * torch.randn(c.num_tokens, width))
+        self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(c.num_tokens + num_patches, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, c.vision_layers, width // c.vision_head_width,
+                                       c.vision_mlp_ratio, c.quick_gelu)
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, images):                                           # (N, 3, S, S)
+        p = self.patch_size
+        patches = rearrange(images, 'n c (h p1) (w p2) -> n (h w) (p1 p2 c)', p1=p, p2=p)
+        x = self.patch_embed(patches)                                    # (N, P, W)
+        tokens = self.mixture_tokens.expand(x.shape[0], -1, -1)          # (N, T, W)
+        x = torch.cat([tokens.to(x.dtype), x], dim=1) + self.pos_embed   # (N, T + P, W)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, :tokens.shape[1]])                      # (N, T, W)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's causal text transformer; returns the state at the EOT token (N, W_t)."""
+
+    def __init__(self, c: LlipConfig):
+        super().__init__()
+        self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
+        self.pos_embed = nn.Parameter(0.01 * torch.randn(c.context_length, c.text_width))
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, 4.0, c.quick_gelu)
+        self.ln_final = nn.LayerNorm(c.text_width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, tokens):                                           # (N, L) int64
+        x = self.token_embed(tokens) + self.pos_embed[:tokens.shape[1]]  # (N, L, W_t)
+        x = self.ln_final(self.transformer(x, causal=True))
+        # EOT has the largest id in every row; causal attention makes padding after it harmless
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+
+
+# ----------------------------------------------------------------------------- features
+class ImageFeatures(NamedTuple):
+    keys: Optional[torch.Tensor] = None     # (N, M, K, D/M), only for pool=llip
+    values: Optional[torch.Tensor] = None   # (N, M, K, D/M), only for pool=llip
+    emb: Optional[torch.Tensor] = None      # (N, D) normalised, for caption-independent pools
+
+
+class TextFeatures(NamedTuple):
+    queries: Optional[torch.Tensor]         # (N, M, D/M), None unless pool=llip
+    emb: torch.Tensor                       # (N, D) normalised text embedding z'_j
+
+
+class Llip(nn.Module):
+    def __init__(self, config: LlipConfig):
+        super().__init__()
+        c = self.config = config
+        D, K, Wv, Wt = c.embed_dim, c.num_tokens, c.vision_width, c.text_width
+        self.visual = VisionTransformer(c)
+        self.text = TextTransformer(c)
+        self.text_proj = nn.Parameter(Wt ** -0.5 * torch.randn(Wt, D))               # W_T
+        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale))            # t, a = exp(t)
+        self.logit_bias = nn.Parameter(torch.tensor(c.init_logit_bias))              # b
+        # the image side of each pool; parameters a pool does not use are not created
+        if c.pool in ('cls', 'registers'):
+            self.proj = nn.Parameter(Wv ** -0.5 * torch.randn(Wv, D))                # first token -> D
+        else:
+            self.v_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))           # W_V, per token
+            self.out_proj = nn.Parameter(D ** -0.5 * torch.randn(D, D))              # W_O
+            self.v_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
+        if c.pool in ('learned', 'llip'):
+            self.k_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))           # W_K, per token
+            self.k_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
+        if c.pool == 'learned':   # one query shared by every sample (paper: "learned average")
+            self.learned_query = nn.Parameter(torch.randn(c.mixer_heads, D // c.mixer_heads))
+        if c.pool == 'llip':      # the caption's query
+            self.q_proj = nn.Parameter(Wt ** -0.5 * torch.randn(Wt, D))              # W_Q
+            self.q_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.visual.transformer.grad_ckpt = enabled
+        self.text.transformer.grad_ckpt = enabled
+
+    def project_mixture_tokens(self, h, proj, norm):
+        """Each mixture token k has its own projection: (N, K, W_v) -> (N, M, K, D/M)."""
+        x = norm(einsum(h, proj, 'n k w, k w d -> n k d'))
+        return rearrange(x, 'n k (m d) -> n m k d', m=self.config.mixer_heads)
+
+    def pool_image(self, h):
+        """The ablation ladder: how the mixture tokens h (N, K, W_v) become image features."""
+        pool = self.config.pool
+        if pool in ('cls', 'registers'):           # SigLIP: the first token, projected
+            return ImageFeatures(emb=F.normalize(h[:, 0] @ self.proj, dim=-1))
+        values = self.project_mixture_tokens(h, self.v_proj, self.v_norm)            # (N, M, K, d)
+        if pool == 'avg':                          # uniform weights over the K tokens
+            mixed = rearrange(values.mean(dim=2), 'n m d -> n (m d)')
+        else:
+            keys = self.project_mixture_tokens(h, self.k_proj, self.k_norm)          # (N, M, K, d)
+            if pool == 'llip':                     # the caption decides: mixing happens per pair
+                return ImageFeatures(keys=keys, values=values)
+            query = self.learned_query[None]                                          # (1, M, d)
+            mixed = mix(query, keys, values, self.config.tau)[:, 0]                  # (N, D)
+        return ImageFeatures(emb=F.normalize(mixed @ self.out_proj, dim=-1))
+
+    def encode_image(self, images) -> ImageFeatures:
+        return self.pool_image(self.visual(images))
+
+    def encode_text(self, tokens) -> TextFeatures:
+        g = self.text(tokens)                                                         # (N, W_t)
+        queries = None
+        if self.config.pool == 'llip':
+            queries = rearrange(self.q_norm(g @ self.q_proj), 'n (m d) -> n m d', m=self.config.mixer_heads)
+        return TextFeatures(queries=queries, emb=F.normalize(g @ self.text_proj, dim=-1))
+
+    def similarity(self, image_features: ImageFeatures, text_features: TextFeatures, tau=None,
+                   chunk_size=64):
+        """cos(z_ij, z'_j) for every image i and caption j: (N_img, N_txt). For pool=llip the
+        pairs are contextualised `chunk_size` captions at a time, so no more than
+        N_img x chunk_size x D is ever held."""
+        if image_features.emb is not None:
+            return image_features.emb @ text_features.emb.T
+        tau = self.config.tau if tau is None else tau
+        return torch.cat([contextual_cosine(image_features.keys, image_features.values,
+                                            text_features.queries[s:s + chunk_size],
+                                            text_features.emb[s:s + chunk_size], self.out_proj, tau)
+                          for s in range(0, text_features.emb.shape[0], chunk_size)], dim=1)
+
+    def forward(self, images, tokens, chunk_size=None):
+        """The training loss (eq. 3) of this rank's images against every rank's captions."""
+        img, txt = self.encode_image(images), self.encode_text(tokens)
+        scale = self.logit_scale.exp()
+        if img.emb is not None:
+            return siglip_loss(img.emb, txt.emb, scale, self.logit_bias)
+        return llip_loss(img.keys, img.values, txt.queries, txt.emb, self.out_proj, scale,
+                         self.logit_bias, self.config.tau, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- the authors' weights
+# Their names (facebookresearch/Llip, class CMP) -> ours. Transformer blocks share the layout
+# (ln_1, attn.in_proj_weight, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj) and need no renaming.
+OFFICIAL_NAMES = [
+    (r'^visual\.conv1\.weight$', 'visual.patch_embed.weight'),
+    (r'^visual\.class_embedding$', 'visual.mixture_tokens'),
+    (r'^visual\.positional_embedding$', 'visual.pos_embed'),
+    (r'^visual\.transformer\.resblocks\.', 'visual.transformer.blocks.'),
+    (r'^transformer\.resblocks\.', 'text.transformer.blocks.'),
+    (r'^token_embedding\.weight$', 'text.token_embed.weight'),
+    (r'^positional_embedding$', 'text.pos_embed'),
+    (r'^ln_final\.', 'text.ln_final.'),
+    (r'^text_projection$', 'text_proj'),
+    (r'^pred\.out_proj$', 'out_proj'),
+    (r'^([KQV])_norm\.', lambda m: f'{m.group(1).lower()}_norm.'),
+]
+
+
+def _count_blocks(sd, prefix):
+    return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+
+
+def config_from_official(sd):
+    """Everything but head counts and tau is in the shapes; those come from PRESETS."""
+    conv, tokens = sd['visual.conv1.weight'], sd['visual.class_embedding']
+    K, width, patch = tokens.shape[0], conv.shape[0], conv.shape[-1]
+    num_patches = sd['visual.positional_embedding'].shape[0] - K
+    text_width = sd['ln_final.weight'].shape[0]
+    c = LlipConfig(
+        image_size=math.isqrt(num_patches) * patch, patch_size=patch, vision_width=width,
+        vision_layers=_count_blocks(sd, 'visual.transformer.resblocks.'), vision_head_width=64,
+        vision_mlp_ratio=sd['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0] / width,
+        tokenizer='clip', vocab_size=sd['token_embedding.weight'].shape[0],
+        context_length=sd['positional_embedding'].shape[0], text_width=text_width,
+        text_layers=_count_blocks(sd, 'transformer.resblocks.'), text_heads=max(1, text_width // 64),
+        embed_dim=sd['text_projection'].shape[1], num_mixture=K, qkv_norm='K_norm.weight' in sd)
+    for preset in PRESETS.values():   # same widths as an authors' config: take its heads and tau
+        if (preset.vision_width, preset.text_width, preset.embed_dim) == (width, text_width, c.embed_dim):
+            c = replace(c, vision_head_width=preset.vision_head_width, text_heads=preset.text_heads,
+                        tau=preset.tau)
+            break
+    return c
+
+
+def load_official(path_or_state_dict, **overrides):
+    """Build a Llip from the authors' released checkpoint (llip_b16_k32.pt, llip_G14_k64.pt)."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        sd = torch.load(sd, map_location='cpu', weights_only=False)
+    sd = sd.get('state_dict', sd)
+    sd = {k.removeprefix('module.'): v for k, v in sd.items()}
+    required = ['visual.conv1.weight', 'visual.class_embedding', 'visual.positional_embedding',
+                'ln_final.weight', 'text_projection', 'token_embedding.weight', 'positional_embedding',
+                'k_proj', 'v_proj', 'q_proj', 'pred.out_proj']
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise KeyError(f"not an official Llip checkpoint: missing {', '.join(missing)}")
+    config = replace(config_from_official(sd), **overrides)
+    model = Llip(config)
+    ours = {}
+    for name, tensor in sd.items():
+        for pattern, new in OFFICIAL_NAMES:
+            name = re.sub(pattern, new, name)
+        ours[name] = tensor
+    # their patchify is a Conv2d (W, 3, p, p); ours is a Linear on (p1 p2 c)-ordered patches
+    ours['visual.patch_embed.weight'] = rearrange(ours['visual.patch_embed.weight'],
+                                                  'w c p1 p2 -> w (p1 p2 c)')
+    ours['logit_scale'] = ours['logit_scale'].reshape(())
+    ours['logit_bias'] = ours.get('logit_bias', torch.tensor(config.init_logit_bias)).reshape(())
+    expected = model.state_dict()
+    unknown = sorted(set(ours) - set(expected))
+    missing = sorted(set(expected) - set(ours))
+    if unknown or missing:
+        raise KeyError(f"official checkpoint does not match the model built from it: "
+                       f"unknown keys {unknown[:10]}, missing keys {missing[:10]}")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ours.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"official checkpoint has unexpected shapes: {wrong[:10]}")
+    model.load_state_dict(ours)
+    return model.eval()

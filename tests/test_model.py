@@ -1,0 +1,152 @@
+"""What this proves about model.py (run: python -m pytest tests/test_model.py):
+- every pool of the ablation ladder gives the documented shapes and a finite loss, and every
+  parameter it creates receives a non-zero gradient;
+- similarity(i, j) for a batch equals contextualising image i with caption j alone, for any
+  chunk size: nothing leaks across the batch;
+- with W_Q zeroed, Llip's mixing is the uniform average of the values (the `avg` pool);
+- the attention block equals torch's nn.MultiheadAttention with the same packed weights;
+- the text feature is the EOT state (tokens after it change nothing), and gradient
+  checkpointing changes neither loss nor gradients.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import POOLS, PRESETS, Attention, Llip
+
+
+def tiny(**overrides):
+    small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
+                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16)
+    return replace(PRESETS['tiny'], **{**small, **overrides})
+
+
+def batch(n, config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, config.image_size, config.image_size, generator=g)
+    tokens = torch.randint(1, 257, (n, config.context_length), generator=g)
+    eot = torch.randint(3, config.context_length, (n,), generator=g)
+    tokens[torch.arange(n), eot] = 258                       # EOT: the largest id
+    tokens[torch.arange(config.context_length)[None] > eot[:, None]] = 0
+    return images, tokens
+
+
+@pytest.mark.parametrize('pool', POOLS)
+def test_shapes_and_every_parameter_gets_a_gradient(pool):
+    torch.manual_seed(0)
+    c = tiny(pool=pool)
+    m = Llip(c)
+    images, tokens = batch(5, c)
+    img, txt = m.encode_image(images), m.encode_text(tokens)
+    D, M, K = c.embed_dim, c.mixer_heads, c.num_mixture
+    assert txt.emb.shape == (5, D)
+    if pool == 'llip':
+        assert img.keys.shape == img.values.shape == (5, M, K, D // M)
+        assert txt.queries.shape == (5, M, D // M)
+    else:
+        assert img.emb.shape == (5, D) and txt.queries is None
+        torch.testing.assert_close(img.emb.norm(dim=-1), torch.ones(5))
+    assert m.visual.mixture_tokens.shape[0] == (1 if pool == 'cls' else K)
+    sim = m.similarity(img, txt, chunk_size=2)
+    assert sim.shape == (5, 5) and sim.abs().max() <= 1 + 1e-5
+    loss = m(images, tokens)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f'{pool}: no gradient for {name}'
+
+
+def test_llip_creates_the_mixer_parameters():
+    m = Llip(tiny(pool='llip'))
+    c = m.config
+    assert m.k_proj.shape == m.v_proj.shape == (c.num_mixture, c.vision_width, c.embed_dim)
+    assert m.q_proj.shape == (c.text_width, c.embed_dim)
+    assert m.out_proj.shape == (c.embed_dim, c.embed_dim)
+
+
+@pytest.mark.parametrize('qkv_norm', [False, True])
+def test_similarity_has_no_leakage_across_the_batch(qkv_norm):
+    torch.manual_seed(1)
+    c = tiny(qkv_norm=qkv_norm)
+    m = Llip(c).double().eval()
+    images, tokens = batch(4, c)
+    img, txt = m.encode_image(images.double()), m.encode_text(tokens)
+    full = m.similarity(img, txt, chunk_size=3)
+    for i in range(4):
+        for j in range(4):
+            alone = m.similarity(m.encode_image(images[i:i + 1].double()), m.encode_text(tokens[j:j + 1]))
+            torch.testing.assert_close(full[i, j], alone[0, 0], rtol=1e-10, atol=1e-12)
+    # and the contextualisation matters: a different tau gives different similarities
+    assert not torch.allclose(full, m.similarity(img, txt, tau=0.1))
+
+
+def test_zero_query_projection_gives_uniform_average():
+    torch.manual_seed(2)
+    c = tiny()
+    m = Llip(c).double().eval()
+    with torch.no_grad():
+        m.q_proj.zero_()
+    images, tokens = batch(3, c)
+    img, txt = m.encode_image(images.double()), m.encode_text(tokens)
+    z = img.values.mean(dim=2).reshape(3, -1) @ m.out_proj             # uniform average, then W_O
+    expected = F.normalize(z, dim=-1) @ txt.emb.T
+    torch.testing.assert_close(m.similarity(img, txt), expected)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_matches_torch_multihead_attention(causal):
+    torch.manual_seed(3)
+    ours = Attention(32, 4)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    ref.load_state_dict(ours.state_dict())          # same names: in_proj_weight, out_proj.*
+    with torch.no_grad():
+        ref.in_proj_bias.normal_()
+        ours.in_proj_bias.copy_(ref.in_proj_bias)
+    x = torch.randn(2, 6, 32)
+    mask = torch.triu(torch.full((6, 6), float('-inf')), 1) if causal else None
+    torch.testing.assert_close(ours(x, causal), ref(x, x, x, attn_mask=mask, need_weights=False)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_text_feature_is_the_eot_state():
+    torch.manual_seed(4)
+    c = tiny()
+    m = Llip(c).eval()
+    _, tokens = batch(3, c)
+    changed = tokens.clone()
+    after_eot = torch.arange(c.context_length)[None] > tokens.argmax(dim=1)[:, None]
+    changed[after_eot] = 7                          # garbage after EOT, still below its id
+    torch.testing.assert_close(m.encode_text(tokens).emb, m.encode_text(changed).emb)
+    before_eot = tokens.clone()
+    before_eot[:, 0] = 9
+    assert not torch.allclose(m.encode_text(tokens).emb, m.encode_text(before_eot).emb)
+
+
+def test_gradient_checkpointing_changes_nothing():
+    c = tiny()
+    images, tokens = batch(4, c)
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        m = Llip(c).double()
+        m.set_grad_checkpointing(ckpt)
+        loss = m(images.double(), tokens)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_presets_and_bad_config():
+    assert set(PRESETS) >= {'tiny', 'vit_b32', 'vit_b16', 'vit_l14', 'vit_h14', 'vit_g14'}
+    assert PRESETS['vit_b16'].num_mixture == 32 and PRESETS['vit_b32'].num_mixture == 64
+    assert PRESETS['vit_l14'].tau == 1.0 and PRESETS['vit_h14'].qkv_norm
+    assert int(1664 * PRESETS['vit_g14'].vision_mlp_ratio) == 8192
+    with pytest.raises(ValueError, match='pool'):
+        replace(PRESETS['tiny'], pool='mean')
+    with pytest.raises(ValueError, match='patch_size'):
+        replace(PRESETS['tiny'], image_size=30)
