@@ -37,7 +37,7 @@ def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        loss = llip_loss_reference(*args) if impl == 'naive' else llip_loss(*args, chunk_size=chunk)
+        loss = llip_loss_reference(*args) if impl == 'naive' else llip_loss(*args, chunk_size=chunk, form=impl)
         loss.backward()
         times.append(time.perf_counter() - start)
     return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024}
@@ -46,10 +46,14 @@ def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
 def bench_loss(args):
     print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, "
           f"D={args.dim}, K={args.k}, M={args.heads}")
-    print(f"{'N':>6} {'impl':>8} {'chunk':>6} {'seconds':>9} {'peak MiB':>10}")
+    D, K, M = args.dim, args.k, args.heads
+    # multiply-adds per image-caption pair in the forward pass (logits, mixing, then W_O or the Gram form)
+    flops = {'naive': 2 * K * D + D * D, 'plain': 2 * K * D + D * D, 'gram': 2 * K * D + (M * K) ** 2}
+    print("naive: materialise all z_ij; plain: chunked, recomputed in backward; gram: chunked, W_O off the pair axis")
+    print(f"{'N':>6} {'impl':>8} {'chunk':>6} {'seconds':>9} {'peak MiB':>10} {'kMAC/pair':>12}")
     for n in args.n:
         rows = {}
-        for impl in ('naive', 'chunked'):
+        for impl in ('naive', 'plain', 'gram'):
             cmd = [sys.executable, __file__, '_loss_run', f'--impl={impl}', f'--n={n}', f'--dim={args.dim}',
                    f'--k={args.k}', f'--heads={args.heads}', f'--chunk={args.chunk}', f'--repeats={args.repeats}']
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,10 +62,12 @@ def bench_loss(args):
                 continue
             rows[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
             chunk = args.chunk or max(1, 2 ** 16 // n)
-            print(f"{n:>6} {impl:>8} {chunk if impl == 'chunked' else n:>6} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f}")
-        if len(rows) == 2:
-            print(f"{n:>6} {'ratio':>8} {'':>6} {rows['chunked']['seconds'] / rows['naive']['seconds']:>9.2f} "
-                  f"{rows['chunked']['peak_mib'] / rows['naive']['peak_mib']:>10.3f}   (chunked / naive)")
+            print(f"{n:>6} {impl:>8} {chunk if impl != 'naive' else n:>6} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f}"
+                  f" {flops[impl] / 1e3:>12.0f}")
+        for impl in ('plain', 'gram'):
+            if impl in rows and 'naive' in rows:
+                print(f"{n:>6} {impl + '/naive':>14} {rows[impl]['seconds'] / rows['naive']['seconds']:>9.2f} "
+                      f"{rows[impl]['peak_mib'] / rows['naive']['peak_mib']:>10.3f}")
 
 
 if __name__ == '__main__':

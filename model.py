@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange, einsum
 from torch.utils.checkpoint import checkpoint
 
-from loss import contextual_cosine, llip_loss, mix, siglip_loss
+from loss import llip_loss, mix, pair_inputs, siglip_loss
 
 POOLS = ('cls', 'registers', 'avg', 'learned', 'llip')
 
@@ -288,10 +288,12 @@ class Llip(nn.Module):
         if image_features.emb is not None:
             return image_features.emb @ text_features.emb.T
         tau = self.config.tau if tau is None else tau
-        return torch.cat([contextual_cosine(image_features.keys, image_features.values,
-                                            text_features.queries[s:s + chunk_size],
-                                            text_features.emb[s:s + chunk_size], self.out_proj, tau)
-                          for s in range(0, text_features.emb.shape[0], chunk_size)], dim=1)
+        keys, values, queries = image_features.keys, image_features.values, text_features.queries
+        # the plain or the Gram form of loss.py, whichever is cheaper for these shapes
+        cosine, caption_side, image_side = pair_inputs(keys, values, text_features.emb, self.out_proj)
+        return torch.cat([cosine(keys, values, queries[s:s + chunk_size], caption_side[s:s + chunk_size],
+                                 image_side, tau)
+                          for s in range(0, queries.shape[0], chunk_size)], dim=1)
 
     def forward(self, images, tokens, chunk_size=None):
         """The training loss (eq. 3) of this rank's images against every rank's captions."""

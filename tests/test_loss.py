@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import clip_loss, llip_loss, llip_loss_reference, mix, siglip_loss
+from loss import (clip_loss, contextual_cosine, contextual_cosine_gram, llip_loss, llip_loss_reference, mix,
+                  mixer_gram, siglip_loss, text_through_out_proj)
 
 N, M, K, d = 7, 2, 3, 4
 D = M * d
@@ -49,11 +50,12 @@ def value_and_grads(fn, inputs):
     return loss.detach(), {k: v.grad for k, v in leaves.items()}
 
 
+@pytest.mark.parametrize('form', ['plain', 'gram'])
 @pytest.mark.parametrize('chunk_size', [1, 2, 3, 7, 100, None])
-def test_llip_loss_chunked_equals_naive(chunk_size):
+def test_llip_loss_chunked_equals_naive(chunk_size, form):
     inputs = make_inputs()
     ref_loss, ref_grads = value_and_grads(lambda **x: naive_llip(**x, tau=0.7), inputs)
-    loss, grads = value_and_grads(lambda **x: llip_loss(**x, tau=0.7, chunk_size=chunk_size), inputs)
+    loss, grads = value_and_grads(lambda **x: llip_loss(**x, tau=0.7, chunk_size=chunk_size, form=form), inputs)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     for name in inputs:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
@@ -75,6 +77,25 @@ def test_mix_is_a_softmax_over_mixture_tokens():
     by_hand = torch.einsum('itmk,imkd->itmd', phi, x['values']).reshape(N, N, D)
     torch.testing.assert_close(mixed, by_hand)
     assert torch.allclose(phi.sum(-1), torch.ones(()).double())
+
+
+def test_gram_form_equals_plain_form_in_fp32():
+    """W_O moved off the pair axis: same cosines and gradients to 1e-5 in fp32, at M K < D."""
+    g = torch.Generator().manual_seed(6)
+    I, T, heads, k, d = 9, 11, 4, 3, 8
+    x = dict(keys=torch.randn(I, heads, k, d, generator=g), values=torch.randn(I, heads, k, d, generator=g),
+             queries=torch.randn(T, heads, d, generator=g),
+             text_emb=F.normalize(torch.randn(T, heads * d, generator=g), dim=-1),
+             out_proj=torch.randn(heads * d, heads * d, generator=g) / (heads * d) ** 0.5)
+    plain = lambda keys, values, queries, text_emb, out_proj: contextual_cosine(
+        keys, values, queries, text_emb, out_proj, 3.0)
+    gram = lambda keys, values, queries, text_emb, out_proj: contextual_cosine_gram(
+        keys, values, queries, text_through_out_proj(text_emb, out_proj, heads), mixer_gram(values, out_proj), 3.0)
+    weights = torch.randn(I, T, generator=g)           # a random linear read-out of the cosines
+    results = [value_and_grads(lambda **v: (f(**v) * weights).sum(), x) for f in (plain, gram)]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name in x:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_siglip_and_clip_match_formulas():

@@ -67,10 +67,11 @@ def test_llip_creates_the_mixer_parameters():
     assert m.out_proj.shape == (c.embed_dim, c.embed_dim)
 
 
-@pytest.mark.parametrize('qkv_norm', [False, True])
-def test_similarity_has_no_leakage_across_the_batch(qkv_norm):
+@pytest.mark.parametrize('qkv_norm,num_mixture', [(False, 4), (True, 4), (False, 2)])
+def test_similarity_has_no_leakage_across_the_batch(qkv_norm, num_mixture):
+    """num_mixture=2 makes M K < D, so similarity takes loss.py's Gram form."""
     torch.manual_seed(1)
-    c = tiny(qkv_norm=qkv_norm)
+    c = tiny(qkv_norm=qkv_norm, num_mixture=num_mixture)
     m = Llip(c).double().eval()
     images, tokens = batch(4, c)
     img, txt = m.encode_image(images.double()), m.encode_text(tokens)
