@@ -4,6 +4,7 @@ and noisy: read the ratios).
 
     python bench.py loss                          # llip_loss fwd+bwd: naive vs chunked, N = 256, 512, 1024
     python bench.py loss --n=1024 --dim=1280 --k=64
+    python bench.py zeroshot --n 256                 # zero-shot img/s, 1000 classes: Llip vs CLIP
 
 Each measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
 memory it held before the call is the extra memory of that call alone.
@@ -70,9 +71,56 @@ def bench_loss(args):
                       f"{rows[impl]['peak_mib'] / rows['naive']['peak_mib']:>10.3f}")
 
 
+ZEROSHOT_CLASSES = 1000   # ImageNet
+
+
+def bench_zeroshot(args):
+    """Zero-shot images per second, the mixer and the scores only (eval.score on precomputed image
+    and class features), for Llip and for a CLIP-style single-vector model, 1000 classes."""
+    from dataclasses import replace
+    import eval as llip_eval
+    from model import PRESETS, ImageFeatures, Llip, TextFeatures
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    D, K, M, C = args.dim, args.k, args.heads, ZEROSHOT_CLASSES
+    torch.manual_seed(0)
+    # only W_O matters here; the towers are the tiny preset's and are never run
+    models = {pool: Llip(replace(PRESETS['tiny'], embed_dim=D, num_mixture=K, mixer_heads=M, pool=pool)).to(device)
+              for pool in ('llip', 'cls')}
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=device), dim=-1)
+    classes = {'llip': TextFeatures(torch.randn(C, M, D // M, device=device), unit(C, D)),
+               'cls': TextFeatures(None, unit(C, D))}
+
+    def images_per_second(pool, n):
+        img = (ImageFeatures(keys=torch.randn(n, M, K, D // M, device=device),
+                             values=torch.randn(n, M, K, D // M, device=device)) if pool == 'llip'
+               else ImageFeatures(emb=unit(n, D)))
+        m = models[pool]
+        run = ((lambda: llip_eval.score(m, img, classes[pool])) if not args.chunk
+               else (lambda: m.similarity(img, classes[pool], chunk_size=args.chunk)))
+        best = float('inf')
+        with torch.no_grad():
+            run()                                   # warm-up
+            for _ in range(args.repeats):
+                calls, start = 0, time.perf_counter()
+                while calls == 0 or time.perf_counter() - start < 0.2:   # fast calls: time several
+                    run()
+                    if device == 'cuda':
+                        torch.cuda.synchronize()
+                    calls += 1
+                best = min(best, (time.perf_counter() - start) / calls)
+        return n / best
+
+    print(f"zero-shot scoring, {C} classes, features precomputed, fp32, {device}, "
+          f"{torch.get_num_threads()} threads, D={D}, K={K}, M={M}")
+    print(f"{'images':>7} {'Llip img/s':>12} {'CLIP img/s':>12} {'CLIP/Llip':>10}")
+    for n in args.n:
+        llip, clip = images_per_second('llip', n), images_per_second('cls', n)
+        print(f"{n:>7} {llip:>12.1f} {clip:>12.0f} {clip / llip:>10.0f}")
+
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['loss', '_loss_run'], help='which benchmark to run')
+    p.add_argument('what', choices=['loss', 'zeroshot', '_loss_run'], help='which benchmark to run')
     p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
@@ -83,6 +131,8 @@ if __name__ == '__main__':
     args = p.parse_args()
     if args.what == 'loss':
         bench_loss(args)
+    elif args.what == 'zeroshot':
+        bench_zeroshot(args)
     else:
         print(json.dumps(one_loss_run(args.impl, args.n[0], args.dim, args.k, args.heads,
                                       args.chunk or None, args.repeats)))
