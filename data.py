@@ -35,6 +35,7 @@ import glob
 import gzip
 import html
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -105,23 +106,10 @@ _WORDS = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|
 def _words(text):
     for word in _WORDS.findall(text):
         if word[0].isalnum() and not word.isalpha() and not word.isdecimal():   # letters mixed with '²'
-            yield from _split_numbers(word)
+            for is_number, chars in itertools.groupby(word, lambda c: unicodedata.category(c)[0] == 'N'):
+                yield from chars if is_number else [''.join(chars)]   # each number a word of its own
         else:
             yield word
-
-
-def _split_numbers(word):
-    run = ''
-    for c in word:
-        if unicodedata.category(c)[0] == 'N':
-            if run:
-                yield run
-            yield c
-            run = ''
-        else:
-            run += c
-    if run:
-        yield run
 
 
 class ClipTokenizer:
@@ -365,19 +353,17 @@ def _shard_items(url):
     bytes, captions): problem is None for a usable sample, else (kind, detail) for a sample
     or a shard that will be skipped and counted. Shard problems are items too, so they are
     counted where they happen in the stream, once, also after a resume."""
+    stream = tar = None
     try:
         stream = _open(url)
         tar = tarfile.open(fileobj=stream, mode='r|*')
-    except (OSError, tarfile.TarError) as e:
-        yield ('unreadable shard', f'{url}: {e}'), None, None, None
-        return
-    try:
         for key, group in _tar_groups(tar):
             yield _check(url, key, group)
-    except (OSError, EOFError, tarfile.TarError) as e:   # the group in progress is lost with the tail
-        yield ('truncated tar', f'{url}: {e}'), None, None, None
+    except (OSError, EOFError, tarfile.TarError) as e:   # a truncated tar loses the group in progress
+        yield ('truncated tar' if tar is not None else 'unreadable shard', f'{url}: {e}'), None, None, None
     finally:
-        stream.close()
+        if stream is not None:
+            stream.close()
 
 
 def _check(url, key, group):
@@ -396,32 +382,23 @@ def _check(url, key, group):
 
 
 def read_shards(urls):
-    """Every sample with an image, in shard order, for evaluation: (key, PIL RGB image or None
-    if it does not decode, [captions], possibly empty). Unreadable or truncated shards warn."""
+    """Every sample with an image and a caption, in shard order, for evaluation: (key, PIL RGB
+    image or None if it does not decode, [captions]). What was skipped is warned about at the end."""
+    skipped = {}
     for url in expand_urls(urls):
-        try:
-            stream = _open(url)
-            tar = tarfile.open(fileobj=stream, mode='r|*')
-        except (OSError, tarfile.TarError) as e:
-            warnings.warn(f"{url}: cannot read this shard ({e}); skipping it", DataWarning)
-            continue
-        try:
-            for key, group in _tar_groups(tar):
-                ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
-                if ext is None:
-                    continue
-                text = group.get('txt', b'').decode('utf-8', errors='replace')
-                try:
-                    with Image.open(io.BytesIO(group[ext])) as im:
-                        image = to_rgb(im)
-                        image.load()
-                except Exception:   # PIL raises many kinds of errors on a broken file
-                    image = None
-                yield key, image, [c.strip() for c in text.splitlines() if c.strip()]
-        except (OSError, EOFError, tarfile.TarError) as e:
-            warnings.warn(f"{url}: truncated shard ({e}); keeping the samples before the damage", DataWarning)
-        finally:
-            stream.close()
+        for problem, key, image_bytes, captions in _shard_items(url):
+            if problem is not None:
+                skipped[problem[0]] = skipped.get(problem[0], 0) + 1
+                continue
+            try:
+                with Image.open(io.BytesIO(image_bytes)) as im:
+                    image = to_rgb(im)
+                    image.load()
+            except Exception:   # PIL raises many kinds of errors on a broken file
+                image = None
+            yield key, image, captions
+    if skipped:
+        warnings.warn(f"shards {urls!r}: skipped {skipped}", DataWarning)
 
 
 class DataWarning(UserWarning):

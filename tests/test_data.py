@@ -1,0 +1,501 @@
+"""What this proves about data.py (run: python -m pytest tests/test_data.py -q), CPU only, on
+small tar files each test writes itself:
+- the byte tokenizer's ids; CLIP's tokenizer gives OpenAI's ids for known captions, agrees
+  with an independent merge-by-rank BPE, round-trips text, and cuts long captions keeping EOT;
+- both transforms give (3, S, S) float32 within CLIP's normalised range for every PIL mode,
+  the train crop replays from its RNG, the eval transform resizes the short side and crops
+  the centre;
+- shard patterns expand (braces, lists, directories) and a pattern naming nothing is an error;
+- the loader resumes exactly: batches 0..9 in one go == batches 0..k, state_dict, a new
+  loader, batches k+1..9 (also across an epoch boundary, and with workers=0 == 1);
+- across (rank, worker) every sample appears exactly once per epoch, with more shards than
+  workers and with fewer; epochs are reshuffled; resample=True goes on past an epoch;
+- every kind of bad input is skipped, counted and warned about once, and a shard list with
+  no valid sample is an error naming the pattern rather than a hang;
+- the synthetic dataset is deterministic, complete, true to its captions, and reused.
+"""
+import gzip
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTE = data.ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------- helpers
+def png(seed, size=8, fmt='PNG'):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path, samples):
+    """samples: [(key, {ext: bytes or str})]"""
+    with tarfile.open(path, 'w') as tar:
+        for key, files in samples:
+            for ext, payload in files.items():
+                payload = payload.encode() if isinstance(payload, str) else payload
+                member = tarfile.TarInfo(f'{key}.{ext}')
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
+    return str(path)
+
+
+def make_shards(folder, n_shards, per_shard):
+    """Shards whose every sample's caption is its key, so a batch's tokens say which samples it holds."""
+    paths = []
+    for s in range(n_shards):
+        samples = [(f's{s}_{i:03d}', {'png': png(100 * s + i), 'txt': f's{s}_{i:03d}'}) for i in range(per_shard)]
+        paths.append(write_tar(folder / f'{s:03d}.tar', samples))
+    return paths
+
+
+def keys_of(tokens):
+    return [BYTE.decode(row) for row in tokens]
+
+
+def loader(urls, **kw):
+    kw = {'batch_size': 4, 'image_size': 8, 'context_length': 16, 'workers': 2, 'shuffle_buffer': 5, **kw}
+    return data.ShardLoader(urls, **kw)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ta), (xb, tb) in zip(a, b):
+        assert keys_of(ta) == keys_of(tb)
+        assert torch.equal(xa, xb) and torch.equal(ta, tb)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def test_byte_tokenizer_ids_padding_and_cut():
+    ids = BYTE(['a cat'], 8)
+    assert ids.tolist() == [[257, 98, 33, 100, 98, 117, 258, 0]]   # SOT, 'a'+1, ' '+1, 'c'+1, ..., EOT, pad
+    cut = BYTE(['abcdefgh', 'é'], 5)
+    assert cut.tolist() == [[257, 98, 99, 100, 258], [257, 0xc3 + 1, 0xa9 + 1, 258, 0]]
+    assert (cut.argmax(dim=1) == torch.tensor([4, 3])).all()       # the text tower pools at EOT
+    assert BYTE.decode(BYTE(['a  photo\nof é'], 32)[0]) == 'a photo of é'
+    assert BYTE.vocab_size == 259 and cut.dtype == torch.long
+    with pytest.raises(ValueError, match='context_length'):
+        BYTE(['a'], 1)
+
+
+@pytest.fixture(scope='module')
+def clip():
+    return data.ClipTokenizer()
+
+
+def test_clip_tokenizer_known_ids(clip):
+    ids = clip(['a photo of a cat.', 'a diagram', 'a dog', 'a cat', 'Hello World!'], 12)
+    assert ids.shape == (5, 12) and ids.dtype == torch.long
+    assert ids[0].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407, 0, 0, 0, 0]
+    assert ids[1, :4].tolist() == [49406, 320, 22697, 49407]
+    assert ids[2, :4].tolist() == [49406, 320, 1929, 49407]
+    assert ids[3, :4].tolist() == [49406, 320, 2368, 49407]
+    assert ids[4, :5].tolist() == [49406, 3306, 1002, 256, 49407]
+    # lower-cased; html entities and curly quotes cleaned as CLIP's ftfy + html step does
+    assert clip.encode('A PHOTO OF A CAT.') == clip.encode('a photo of a cat.')
+    assert clip.encode('fish &amp; chips') == clip.encode('fish & chips')
+    assert clip.encode('it\u2019s') == clip.encode("it's")
+
+
+def test_clip_pretokenizer_splits_like_clip(clip):
+    def pieces(text):
+        return [clip.tokens[i] for i in clip.encode(text)]
+    assert pieces("it's 2024!") == ['it</w>', "'s</w>", '2</w>', '0</w>', '2</w>', '4</w>', '!</w>']
+    assert pieces('hi_there') == ['hi</w>', '_</w>', 'there</w>']
+    assert pieces('x\u00b2')[-1] == clip.tokens[clip.encode('\u00b2')[0]]   # '²' is a number: its own word
+    assert len(pieces('x\u00b2')) == 2
+    assert pieces('a  b\n\tc') == ['a</w>', 'b</w>', 'c</w>']
+
+
+def reference_bpe(word, merges):
+    """Apply the merges in rank order, each everywhere it occurs: the same result as CLIP's
+    'merge the lowest-ranked pair present' loop, computed the slow, obvious way."""
+    parts = list(word[:-1]) + [word[-1] + '</w>']
+    for a, b in merges:
+        i = 0
+        while i < len(parts) - 1:
+            if parts[i] == a and parts[i + 1] == b:
+                parts[i:i + 2] = [a + b]
+            i += 1
+    return parts
+
+
+def test_clip_bpe_matches_merge_by_rank_reference(clip):
+    with gzip.open(os.path.join(ROOT, 'data', 'bpe_simple_vocab_16e6.txt.gz'), 'rt', encoding='utf-8') as f:
+        merges = [tuple(line.split()) for line in f.read().split('\n')[1:48895]]
+    for word in ['unbelievably', 'tokenization', 'photograph', 'llip', 'xylophones', 'caf\u00e9', 'zzzzzz', 'aaaaaaa']:
+        chars = ''.join(clip.byte_char[b] for b in word.encode('utf-8'))
+        expected = reference_bpe(chars, merges)
+        assert [clip.tokens[i] for i in clip.encode(word)] == expected, word
+
+
+def test_clip_round_trip_and_cut(clip):
+    for text in ['a red circle left of a blue square', 'über café, naïve résumé', '東京タワー at night 🌃',
+                 'numbers 3.14 and 1,000,000', "don't stop-believin'!"]:
+        ids = clip([text], 77)[0]
+        assert clip.decode(ids).replace(' ', '') == text.lower().replace(' ', '')
+        assert ids.argmax().item() == (ids != 0).sum().item() - 1      # EOT is the largest id, last non-pad
+    long = clip(['word ' * 200], 77)[0]
+    assert long[0] == 49406 and long[-1] == 49407 and (long != 0).all()
+
+
+def test_tokenize_dispatch_and_cache(clip):
+    assert torch.equal(data.tokenize(['a cat'], 10, 'byte'), BYTE(['a cat'], 10))
+    assert torch.equal(data.tokenize(['a cat'], 10, 'clip'), clip(['a cat'], 10))
+    assert data.tokenize(['a cat'], 10) .max() == 258                  # byte is the default
+    assert data.get_tokenizer('clip') is data.get_tokenizer('clip')
+    with pytest.raises(ValueError, match="'bpe'"):
+        data.tokenize(['a'], 10, 'bpe')
+
+
+# ----------------------------------------------------------------------------- transforms
+LOW = (0 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+HIGH = (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+
+
+def image_in_mode(mode, size=(40, 24)):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == 'I;16':
+        return Image.fromarray(np.full(size[::-1], 40000, np.uint16))   # mode I;16
+    if mode == 'P':
+        return rgb.convert('P', palette=Image.Palette.ADAPTIVE)
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'L', '1', 'P', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'I;16', 'I', 'F'])
+def test_transforms_every_mode(mode):
+    image = image_in_mode(mode)
+    for transform in (data.train_transform(16), data.eval_transform(16)):
+        x = transform(image, random.Random(0))
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+        assert (x >= LOW.view(3, 1, 1) - 1e-4).all() and (x <= HIGH.view(3, 1, 1) + 1e-4).all()
+        if mode == 'I;16':   # 40000 / 65535 of white: scaled to 8 bits, not clipped to white
+            assert abs(x[0, 0, 0] * data.STD[0] + data.MEAN[0] - 40000 / 65535) < 0.01
+
+
+def test_transparent_pixels_are_white():
+    x = data.eval_transform(8)(Image.new('RGBA', (8, 8), (0, 0, 0, 0)))
+    assert torch.allclose(x, HIGH.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
+
+
+def test_train_transform_replays_from_its_rng():
+    image = image_in_mode('RGB', (64, 48))
+    t = data.train_transform(16)
+    assert torch.equal(t(image, random.Random(3)), t(image, random.Random(3)))
+    assert not torch.equal(t(image, random.Random(3)), t(image, random.Random(4)))
+    for seed in range(50):   # the crop keeps 90-100 % of the area, aspect ratio within 3/4..4/3
+        left, top, right, bottom = data.random_resized_crop(64, 48, random.Random(seed))
+        assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
+        assert 0.9 * 64 * 48 * 0.97 <= (right - left) * (bottom - top) <= 64 * 48
+
+
+def test_eval_transform_resizes_short_side_and_crops_centre():
+    square = image_in_mode('RGB', (16, 16))
+    expected = (torch.from_numpy(np.array(square)).permute(2, 0, 1) / 255 - torch.tensor(data.MEAN).view(3, 1, 1)) \
+        / torch.tensor(data.STD).view(3, 1, 1)
+    torch.testing.assert_close(data.eval_transform(16)(square), expected)
+    wide = np.zeros((16, 48, 3), np.uint8)
+    wide[:, :, 0] = 255           # red sides ...
+    wide[:, 16:32] = (0, 0, 255)  # ... and a blue centre, exactly the crop
+    x = data.eval_transform(16)(Image.fromarray(wide))
+    torch.testing.assert_close(x[2], torch.full((16, 16), HIGH[2].item()))
+    torch.testing.assert_close(x[0], torch.full((16, 16), LOW[0].item()))
+    assert data.eval_transform(10)(Image.fromarray(wide)).shape == (3, 10, 10)
+
+
+# ----------------------------------------------------------------------------- shard lists
+def test_expand_urls(tmp_path):
+    paths = make_shards(tmp_path, 3, 1)
+    assert data.expand_urls(str(tmp_path / '{000..002}.tar')) == paths
+    assert data.expand_urls(str(tmp_path)) == paths
+    assert data.expand_urls(paths[::-1]) == paths[::-1]
+    assert data.expand_urls(str(tmp_path / '{000,002}.tar')) == [paths[0], paths[2]]
+    assert data.expand_urls(str(tmp_path / '00{0..1}.tar') + '::' + paths[2]) == paths
+    assert data._braces('x{8..11}{a,b}') == ['x8a', 'x8b', 'x9a', 'x9b', 'x10a', 'x10b', 'x11a', 'x11b']
+    assert data._braces('{00098..00100}') == ['00098', '00099', '00100']
+    missing = str(tmp_path / 'nothing' / '{00000..00009}.tar')
+    with pytest.raises(ValueError, match='nothing'):
+        data.expand_urls(missing)
+    with pytest.raises(ValueError, match='nothing'):
+        loader(missing)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='empty'):
+        data.expand_urls(str(tmp_path / 'empty'))
+
+
+def test_bad_flags_are_named(tmp_path):
+    paths = make_shards(tmp_path, 1, 2)
+    for kw, name in (({'batch_size': 0}, 'batch_size'), ({'workers': -1}, 'workers'),
+                     ({'rank': 2, 'world_size': 2}, 'rank'), ({'tokenizer': 'bpe'}, 'bpe')):
+        with pytest.raises(ValueError, match=name):
+            loader(paths, **kw)
+
+
+# ----------------------------------------------------------------------------- the loader: order and resume
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp('shards'), 5, 12)   # 60 samples
+
+
+def test_resume_gives_the_uninterrupted_batches(shards):
+    full = take(iter(loader(shards)), 10)
+    for k in (5, 4):   # an odd k also moves the round robin to the second worker
+        first = loader(shards)
+        it = iter(first)
+        assert_same_batches(take(it, k), full[:k])
+        state = json.loads(json.dumps(first.state_dict()))   # plain values
+        assert state['batches'] == k
+        resumed = loader(shards)
+        resumed.load_state_dict(state)
+        assert_same_batches(take(iter(resumed), 10 - k), full[k:])
+
+
+def test_resume_across_an_epoch_boundary(shards):
+    # 60 samples over 2 workers, 4 per batch: the first epoch is about 15 batches
+    full = take(iter(loader(shards, shuffle_buffer=100)), 22)
+    first = loader(shards, shuffle_buffer=100)
+    take(iter(first), 17)
+    assert max(p[0] for p in first.state_dict()['positions']) == 1   # some worker is in epoch 1
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    resumed = loader(shards, shuffle_buffer=100)
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    assert_same_batches(take(iter(resumed), 5), full[17:])
+
+
+def test_workers_zero_equals_one_and_same_seed_same_order(shards):
+    a = take(iter(loader(shards, workers=0)), 8)
+    assert_same_batches(a, take(iter(loader(shards, workers=1)), 8))
+    other = take(iter(loader(shards, workers=0, seed=1)), 8)
+    assert [keys_of(t) for _, t in a] != [keys_of(t) for _, t in other]
+
+
+def epoch_keys(paths, rank, world_size, workers, **kw):
+    return [k for _, t in loader(paths, rank=rank, world_size=world_size, workers=workers, resample=False, **kw)
+            for k in keys_of(t)]
+
+
+@pytest.mark.parametrize('n_shards', [6, 3])   # more shards than ranks x workers (4), and fewer
+def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path, n_shards):
+    paths = make_shards(tmp_path, n_shards, 7)
+    everything = sorted(f's{s}_{i:03d}' for s in range(n_shards) for i in range(7))
+    seen = [epoch_keys(paths, rank, 2, 2) for rank in range(2)]
+    assert sorted(seen[0] + seen[1]) == everything
+    assert seen[0] and seen[1]
+
+
+def test_epochs_are_reshuffled_and_resample_goes_on(tmp_path):
+    paths = make_shards(tmp_path, 4, 8)   # 2 workers: 16 samples each per epoch, 4 batches of 4
+    one = loader(paths, resample=False, shuffle_buffer=100)
+    epoch0 = [k for _, t in one for k in keys_of(t)]
+    epoch1 = [k for _, t in one for k in keys_of(t)]        # the next `for` is the next epoch
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    forever = [k for _, t in take(iter(loader(paths, shuffle_buffer=100)), 16) for k in keys_of(t)]
+    assert sorted(forever) == sorted(epoch0 * 2)               # two whole epochs, nothing dropped
+
+
+def test_eval_mode_reads_in_order_with_first_caption(tmp_path):
+    path = write_tar(tmp_path / 'a.tar', [(f'k{i}', {'jpg': png(i, 12, 'JPEG'), 'txt': f'k{i}\nother'}) for i in range(6)])
+    batches = list(loader([path], workers=0, train=False, resample=False, image_size=8))
+    assert [k for _, t in batches for k in keys_of(t)] == [f'k{i}' for i in range(6)]
+    assert batches[-1][0].shape == (2, 3, 8, 8)                # the epoch's last batch is short
+
+
+# ----------------------------------------------------------------------------- bad input
+def bad_shards(tmp_path):
+    good = lambda k: (k, {'png': png(len(k), 16), 'txt': k})
+    mixed = write_tar(tmp_path / 'mixed.tar', [
+        good('good1'),
+        ('noise', {'jpg': os.urandom(300), 'txt': 'noise'}),                 # corrupt image
+        ('half', {'png': png(1, 32)[:400], 'txt': 'half'}),                  # truncated image
+        ('nocap', {'png': png(2)}),                                           # no caption
+        ('blank', {'png': png(3), 'txt': '\n  \n'}),                          # empty caption
+        ('gif', {'gif': png(4, fmt='GIF'), 'txt': 'gif'}),                    # unknown extension
+        ('textonly', {'txt': 'text only', 'json': '{}'}),                     # no image
+        good('good2'), good('good3'),
+    ])
+    whole = write_tar(tmp_path / 'cut.tar', [good(f'cut{i}') for i in range(4)])
+    with tarfile.open(whole) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == 'cut2.png')
+    with open(whole, 'r+b') as f:
+        f.truncate(cut.offset_data + cut.size // 2)                           # truncated tar, inside cut2.png
+    empty = tmp_path / 'zero.tar'
+    empty.write_bytes(b'')                                                    # unreadable shard
+    return [mixed, whole, str(empty), str(tmp_path / 'missing.tar')]          # ... and a missing one
+
+
+EXPECTED_SKIPS = {'corrupt image': 2, 'no caption': 1, 'empty caption': 1, 'unknown extension': 1,
+                  'no image': 1, 'truncated tar': 1, 'unreadable shard': 2}
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_input_is_skipped_counted_and_warned_once(tmp_path, workers):
+    paths = bad_shards(tmp_path)
+    ld = loader(paths, workers=workers, batch_size=2, resample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        keys = [k for _, t in ld for k in keys_of(t)]
+    assert sorted(keys) == ['cut0', 'cut1', 'good1', 'good2', 'good3']     # cut2 was damaged, cut3 lost
+    assert ld.skipped == EXPECTED_SKIPS
+    messages = [str(w.message) for w in caught if issubclass(w.category, data.DataWarning)]
+    for kind in EXPECTED_SKIPS:
+        assert sum(f'skipping a sample: {kind}:' in m for m in messages) == 1, kind
+    assert any('epoch 0 done' in m for m in messages)
+    assert ld.state_dict()['skipped'] == EXPECTED_SKIPS
+
+
+def test_bad_input_with_resample_goes_on(tmp_path):
+    it = iter(loader(bad_shards(tmp_path), workers=0, batch_size=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        keys = [k for _, t in take(it, 10) for k in keys_of(t)]       # 20 samples: 4 epochs of 5 good ones
+    assert sorted(set(keys)) == ['cut0', 'cut1', 'good1', 'good2', 'good3']
+
+
+@pytest.mark.parametrize('workers,resample', [(0, False), (0, True), (1, True)])
+def test_no_valid_sample_is_an_error_naming_the_pattern(tmp_path, workers, resample):
+    write_tar(tmp_path / 'only_bad_0.tar', [('a', {'png': png(0)}), ('b', {'txt': 'b'})])
+    write_tar(tmp_path / 'only_bad_1.tar', [('c', {'jpg': b'not an image', 'txt': 'c'})])
+    pattern = str(tmp_path / 'only_bad_{0..1}.tar')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(Exception, match='only_bad_'):
+            next(iter(loader(pattern, workers=workers, resample=resample)))
+
+
+def test_read_shards(tmp_path):
+    paths = bad_shards(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        samples = list(data.read_shards(paths))
+    assert [k for k, _, _ in samples] == ['good1', 'noise', 'half', 'good2', 'good3', 'cut0', 'cut1']
+    image, captions = samples[0][1:]
+    assert captions == ['good1'] and image.mode == 'RGB' and image.size == (16, 16)
+    assert samples[1][1] is None and samples[2][1] is None              # did not decode
+    assert len(caught) == 1 and "'truncated tar': 1" in str(caught[0].message)
+
+
+# ----------------------------------------------------------------------------- the synthetic dataset
+SMALL = {'train': 60, 'retrieval': 20, 'zeroshot': 3, 'shard_size': 25}
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    return data.make_synthetic(str(tmp_path_factory.mktemp('syn')), seed=0, **SMALL)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def files_of(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), 'rb') as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
+
+
+def test_synthetic_layout(synthetic):
+    assert sorted(os.listdir(os.path.join(synthetic, 'train'))) == ['00000.tar', '00001.tar', '00002.tar']
+    assert os.path.exists(os.path.join(synthetic, 'retrieval', '00000.tar'))
+    assert os.path.exists(os.path.join(synthetic, 'README.txt'))
+    for split, classes in (('shape', data.SHAPES), ('color', data.COLORS)):
+        folder = os.path.join(synthetic, 'zeroshot', split)
+        names = read_json(os.path.join(folder, 'classnames.json'))
+        assert names == sorted(classes) == sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        assert all(len(os.listdir(os.path.join(folder, n))) == 3 for n in names)
+        templates = read_json(os.path.join(folder, 'templates.json'))
+        assert templates and all(t.count('{}') == 1 for t in templates)
+    samples = list(data.read_shards(os.path.join(synthetic, 'train')))
+    assert len(samples) == 60 and len({k for k, _, _ in samples}) == 60
+
+
+def test_synthetic_is_deterministic_and_reused(synthetic, tmp_path):
+    again = data.make_synthetic(str(tmp_path / 'again'), seed=0, **SMALL)
+    assert files_of(again) == files_of(synthetic)
+    other = data.make_synthetic(str(tmp_path / 'other'), seed=1, **SMALL)
+    assert files_of(other)['train/00000.tar'] != files_of(synthetic)['train/00000.tar']
+    shard = os.path.join(again, 'train', '00000.tar')
+    os.utime(shard, (0, 0))
+    data.make_synthetic(again, seed=0, **SMALL)                     # complete: left as it is
+    assert os.path.getmtime(shard) == 0
+    with pytest.raises(ValueError, match='seed'):
+        data.make_synthetic(again, seed=1, **SMALL)
+
+
+def nearest(rgb, palette):
+    return min(palette, key=lambda name: sum((int(a) - b) ** 2 for a, b in zip(rgb, palette[name])))
+
+
+def test_synthetic_captions_are_diverse_and_true(synthetic):
+    with tarfile.open(os.path.join(synthetic, 'retrieval', '00000.tar')) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    keys = sorted({name.split('.')[0] for name in members})
+    assert len(keys) == 20
+    for key in keys:
+        scene = json.loads(members[f'{key}.json'])
+        captions = members[f'{key}.txt'].decode().split('\n')
+        image = np.array(Image.open(io.BytesIO(members[f'{key}.png'])))
+        assert image.shape == (32, 32, 3)
+        n = len(scene['objects'])
+        assert len(captions) == 3 * n + 2 + n * (n - 1) // 2 and len(set(captions)) >= 5 - (n == 1)
+        assert all(len(c.encode()) <= 46 for c in captions)          # fits the tiny preset's 48 byte tokens
+        assert f"a {scene['background']} background" in captions and data.COUNTS[n - 1] in captions
+        assert nearest(image[1, 1], data.BACKGROUNDS) == scene['background']   # no object reaches a corner
+        for o in scene['objects']:
+            assert f"a {o['size']} {o['shape']}" in captions
+            assert f"a {o['shape']} {data.WHERE[o['place']]}" in captions
+            if o['shape'] != 'ring':                                  # a ring's centre is background
+                x, y = data.PLACES[o['place']]
+                assert nearest(image[y, x], data.COLORS) == o['color'], (key, o)
+
+
+def test_synthetic_zeroshot_colors_are_true(synthetic):
+    folder = os.path.join(synthetic, 'zeroshot', 'color')
+    for name in data.COLORS:
+        for file in os.listdir(os.path.join(folder, name)):
+            image = np.array(Image.open(os.path.join(folder, name, file))).reshape(-1, 3).astype(int)
+            labels = [nearest(p, {**data.COLORS, **{'bg_' + b: v for b, v in data.BACKGROUNDS.items()}}) for p in image]
+            objects = [label for label in labels if not label.startswith('bg_')]
+            assert max(set(objects), key=objects.count) == name
+
+
+def test_loader_on_synthetic_shards(synthetic):
+    ld = data.ShardLoader(os.path.join(synthetic, 'train', '{00000..00002}.tar'), batch_size=8, image_size=32,
+                          context_length=48, workers=0)
+    images, tokens = next(iter(ld))
+    assert images.shape == (8, 3, 32, 32) and tokens.shape == (8, 48)
+    texts = {k: caps for k, _, caps in data.read_shards(os.path.join(synthetic, 'train'))}
+    all_captions = {c for caps in texts.values() for c in caps}
+    assert all(t in all_captions for t in keys_of(tokens))
+
+
+def test_cli_writes_the_dataset(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'data.py'), 'synthetic', '--out', str(tmp_path / 's'),
+                          '--train', '30', '--retrieval', '5', '--zeroshot', '2', '--shard_size', '10'],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path / 's' / 'train')) == ['00000.tar', '00001.tar', '00002.tar']
+    assert os.path.exists(tmp_path / 's' / '.complete')
