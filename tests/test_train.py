@@ -1,0 +1,173 @@
+"""What this proves about train.py (run: python -m pytest tests/test_train.py), on a very
+small model and the built-in synthetic data, CPU only:
+- a run writes its config, a JSONL log and checkpoints, and resuming continues to the same
+  final weights as an uninterrupted run — after a clean stop, after SIGTERM (which saves and
+  exits 0) and after SIGKILL mid-run;
+- a truncated newest checkpoint is skipped in favour of the previous one;
+- a checkpoint from another model config is refused with a clear error;
+- a NaN loss stops the run with a clear message and leaves the last checkpoint intact;
+- two ranks under torchrun (gloo) and two "nodes" on localhost (--nnodes=2) train and agree.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32',
+         '--embed_dim=16', '--num_mixture=4', '--vision_head_width=16', '--text_heads=2',
+         '--batch_size=8', '--workers=1', '--warmup=2', '--log_every=1', '--lr=1e-3', '--no-eval']
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    import data
+    path = str(tmp_path_factory.mktemp('synthetic'))
+    data.make_synthetic(path, seed=0)
+    return path
+
+
+def train(out_dir, synthetic, *flags, check=True, **popen):
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}',
+           f'--synthetic_dir={synthetic}', *SMALL, *flags]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['model']
+
+
+def log_lines(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_weights(a, b):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, synthetic):
+    out = str(tmp_path_factory.mktemp('full'))
+    train(out, synthetic, '--steps=12', '--save_every=4', '--eval')
+    return out
+
+
+def test_run_writes_log_config_checkpoints(uninterrupted):
+    names = sorted(os.listdir(uninterrupted))
+    assert {'config.json', 'log.jsonl', 'ckpt.pt', 'ckpt_0000012.pt'} <= set(names)
+    assert [n for n in names if n.startswith('ckpt_')] == ['ckpt_0000004.pt', 'ckpt_0000008.pt', 'ckpt_0000012.pt']
+    lines = log_lines(uninterrupted)
+    assert [r['step'] for r in lines if 'loss' in r] == list(range(1, 13))
+    assert all(r['loss'] > 0 for r in lines if 'loss' in r)
+    final = lines[-1]
+    assert any(k.startswith('zeroshot') for k in final) and any(k.startswith('retrieval') for k in final)
+    ckpt = torch.load(os.path.join(uninterrupted, 'ckpt.pt'), weights_only=False)
+    assert ckpt['step'] == 12 and ckpt['config']['model_config']['num_mixture'] == 4
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
+
+
+def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, uninterrupted):
+    out = str(tmp_path)
+    train(out, synthetic, '--steps=12', '--save_every=4')
+    os.remove(os.path.join(out, 'ckpt_0000012.pt'))
+    os.remove(os.path.join(out, 'ckpt_0000008.pt'))          # back to step 4
+    result = train(out, synthetic, '--steps=12', '--save_every=4')
+    assert 'resuming from' in result.stdout + result.stderr
+    assert_same_weights(weights(out), weights(uninterrupted))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, sig):
+    out = str(tmp_path)
+    proc = train(out, synthetic, '--steps=12', '--save_every=1', popen=True)
+    while not os.path.exists(os.path.join(out, 'ckpt_0000002.pt')) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0 and 'SIGTERM' in output, output[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(out, 'ckpt_0000012.pt')), 'the run ended before the signal'
+    train(out, synthetic, '--steps=12', '--save_every=4')
+    assert_same_weights(weights(out), weights(uninterrupted))
+    steps = [r['step'] for r in log_lines(out) if 'loss' in r]
+    resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=False)['step']
+    assert resumed_at == 12 and max(steps) == 12
+
+
+def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
+    out = str(tmp_path)
+    train(out, synthetic, '--steps=4', '--save_every=2')
+    newest = os.path.join(out, 'ckpt_0000004.pt')
+    with open(newest, 'r+b') as f:
+        f.truncate(1000)
+    result = train(out, synthetic, '--steps=6', '--save_every=2')
+    text = result.stdout + result.stderr
+    assert 'skipping checkpoint' in text and 'ckpt_0000002.pt at step 2' in text
+
+
+def test_other_model_config_is_refused(tmp_path, synthetic):
+    out = str(tmp_path)
+    train(out, synthetic, '--steps=2')
+    result = train(out, synthetic, '--steps=4', '--num_mixture=8', check=False)
+    assert result.returncode != 0
+    assert 'different model config' in result.stderr and 'num_mixture' in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
+    out = str(tmp_path)
+    train(out, synthetic, '--steps=2', '--save_every=2')
+    before = open(os.path.join(out, 'ckpt_0000002.pt'), 'rb').read()
+    result = train(out, synthetic, '--steps=40', '--save_every=100', '--lr=1e30', '--grad_clip=0',
+                   '--warmup=1', check=False)
+    assert result.returncode == 1 and 'loss is nan' in (result.stdout + result.stderr).lower()
+    assert open(os.path.join(out, 'ckpt_0000002.pt'), 'rb').read() == before
+    assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == ['ckpt_0000002.pt']
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*flags):
+    return [sys.executable, '-m', 'torch.distributed.run', *flags]
+
+
+def test_two_ranks_with_torchrun(tmp_path, synthetic):
+    out = str(tmp_path)
+    cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
+                   f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL, '--steps=3', '--save_every=3')
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ckpt['config']['world_size'] == 2 and len(ckpt['loader']) == 2
+    assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2, 3]
+
+
+def test_two_nodes_on_localhost(tmp_path, synthetic):
+    out, port = str(tmp_path), free_port()
+    nodes = [subprocess.Popen(
+        torchrun('--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
+                 '--rdzv_id=llip-test', os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
+                 f'--synthetic_dir={synthetic}', *SMALL, '--steps=3', '--save_every=3'),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), '\n'.join(o[-2000:] for o in outputs)
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ckpt['config']['world_size'] == 2 and ckpt['step'] == 3
