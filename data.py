@@ -224,14 +224,15 @@ def to_rgb(image):
     return image.convert('RGB')   # L, 1, CMYK, YCbCr, RGBX, ...
 
 
-_MEAN255 = torch.tensor(MEAN).view(3, 1, 1) * 255
-_STD255 = torch.tensor(STD).view(3, 1, 1) * 255
+_SCALE = 1 / (255 * torch.tensor(STD).view(3, 1, 1))   # (x / 255 - mean) / std == x * _SCALE + _SHIFT
+_SHIFT = -torch.tensor(MEAN).view(3, 1, 1) / torch.tensor(STD).view(3, 1, 1)
 
 
 def to_tensor(image):
-    """PIL RGB image (W x H) -> normalised FloatTensor (3, H, W)."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()   # (3, H, W), 0..255
-    return x.sub_(_MEAN255).div_(_STD255)
+    """PIL RGB image (W x H) -> normalised FloatTensor (3, H, W). Channels first while still
+    uint8, then float: arithmetic on a contiguous tensor is 5x faster than on a permuted one."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()   # (3, H, W) uint8
+    return x.float().mul_(_SCALE).add_(_SHIFT)
 
 
 def random_resized_crop(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -260,9 +261,17 @@ def train_transform(image_size, scale=(0.9, 1.0)):
     recipe), bicubic, CLIP normalisation. transform(image, rng) draws only from rng (a
     random.Random), so a sample's crop can be replayed; without rng it uses `random`."""
     def transform(image, rng=None):
+        width, height = image.size
+        left, top, right, bottom = random_resized_crop(width, height, rng or random, scale)
+        if image.format == 'JPEG':
+            # A JPEG decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost: ask for the
+            # smallest that leaves the crop >= image_size pixels, and scale the box with it.
+            image.draft('RGB', (math.ceil(width * image_size / (right - left)),
+                                math.ceil(height * image_size / (bottom - top))))
+        f = image.size[0] / width
         image = to_rgb(image)
-        box = random_resized_crop(*image.size, rng or random, scale)
         # resize with box= crops and scales in one pass, without an intermediate image
+        box = (left * f, top * f, right * f, bottom * f)
         return to_tensor(image.resize((image_size, image_size), Image.BICUBIC, box=box))
     return transform
 
@@ -470,7 +479,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return None
 
     def batch(self, samples, role, position, problems):
-        images = torch.stack([x for x, _ in samples]) if samples else None                            # (B, 3, S, S)
+        # default_collate stacks into shared memory when in a worker: no copy on the way to the trainer
+        images = torch.utils.data.default_collate([x for x, _ in samples]) if samples else None       # (B, 3, S, S)
         tokens = tokenize([c for _, c in samples], self.context_length, self.tokenizer) if samples else None  # (B, L)
         return images, tokens, {'role': role, 'position': position, 'problems': problems}
 
