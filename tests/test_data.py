@@ -19,6 +19,8 @@ import io
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -324,6 +326,10 @@ def test_epochs_are_reshuffled_and_resample_goes_on(tmp_path):
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
     forever = [k for _, t in take(iter(loader(paths, shuffle_buffer=100)), 16) for k in keys_of(t)]
     assert sorted(forever) == sorted(epoch0 * 2)               # two whole epochs, nothing dropped
+    # without a sample buffer, the order of the shards alone changes from epoch to epoch
+    (tmp_path / 'many').mkdir()
+    unbuffered = loader(make_shards(tmp_path / 'many', 8, 2), workers=0, resample=False, shuffle_buffer=0)
+    assert [keys_of(t) for _, t in unbuffered] != [keys_of(t) for _, t in unbuffered]
 
 
 def test_eval_mode_reads_in_order_with_first_caption(tmp_path):
@@ -384,15 +390,26 @@ def test_bad_input_with_resample_goes_on(tmp_path):
     assert sorted(set(keys)) == ['cut0', 'cut1', 'good1', 'good2', 'good3']
 
 
+def on_timeout(signum, frame):
+    raise TimeoutError('the loader hangs')
+
+
 @pytest.mark.parametrize('workers,resample', [(0, False), (0, True), (1, True)])
 def test_no_valid_sample_is_an_error_naming_the_pattern(tmp_path, workers, resample):
     write_tar(tmp_path / 'only_bad_0.tar', [('a', {'png': png(0)}), ('b', {'txt': 'b'})])
     write_tar(tmp_path / 'only_bad_1.tar', [('c', {'jpg': b'not an image', 'txt': 'c'})])
     pattern = str(tmp_path / 'only_bad_{0..1}.tar')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        with pytest.raises(Exception, match='only_bad_'):
-            next(iter(loader(pattern, workers=workers, resample=resample)))
+    previous = signal.signal(signal.SIGALRM, on_timeout)   # a hang fails the test instead of stalling it
+    signal.alarm(20)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with pytest.raises(Exception, match='only_bad_') as error:
+                next(iter(loader(pattern, workers=workers, resample=resample)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not isinstance(error.value, TimeoutError)
 
 
 def test_read_shards(tmp_path):
@@ -458,6 +475,9 @@ def test_synthetic_is_deterministic_and_reused(synthetic, tmp_path):
         data.make_synthetic(again, seed=1, **SMALL)
 
 
+PALETTE = {**data.COLORS, **{'bg_' + b: v for b, v in data.BACKGROUNDS.items()}}
+
+
 def nearest(rgb, palette):
     return min(palette, key=lambda name: sum((int(a) - b) ** 2 for a, b in zip(rgb, palette[name])))
 
@@ -477,6 +497,13 @@ def test_synthetic_captions_are_diverse_and_true(synthetic):
         assert all(len(c.encode()) <= 46 for c in captions)          # fits the tiny preset's 48 byte tokens
         assert f"a {scene['background']} background" in captions and data.COUNTS[n - 1] in captions
         assert nearest(image[1, 1], data.BACKGROUNDS) == scene['background']   # no object reaches a corner
+        # relations, checked against where each colour's pixels are
+        labels = np.array([nearest(p, PALETTE) for p in image.reshape(-1, 3)]).reshape(32, 32)
+        relations = [re.fullmatch(r'an? (\w+) \w+ (left of|right of|above|below) an? (\w+) \w+', c) for c in captions]
+        assert sum(r is not None for r in relations) == n * (n - 1) // 2
+        for r in filter(None, relations):
+            (ya, xa), (yb, xb) = [np.argwhere(labels == color).mean(axis=0) for color in (r[1], r[3])]
+            assert {'left of': xa < xb, 'right of': xa > xb, 'above': ya < yb, 'below': ya > yb}[r[2]], (key, r[0])
         for o in scene['objects']:
             assert f"a {o['size']} {o['shape']}" in captions
             assert f"a {o['shape']} {data.WHERE[o['place']]}" in captions
@@ -490,7 +517,7 @@ def test_synthetic_zeroshot_colors_are_true(synthetic):
     for name in data.COLORS:
         for file in os.listdir(os.path.join(folder, name)):
             image = np.array(Image.open(os.path.join(folder, name, file))).reshape(-1, 3).astype(int)
-            labels = [nearest(p, {**data.COLORS, **{'bg_' + b: v for b, v in data.BACKGROUNDS.items()}}) for p in image]
+            labels = [nearest(p, PALETTE) for p in image]
             objects = [label for label in labels if not label.startswith('bg_')]
             assert max(set(objects), key=objects.count) == name
 
