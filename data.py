@@ -29,6 +29,14 @@ How ShardLoader orders samples, and why a resumed run continues exactly:
   role's seat and each worker skips, without decoding, what its role had delivered. So batch
   n + 1 of a resumed run is batch n + 1 of the uninterrupted one (for resample=True; with
   resample=False the rest of the epoch still arrives exactly once, interleaved maybe otherwise).
+  Resuming costs at most one shard read per worker: the buffer is emptied at each shard's end.
+
+Bad input never stops a run: a corrupt or truncated image, a sample without image, caption or
+with an empty one, an image of an unknown extension (.gif, ...), a truncated tar (its samples
+before the damage are kept) and a shard that cannot be opened are skipped and counted in
+ShardLoader.skipped, with one DataWarning per kind and a summary at the end of each epoch. A
+pattern that names no file, and shards that give no valid sample in a whole epoch, raise an
+error that quotes the pattern. (A tar cut exactly between two members looks complete.)
 """
 import argparse
 import glob
@@ -92,10 +100,10 @@ class ByteTokenizer:
 
 # ftfy, which CLIP runs first, also straightens quotes, undoes ligatures and full-width forms
 # and applies NFC; we do those (so "it’s" tokenizes as CLIP does) but not its mojibake repair.
-_FTFY_LITE = {**{c: "'" for c in '\u02bc\u2018\u2019\u201a\u201b'}, **{c: '"' for c in '\u201c\u201d\u201e\u201f'},
-              '\ufb00': 'ff', '\ufb01': 'fi', '\ufb02': 'fl', '\ufb03': 'ffi', '\ufb04': 'ffl', '\ufb06': 'st',
-              '\u3000': ' ', **{chr(c): chr(c - 0xfee0) for c in range(0xff01, 0xff5f)}}
-_FTFY_LITE = str.maketrans(_FTFY_LITE)
+_FTFY_LITE = str.maketrans({**{c: "'" for c in '\u02bc\u2018\u2019\u201a\u201b'},
+                            **{c: '"' for c in '\u201c\u201d\u201e\u201f'},
+                            '\ufb00': 'ff', '\ufb01': 'fi', '\ufb02': 'fl', '\ufb03': 'ffi', '\ufb04': 'ffl',
+                            '\ufb06': 'st', '\u3000': ' ', **{chr(c): chr(c - 0xfee0) for c in range(0xff01, 0xff5f)}})
 # CLIP's pre-tokenizer is r"'s|'t|...|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+" from the `regex` package.
 # In `re`: [^\W\d_] is letters plus the non-decimal numbers (No, Nl: '²', '½', 'Ⅻ'), which
 # _words splits off afterwards; (?:[^\s\w]|_) is "neither space nor letter nor number".
@@ -268,10 +276,10 @@ def train_transform(image_size, scale=(0.9, 1.0)):
             # smallest that leaves the crop >= image_size pixels, and scale the box with it.
             image.draft('RGB', (math.ceil(width * image_size / (right - left)),
                                 math.ceil(height * image_size / (bottom - top))))
-        f = image.size[0] / width
+        fx, fy = image.size[0] / width, image.size[1] / height   # 1 unless drafted
         image = to_rgb(image)
         # resize with box= crops and scales in one pass, without an intermediate image
-        box = (left * f, top * f, right * f, bottom * f)
+        box = (left * fx, top * fy, right * fx, bottom * fy)
         return to_tensor(image.resize((image_size, image_size), Image.BICUBIC, box=box))
     return transform
 
@@ -605,6 +613,10 @@ class ShardLoader:
 
 
 # ----------------------------------------------------------------------------- the synthetic dataset
+# Small scenes whose captions each describe a different part or property of the image. One
+# image vector has to sit close to all of an image's captions at once; Llip's caption-driven
+# mixer can pick, for each caption, the mixture tokens it needs. That is the situation the
+# paper is about, at a size that a CPU trains on in minutes.
 SHAPES = ('circle', 'square', 'triangle', 'cross', 'diamond', 'ring')
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 230), 'yellow': (240, 220, 40),
           'purple': (140, 60, 190), 'orange': (250, 140, 20), 'pink': (250, 150, 200), 'cyan': (50, 210, 220)}
@@ -731,18 +743,22 @@ def _captioned(rng, index, image_size, with_scene=False):
     return f'{index:08d}', files
 
 
-README = """The built-in synthetic dataset of llip (written by `python data.py synthetic`; settings in .complete).
+README = """The built-in synthetic dataset of llip, written by `python data.py synthetic` (settings: .complete).
 
-train/NNNNN.tar     WebDataset shards: KEY.png ({size}x{size} RGB), KEY.txt (captions, one per line)
-retrieval/00000.tar held-out images with all their captions, for image-text retrieval; KEY.json: the scene
-zeroshot/shape/     one object per image, a folder per shape;  classnames.json, templates.json
-zeroshot/color/     one object per image, a folder per colour; classnames.json, templates.json
+train/NNNNN.tar      WebDataset shards: KEY.png ({size}x{size} RGB), KEY.txt (captions, one per line)
+retrieval/00000.tar  held-out images with all their captions, for image-text retrieval; KEY.json: the scene
+zeroshot/shape/      one object per image, a folder per shape;  classnames.json, templates.json
+zeroshot/color/      one object per image, a folder per colour; classnames.json, templates.json
 
-Each image shows 1-3 objects (shapes {shapes}; colours {colors}; sizes small / large;
-places left / right / top / bottom / center) on a background ({backgrounds}). Each caption
-describes one aspect: an object's colour and shape, its place, its size, the number of
-objects, the background, or where two objects are relative to each other. Training draws one
-caption per image each time it is read.
+objects      1-3 per image, not overlapping, each of its own colour
+shapes       {shapes}
+colours      {colors}
+sizes        small, large
+places       left, right, top, bottom, center
+backgrounds  {backgrounds}
+captions     each about one aspect: an object's colour and shape, its place, its size, the number
+             of objects, the background, or where two objects are relative to each other.
+             Training draws one caption per image each time the image is read.
 """
 
 
