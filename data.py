@@ -448,8 +448,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.urls, self.pattern, self.batch_size, self.context_length = urls, pattern, batch_size, context_length
         self.tokenizer, self.rank, self.world_size, self.roles, self.seed = tokenizer, rank, world_size, roles, seed
-        self.shuffle_buffer, self.resample, self.train = shuffle_buffer, resample, train
-        self.transform = train_transform(image_size) if train else eval_transform(image_size)
+        self.shuffle_buffer, self.resample, self.train, self.image_size = shuffle_buffer, resample, train, image_size
         self.start, self.first_role = [(0, 0, 0)] * roles, 0
 
     def shards_of(self, epoch, g):
@@ -494,6 +493,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
+        # made here, not in __init__: a closure does not pickle, and spawned workers get a pickle
+        self.transform = (train_transform if self.train else eval_transform)(self.image_size)
         role = ((info.id if info else 0) + self.first_role) % self.roles
         g = self.rank * self.roles + role
         epoch, k0, n0 = self.start[role]

@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import pickle
 import random
 import re
 import signal
@@ -255,6 +256,12 @@ def test_expand_urls(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='empty'):
         data.expand_urls(str(tmp_path / 'empty'))
+
+
+def test_the_worker_side_pickles_for_spawned_workers(shards):
+    stream = pickle.loads(pickle.dumps(loader(shards).stream))   # macOS and Windows spawn workers
+    images, tokens, info = next(iter(stream))
+    assert images.shape == (4, 3, 8, 8) and info['role'] == 0
 
 
 def test_bad_flags_are_named(tmp_path):
