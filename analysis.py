@@ -25,7 +25,6 @@ Everything runs on CPU; `python analysis.py SUBCOMMAND --help` lists the flags.
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path

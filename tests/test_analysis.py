@@ -1,0 +1,242 @@
+"""What this proves about analysis.py (run: python -m pytest tests/test_analysis.py):
+- the spectrum is the covariance's singular values, descending and divided by the largest:
+  exact on data built to have a known covariance; the features are the K mixture tokens of
+  each image along the batch axis for the mixer pools, the first token for cls;
+- the mixing weights sum to 1 over K for every caption and head, and are the weights of the
+  mixer itself: averaging the values with them gives loss.mix's output, and through W_O the
+  model's own contextualised similarity; a checkpoint that is not pool=llip is refused;
+- the attention maps, recomputed from the last block's input, have rows summing to 1 and,
+  applied to the values, give exactly what the block's attention produced;
+- runs are grouped with the right mean and sample std over seeds, in the ablation ladder's
+  order, from logs with a resumed (repeated) step and a torn last line; a run without
+  evaluation is skipped; the markdown table shows them;
+- every subcommand writes a PNG from a checkpoint in train.py's format and a tiny synthetic
+  dataset, and the ablation / sweep tables go to --table.
+"""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+import analysis
+import data
+import loss
+from model import PRESETS, Llip
+
+try:   # the synthetic dataset's writer has moved from data.py to synthetic.py
+    from synthetic import make_synthetic
+except ImportError:
+    from data import make_synthetic
+
+METRICS = ['zeroshot/color/top1', 'retrieval/i2t_r1']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: threads only add overhead, and much of it on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**overrides):
+    small = dict(vision_layers=2, text_layers=1, vision_width=64, text_width=64, embed_dim=32,
+                 num_mixture=4, mixer_heads=4, context_length=48, image_size=16, vision_head_width=16)
+    return dataclasses.replace(PRESETS['tiny'], **{**small, **overrides})
+
+
+def save_checkpoint(path, pool, seed=0):
+    """A random model in train.py's checkpoint format; W_Q scaled up so that Phi is far from uniform."""
+    torch.manual_seed(seed)
+    model = Llip(tiny(pool=pool))
+    if pool == 'llip':
+        with torch.no_grad():
+            model.q_proj.mul_(20)
+    torch.save({'model': model.state_dict(), 'step': 0,
+                'config': {'seed': seed, 'model_config': dataclasses.asdict(model.config)}}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp('analysis')
+    make_synthetic(str(root / 'syn'), train=1, retrieval=12, zeroshot=1, shard_size=1)
+    return {'root': root, 'data': str(root / 'syn' / 'retrieval'),
+            'llip': str(save_checkpoint(root / 'llip.pt', 'llip')),
+            'cls': str(save_checkpoint(root / 'cls.pt', 'cls'))}
+
+
+@pytest.fixture(scope='module')
+def images_and_captions(files):
+    return analysis.load_images(files['data'], tiny().image_size, 12)
+
+
+# ----------------------------------------------------------------------------- spectrum
+def test_spectrum_of_a_known_covariance():
+    torch.manual_seed(0)
+    N, eigenvalues = 500, torch.tensor([8.0, 4.0, 1.0, 0.25, 0.01], dtype=torch.float64)
+    z = torch.randn(N, 5, dtype=torch.float64)
+    z = torch.linalg.qr(z - z.mean(0)).Q * math.sqrt(N - 1)   # centred, sample covariance exactly I
+    rotation = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64)).Q
+    x = z * eigenvalues.sqrt() @ rotation + 3.0                # covariance R^T diag(eigenvalues) R, shifted
+    expected = eigenvalues / eigenvalues[0]
+    torch.testing.assert_close(analysis.covariance_spectrum(x), expected)
+    assert analysis.covariance_spectrum(x[:3]).shape == (3,)   # min(N, D) values
+
+
+def test_spectrum_features_are_mixture_tokens_along_the_batch(files, images_and_captions):
+    images = images_and_captions[0][:5]
+    llip, cls = analysis.load_model(files['llip']), analysis.load_model(files['cls'])
+    c = llip.config
+    h = llip.visual(images)                                                       # (5, K, W_v)
+    tokens = analysis.visual_features(llip, images, 'tokens', batch_size=2)
+    assert tokens.shape == (5 * c.num_mixture, c.vision_width)
+    torch.testing.assert_close(tokens[2 * c.num_mixture + 3], h[2, 3])           # row n*K + k = h[n, k]
+    values = analysis.visual_features(llip, images, 'values')
+    assert values.shape == (5 * c.num_mixture, c.embed_dim)
+    torch.testing.assert_close(values[c.num_mixture + 1], h[1, 1] @ llip.v_proj[1])
+    torch.testing.assert_close(analysis.visual_features(cls, images, 'tokens'), cls.visual(images)[:, 0])
+
+
+# ----------------------------------------------------------------------------- mixing weights
+def test_mixing_weights_are_the_mixers(files, images_and_captions):
+    images, captions = images_and_captions
+    model = analysis.load_model(files['llip'])
+    c = model.config
+    texts = captions[0] + [caps[0] for caps in captions[1:4]]
+    phi = analysis.caption_mixing(model, images[0], texts)                      # (T, M, K)
+    assert phi.shape == (len(texts), c.mixer_heads, c.num_mixture)
+    torch.testing.assert_close(phi.sum(dim=-1), torch.ones(len(texts), c.mixer_heads))
+    assert phi.max() > 2 / c.num_mixture                                        # not uniform: a real check
+    # averaging the values with Phi is what loss.mix does ...
+    img = model.encode_image(images[:1])
+    txt = model.encode_text(data.tokenize(texts, c.context_length, c.tokenizer))
+    mixed = rearrange(einsum(phi, img.values[0], 't m k, m k d -> t m d'), 't m d -> t (m d)')
+    torch.testing.assert_close(mixed, loss.mix(txt.queries, img.keys, img.values, c.tau)[0])
+    # ... and through W_O it gives the model's contextualised similarity
+    cos = (F.normalize(mixed @ model.out_proj, dim=-1) * txt.emb).sum(-1)
+    torch.testing.assert_close(cos, model.similarity(img, txt)[0])
+    # another tau: other weights, still the mixer's
+    phi_1 = analysis.caption_mixing(model, images[0], texts, tau=1.0)
+    torch.testing.assert_close(rearrange(einsum(phi_1, img.values[0], 't m k, m k d -> t m d'), 't m d -> t (m d)'),
+                               loss.mix(txt.queries, img.keys, img.values, 1.0)[0])
+
+
+def test_mixing_refuses_caption_independent_pools(files, images_and_captions):
+    model = analysis.load_model(files['cls'])
+    with pytest.raises(ValueError, match='pool=llip'):
+        analysis.caption_mixing(model, images_and_captions[0][0], ['a red circle'])
+    with pytest.raises(SystemExit, match='pool=llip'):
+        analysis.main(['mixing', files['cls'], f"--data={files['data']}", f"--out={files['root'] / 'x.png'}"])
+
+
+# ----------------------------------------------------------------------------- attention maps
+@pytest.mark.parametrize('pool', ['llip', 'cls'])
+def test_attention_is_what_the_block_computed(files, images_and_captions, pool):
+    model = analysis.load_model(files[pool])
+    images = images_and_captions[0][:3]
+    c = model.config
+    T, L = c.num_tokens, c.num_tokens + (c.image_size // c.patch_size) ** 2
+    attn = analysis.mixture_attention(model, images)                            # (N, H, T, L)
+    block = model.visual.transformer.blocks[-1]
+    assert attn.shape == (3, block.attn.heads, T, L)
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(3, block.attn.heads, T))
+    # the block's own attention output at the mixture tokens, from a hook ...
+    seen = {}
+    hooks = [block.register_forward_pre_hook(lambda m, inputs: seen.update(x=inputs[0])),
+             block.attn.register_forward_hook(lambda m, inputs, out: seen.update(out=out))]
+    with torch.no_grad():
+        model.visual(images)
+    for hook in hooks:
+        hook.remove()
+    # ... equals the recomputed attention applied to the block's values
+    qkv = F.linear(block.ln_1(seen['x']), block.attn.in_proj_weight, block.attn.in_proj_bias)
+    v = rearrange(qkv, 'n l (three h d) -> three n h l d', three=3, h=block.attn.heads)[2]
+    out = block.attn.out_proj(rearrange(attn @ v, 'n h t d -> n t (h d)'))
+    torch.testing.assert_close(out, seen['out'][:, :T], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- runs
+def fake_run(root, name, pool, seed, metrics, num_mixture=4, extra_lines=()):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / 'config.json').write_text(json.dumps(
+        {'seed': seed, 'model_config': {'pool': pool, 'num_mixture': num_mixture, 'tau': 5.0}}))
+    lines = [json.dumps({'step': 10, 'loss': 3.0})]
+    if metrics is not None:
+        lines.append(json.dumps({'step': 20, 'loss': 2.0, **metrics}))
+    lines += extra_lines
+    (run / 'log.jsonl').write_text('\n'.join(lines) + '\n')
+    return str(run)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    out = [fake_run(tmp_path, f'llip{s}', 'llip', s, {METRICS[0]: v, METRICS[1]: 0.1 * s})
+           for s, v in enumerate([0.5, 0.6, 0.7])]
+    # a resumed run: step 20 logged twice, the later record wins; the last line was torn
+    out.append(fake_run(tmp_path, 'cls0', 'cls', 0, {METRICS[0]: 0.9, METRICS[1]: 0.9},
+                        extra_lines=[json.dumps({'step': 20, 'loss': 2.5, METRICS[0]: 0.3, METRICS[1]: 0.2}),
+                                     json.dumps({'step': 30, 'loss': 1.0})[:-1]]))
+    out.append(fake_run(tmp_path, 'avg0', 'avg', 0, None))   # no evaluation yet: skipped
+    return out
+
+
+def test_read_log_keeps_the_later_record_of_a_step(runs):
+    records = analysis.read_log(runs[3])
+    assert [r['step'] for r in records] == [10, 20]
+    assert records[1][METRICS[0]] == 0.3 and records[1]['loss'] == 2.5
+
+
+def test_grouping_mean_and_std_over_seeds(runs, capsys):
+    groups = analysis.group_runs(analysis.load_runs(runs), 'pool', METRICS)
+    assert [(value, n) for value, n, _ in groups] == [('cls', 1), ('llip', 3)]   # ladder order, avg skipped
+    cls, llip = groups[0][2], groups[1][2]
+    assert cls[METRICS[0]] == (0.3, 0.0) and cls[METRICS[1]] == (0.2, 0.0)
+    assert llip[METRICS[0]] == pytest.approx((0.6, 0.1))        # sample std, n - 1
+    assert llip[METRICS[1]] == pytest.approx((0.1, 0.1))
+    table = analysis.markdown_table(groups, 'pool', METRICS)
+    assert '| llip | 3 | 60.0 ± 10.0 | 10.0 ± 10.0 |' in table
+    assert '| cls | 1 | 30.0 ± 0.0 | 20.0 ± 0.0 |' in table
+    assert 'avg0' in capsys.readouterr().err
+
+
+def test_sweep_groups_numerically_and_warns_about_mixed_groups(tmp_path, capsys):
+    runs = [fake_run(tmp_path, f'k{k}s{s}', 'llip', s, {METRICS[0]: k / 100 + s / 1000}, num_mixture=k)
+            for k in (16, 4, 64) for s in range(2)]
+    runs.append(fake_run(tmp_path, 'avg16', 'avg', 0, {METRICS[0]: 0.0}, num_mixture=16))
+    groups = analysis.group_runs(analysis.load_runs(runs), 'num_mixture', METRICS[:1])
+    assert [value for value, _, _ in groups] == [4, 16, 64]
+    assert groups[0][2][METRICS[0]] == pytest.approx((0.0405, math.sqrt(0.001 ** 2 / 2)))
+    assert 'num_mixture=16 also differ in pool' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- every command
+def is_png(path):
+    with open(path, 'rb') as f:
+        return f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_every_subcommand_writes_a_png(files, runs, tmp_path):
+    d = f"--data={files['data']}"
+    commands = {
+        'spectrum': ['spectrum', files['llip'], files['cls'], d, '--images=6'],
+        'spectrum_values': ['spectrum', files['llip'], files['cls'], d, '--features=values', '--labels=a,b'],
+        'mixing': ['mixing', files['llip'], d, '--index=2', '--unrelated=3'],
+        'attention': ['attention', files['llip'], d, '--index=1', '--head=0'],
+        'attention_cls': ['attention', files['cls'], d],
+        'curves': ['curves', *runs],
+        'ablation': ['ablation', *runs, f"--table={tmp_path / 'ablation.md'}"],
+        'sweep': ['sweep', *runs[:3], '--by=num_mixture', f"--metrics={METRICS[0]}"],
+    }
+    for name, argv in commands.items():
+        analysis.main([*argv, f'--out={tmp_path / name}.png'])
+        assert is_png(tmp_path / f'{name}.png'), name
+    assert '60.0 ± 10.0' in (tmp_path / 'ablation.md').read_text()
+    with pytest.raises(SystemExit, match='--index=99'):
+        analysis.main(['attention', files['llip'], d, '--index=99', f"--out={tmp_path / 'x.png'}"])
