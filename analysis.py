@@ -47,15 +47,19 @@ MIXER_POOLS = ('avg', 'learned', 'llip')   # pools whose image vector is made fr
 
 
 # ----------------------------------------------------------------------------- inputs
+def checkpoint_path(path):
+    """A train.py checkpoint, or a run directory: its newest checkpoint, ckpt.pt."""
+    return Path(path) / 'ckpt.pt' if Path(path).is_dir() else Path(path)
+
+
 def load_model(path):
-    """A train.py checkpoint, or a run directory (its newest checkpoint, ckpt.pt)."""
-    path = Path(path) / 'ckpt.pt' if Path(path).is_dir() else path
-    return llip_eval.load_checkpoint(path)   # {'model': state dict, 'config': {'model_config': ...}}
+    return llip_eval.load_checkpoint(checkpoint_path(path))   # {'model': ..., 'config': {'model_config': ...}}
 
 
 def describe(model, path):
+    """'llip K=16 (run directory)', for titles and legends."""
     c = model.config
-    return f"{c.pool} K={c.num_tokens} ({Path(path).parent.name or path})"
+    return f"{c.pool} K={c.num_tokens} ({checkpoint_path(path).resolve().parent.name})"
 
 
 def load_images(source, image_size, n):
@@ -426,7 +430,7 @@ def parser():
 
     s = command('spectrum', cmd_spectrum, 'singular values of the covariance of the visual features (Figure 5)',
                 'spectrum.png')
-    s.add_argument('ckpts', nargs='+', help='train.py checkpoints, one line each')
+    s.add_argument('ckpts', nargs='+', help='train.py checkpoints or run directories, one line each')
     images(s)
     s.add_argument('--images', type=int, default=1000, help='how many images (the paper: 5000)')
     s.add_argument('--features', choices=['tokens', 'values'], default='tokens',
@@ -436,7 +440,7 @@ def parser():
 
     s = command('mixing', cmd_mixing, "mixing weights Phi of one image for its captions and others' (pool=llip)",
                 'mixing.png')
-    s.add_argument('ckpt', help='a train.py checkpoint with pool=llip')
+    s.add_argument('ckpt', help='a train.py checkpoint (or run directory) with pool=llip')
     images(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
     s.add_argument('--unrelated', type=int, default=4, help="how many other images' captions to add")
@@ -444,7 +448,7 @@ def parser():
 
     s = command('attention', cmd_attention, "each mixture token's attention over the patches, last vision block",
                 'attention.png')
-    s.add_argument('ckpt', help='a train.py checkpoint')
+    s.add_argument('ckpt', help='a train.py checkpoint or run directory')
     images(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
     s.add_argument('--head', type=int, default=-1, help='one attention head, or -1 for the average over heads')
