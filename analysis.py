@@ -200,7 +200,7 @@ def cmd_mixing(args):
         ax.imshow(phi[:, m].numpy(), aspect='auto', cmap='viridis', vmin=0, vmax=vmax)
         ax.set_title(f'head {m}', fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f'Mixing weights of image {args.index} ({describe(model, args.ckpt)}, tau={args.tau or model.config.tau:g})')
+    fig.suptitle(f'Mixing weights of image {args.index} ({describe(model, args.ckpt)}, tau={model.config.tau if args.tau is None else args.tau:g})')
     save(fig, args.out)
 
 
@@ -232,6 +232,8 @@ def cmd_attention(args):
     check_index(args, images)
     image = images[args.index]
     attn = mixture_attention(model, image[None])[0]                     # (H, T, T + P)
+    if not -1 <= args.head < attn.shape[0]:
+        raise ValueError(f"--head={args.head}: the last vision block has {attn.shape[0]} heads (or -1: their average)")
     attn = attn.mean(dim=0) if args.head < 0 else attn[args.head]        # (T, T + P)
     T, g = c.num_tokens, c.image_size // c.patch_size
     patches = attn[:, T:]                                                # (T, P)
