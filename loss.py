@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-PAIRS_PER_CHUNK = 2 ** 16   # default chunk: N_img x chunk pairs of z_ij held at once
+PAIRS_PER_CHUNK = 2 ** 16      # plain form's default chunk: N_img x chunk pairs of z_ij held at once
+ELEMENTS_PER_CHUNK = 2 ** 23   # Gram form's default chunk: chunk x N_txt x M x K mixing weights at once
 
 
 # ----------------------------------------------------------------------------- the mixer (eq. 1-2)
@@ -46,15 +47,25 @@ def contextual_cosine(keys, values, queries, text_emb, out_proj, tau):
 # The same cosines with W_O moved off the pair axis. Write U_i^{mk} = V_i^{mk} W_O^m (what
 # token k of head m adds to z_ij per unit of mixing weight; W_O^m = rows m*d..(m+1)*d of W_O).
 # Then z_ij = sum_mk Phi_ij^{mk} U_i^{mk}, so
-#     z_ij . z'_j = sum_mk Phi_ij^{mk} (V_i^{mk} . s_j^m)   with s_j = W_O z'_j, per caption
-#     |z_ij|^2    = Phi_ij^T G_i Phi_ij                       with G_i = U_i U_i^T, per image
+#     z_ij . z'_j = sum_mk Phi_ij^{mk} A_ij^{mk},  A_ij^{mk} = V_i^{mk} . s_j^m,  s_j = W_O z'_j per caption
+#     |z_ij|^2    = Phi_ij^T G_i Phi_ij                           G_i = U_i U_i^T per image (MK x MK)
 # Per pair this costs 2 K D + (M K)^2 instead of 2 K D + D^2: cheaper whenever M K < D
-# (ViT-B/16: M K = 256, D = 512; bigG: 512 vs 1280).
+# (ViT-B/16: M K = 256, D = 512; bigG: 512 vs 1280). Every step is a batched matmul:
+#     logits and A   (2M, I K, d) @ (2M, d, T)      heads (and keys | values) as the batch axis
+#     G_i Phi_i      (I, MK, MK) @ (I, MK, T)       images as the batch axis
+# so the pair tensors live head-major, (M, I, K, T), with one copy to image-major for G.
 def mixer_gram(values, out_proj):
     """G_i = U_i U_i^T over the M*K (head, token) pairs of image i: (I, MK, MK)."""
-    w = rearrange(out_proj, '(m d) e -> m d e', m=values.shape[1])        # W_O^m: (M, d, D)
-    u = rearrange(einsum(values, w, 'i m k d, m d e -> i m k e'), 'i m k e -> i (m k) e')
-    return u @ u.transpose(1, 2)
+    return gram_from_out_gram(values, out_proj @ out_proj.T)
+
+
+def gram_from_out_gram(values, out_gram):
+    """G_i^{mk,nl} = V_i^{mk} H^{mn} V_i^{nl}, with H = W_O W_O^T (D, D) formed once: per image
+    K D^2 + (MK)^2 D/M, instead of K D^2 for U_i and (MK)^2 D for U_i U_i^T."""
+    h = rearrange(out_gram, '(m d) (n e) -> m n d e', m=values.shape[1], n=values.shape[1])   # H^{mn}
+    vh = einsum(values, h, 'i m k d, m n d e -> i m k n e')              # V_i^{mk} H^{mn}
+    gram = einsum(vh, values, 'i m k n e, i n l e -> i m k n l')
+    return rearrange(gram, 'i m k n l -> i (m k) (n l)')
 
 
 def text_through_out_proj(text_emb, out_proj, heads):
@@ -62,14 +73,40 @@ def text_through_out_proj(text_emb, out_proj, heads):
     return rearrange(text_emb @ out_proj.T, 't (m d) -> t m d', m=heads)
 
 
+def _image_side(keys, values):
+    """Keys and values stacked, heads first: (2, M, I, K, d)."""
+    return rearrange(torch.stack([keys, values]), 'two i m k d -> two m i k d').contiguous()
+
+
+def _caption_side(queries, text_out, tau):
+    """Queries / tau and s_j stacked, heads first, as the right factor of a bmm: (2M, d, T)."""
+    qs = rearrange(torch.stack([queries / tau, text_out]), 'two t m d -> (two m) t d').contiguous()
+    return qs.transpose(1, 2)
+
+
+def _gram_pairs(kv, qs, gram):
+    """The Gram form on images x captions. kv (2, M, I, K, d), qs (2M, d, T), gram (I, MK, MK).
+    Returns (in one buffer, (2, M, I, K, T)) the logits and Phi A; Phi head-major (M, I, K, T);
+    Phi image-major and Phi G Phi (I, MK, T); z_ij . z'_j and |z_ij| (I, T).
+    Without autograd the products overwrite their first factor (no new pair-sized tensors)."""
+    _, heads, n_img, k, _ = kv.shape
+    mul = torch.mul if torch.is_grad_enabled() else torch.Tensor.mul_
+    out = torch.bmm(kv.reshape(2 * heads, n_img * k, -1), qs)             # (2M, I K, T)
+    out = rearrange(out, '(two m) (i k) t -> two m i k t', two=2, k=k)
+    logits, along_text = out                                             # Q_j.K_i / tau, A_ij
+    phi = logits.softmax(dim=2)                                          # eq. 1: over the K tokens
+    phi_img = rearrange(phi, 'm i k t -> i (m k) t').contiguous()
+    phi_a = mul(along_text, phi)                                         # Phi A
+    phi_g_phi = mul(torch.bmm(gram, phi_img), phi_img)                   # Phi (G_i Phi): (I, MK, T)
+    dot = phi_a.sum(dim=(0, 2))                                          # z_ij . z'_j
+    norm = phi_g_phi.sum(dim=1).clamp_min(1e-24).sqrt()                  # |z_ij|, as F.normalize
+    return out, phi_a, phi, phi_img, phi_g_phi, dot, norm
+
+
 def contextual_cosine_gram(keys, values, queries, text_out, gram, tau):
     """contextual_cosine from mixer_gram and text_through_out_proj: (I, T)."""
-    phi = (einsum(queries, keys, 't m d, i m k d -> i t m k') / tau).softmax(dim=-1)
-    along_text = einsum(values, text_out, 'i m k d, t m d -> i t m k')  # V_i^{mk} . s_j^m
-    dot = (phi * along_text).sum(dim=(2, 3))                             # z_ij . z'_j
-    phi = rearrange(phi, 'i t m k -> i t (m k)')
-    squared_norm = ((phi @ gram) * phi).sum(dim=-1)                      # |z_ij|^2
-    return dot / squared_norm.sqrt().clamp_min(1e-12)                    # as F.normalize does
+    *_, dot, norm = _gram_pairs(_image_side(keys, values), _caption_side(queries, text_out, tau), gram)
+    return dot / norm
 
 
 # ----------------------------------------------------------------------------- across ranks
@@ -171,10 +208,89 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         return None, None, None, None, gk, gv, grad_queries, grad_captions, gi, ga, gb
 
 
+class _GramSigmoidLoss(torch.autograd.Function):
+    """The Gram form of the summed sigmoid loss, `chunk` images (against every caption) at a time,
+    with the gradients written by hand and taken in the same pass as the loss. The loss of pair
+    (i, j) depends on no other pair, so nothing is recomputed and nothing per pair is kept:
+    backward only scales the stored gradients (the size of the inputs). G_i is formed per chunk
+    and its gradient taken there by autograd, so memory is O(chunk x N_txt x M K).
+
+    Per pair, with x = a c + b, c = dot / n, n^2 = Phi^T G Phi, l = -log sigmoid(y x):
+        dl/dc      = -y a sigmoid(-y x)
+        dl/dPhi    = along A - across G Phi,      along = dl/dc / n,  across = dl/dc c / n^2
+        dl/dA      = along Phi                    dl/dG_i = sum_j -across / 2 Phi Phi^T
+        dl/dlogits = Phi dl/dPhi - Phi sum_k (Phi dl/dPhi)        (the softmax over k)
+    and logits and A are matmuls, so their gradients are the transposed matmuls."""
+
+    @staticmethod
+    def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
+        device = keys.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
+        exact = torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)   # bf16 pairs -> fp32
+        need_grads = any(ctx.needs_input_grad)
+        with torch.autocast(device, enabled=False):
+            kv = _image_side(keys, values).to(dtype)                      # (2, M, I, K, d)
+            qs = _caption_side(queries, text_out, tau).to(dtype)          # (2M, d, T)
+            out_gram_ = out_gram.detach().to(dtype).requires_grad_(need_grads)
+            a_, b_ = a.to(exact), b.to(exact)
+            total = torch.zeros((), dtype=exact, device=keys.device)
+            if need_grads:
+                grad_kv, grad_qs = torch.zeros_like(kv, dtype=exact), torch.zeros_like(qs, dtype=exact)
+                grad_values_g, grad_out_gram = torch.zeros_like(values, dtype=exact), 0.0
+                grad_a, grad_b = torch.zeros_like(total), torch.zeros_like(total)
+            for s in range(0, kv.shape[2], chunk):
+                kv_c = kv[:, :, s:s + chunk]
+                values_c = values[s:s + chunk].detach().to(dtype).requires_grad_(need_grads)
+                with torch.enable_grad():
+                    gram = gram_from_out_gram(values_c, out_gram_)       # (I, MK, MK)
+                out, phi_a, phi, phi_img, phi_g_phi, dot, norm = _gram_pairs(kv_c, qs, gram.detach())
+                cos = dot.to(exact) / norm.to(exact)                      # (I, T)
+                labels = _labels(cos.shape[0], 0, cos.shape[1], offset + s, cos)
+                logits = labels * (a_ * cos + b_)
+                total -= F.logsigmoid(logits).sum()
+                if not need_grads:
+                    continue
+                grad_logits = -labels * torch.sigmoid(-logits)            # dl/dx (I, T)
+                grad_a += (grad_logits * cos).sum()
+                grad_b += grad_logits.sum()
+                grad_cos = a_ * grad_logits
+                along = (grad_cos / norm)[:, None].to(dtype)              # (I, 1, T) broadcast over (M, I, K, T)
+                across = (grad_cos * cos / norm ** 2)[:, None].to(dtype)
+                # Phi dl/dPhi, in place of Phi A; the softmax's backward goes into the logits' slot
+                phi_grad = phi_a.mul_(along).sub_(rearrange(phi_g_phi, 'i (m k) t -> m i k t', k=phi.shape[2])
+                                                  .mul_(across))
+                torch.addcmul(phi_grad, phi, phi_grad.sum(dim=2, keepdim=True), value=-1, out=out[0])
+                torch.mul(phi, along, out=out[1])                         # dl/dA
+                grad_pairs = rearrange(out, 'two m i k t -> (two m) (i k) t')
+                grad_kv[:, :, s:s + chunk] = rearrange(torch.bmm(grad_pairs, qs.transpose(1, 2)),
+                                                       '(two m) (i k) d -> two m i k d', two=2, k=kv.shape[3])
+                grad_qs += torch.bmm(kv_c.reshape(grad_pairs.shape[0], -1, kv.shape[4]).transpose(1, 2),
+                                     grad_pairs)                          # (2M, d, T)
+                # dl/dG_i, in place of Phi G Phi, then back through G_i to V_i and H by autograd
+                torch.mul(phi_img, across / -2, out=phi_g_phi)
+                grad_gram = torch.bmm(phi_g_phi, phi_img.transpose(1, 2))
+                g_v, g_h = torch.autograd.grad(gram, [values_c, out_gram_], grad_gram)
+                grad_values_g[s:s + chunk] = g_v
+                grad_out_gram = grad_out_gram + g_h
+        if need_grads:
+            grad_keys, grad_values = rearrange(grad_kv, 'two m i k d -> two i m k d')
+            grad_queries, grad_text = rearrange(grad_qs, '(two m) d t -> two t m d', two=2)
+            ctx.save_for_backward(grad_keys.to(keys.dtype), (grad_values + grad_values_g).to(values.dtype),
+                                  (grad_queries / tau).to(queries.dtype), grad_text.to(text_out.dtype),
+                                  grad_out_gram.to(out_gram.dtype), grad_a.to(a.dtype), grad_b.to(b.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [g * grad_total.to(g.dtype) if need else None
+                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
 def use_gram(keys):
     """The Gram form pays (M K)^2 per pair, the plain form D^2 for W_O."""
     heads, k, d = keys.shape[1:]
-    return heads * k < heads * d                                         # M K < D
+    return heads * k <= heads * d                                        # M K <= D
 
 
 def pair_inputs(keys, values, text_emb, out_proj, form='auto'):
@@ -195,12 +311,17 @@ def llip_loss(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias
     rank, _ = rank_and_world()
     n = keys.shape[0]
     queries, text_emb = gather(queries), gather(text_emb)
-    chunk = chunk_size or max(1, PAIRS_PER_CHUNK // n)
     a, b = (x if torch.is_tensor(x) else torch.tensor(float(x), device=keys.device)
             for x in (logit_scale, logit_bias))
-    cosine, caption_side, image_side = pair_inputs(keys, values, text_emb, out_proj, form)
-    total = _ChunkedSigmoidLoss.apply(cosine, tau, chunk, rank * n, keys, values, queries,
-                                      caption_side, image_side, a, b)
+    if form == 'gram' or (form == 'auto' and use_gram(keys)):
+        chunk = chunk_size or max(1, ELEMENTS_PER_CHUNK // (queries.shape[0] * keys.shape[1] * keys.shape[2]))
+        total = _GramSigmoidLoss.apply(tau, chunk, rank * n, keys, values, queries,
+                                       text_through_out_proj(text_emb, out_proj, keys.shape[1]),
+                                       out_proj @ out_proj.T, a, b)
+    else:
+        chunk = chunk_size or max(1, PAIRS_PER_CHUNK // n)
+        total = _ChunkedSigmoidLoss.apply(contextual_cosine, tau, chunk, rank * n, keys, values, queries,
+                                          text_emb, out_proj, a, b)
     return total / n
 
 
