@@ -2,11 +2,12 @@
 Speed and memory, side by side with a reference in the same run (these machines are shared
 and noisy: read the ratios).
 
-    python bench.py loss                          # llip_loss fwd+bwd: naive vs chunked, N = 256, 512, 1024
-    python bench.py loss --n=1024 --dim=1280 --k=64
-    python bench.py zeroshot --n 256                 # zero-shot img/s, 1000 classes: Llip vs CLIP
+    python bench.py loss                          # llip_loss fwd+bwd: naive, plain, gram; N = 256, 512, 1024
+    python bench.py loss --dim=1280 --k=64        # bigG's mixer; naive is skipped where it would not fit
+    python bench.py step                          # tiny preset training step, batch 256: pool=llip vs avg
+    python bench.py zeroshot --n 256              # zero-shot img/s, 1000 classes: Llip vs CLIP
 
-Each measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
+Each loss measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
 memory it held before the call is the extra memory of that call alone.
 """
 import argparse
@@ -25,7 +26,7 @@ def rss_kib(field):
 
 def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
     """Time and extra peak memory of one llip_loss forward+backward (run in its own process)."""
-    from loss import llip_loss, llip_loss_reference
+    from loss import ELEMENTS_PER_CHUNK, PAIRS_PER_CHUNK, llip_loss, llip_loss_reference
     torch.manual_seed(0)
     d = dim // heads
     leaf = lambda *s: torch.randn(*s).requires_grad_()
@@ -41,34 +42,109 @@ def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
         loss = llip_loss_reference(*args) if impl == 'naive' else llip_loss(*args, chunk_size=chunk, form=impl)
         loss.backward()
         times.append(time.perf_counter() - start)
-    return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024}
+    used = n if impl == 'naive' else chunk or (max(1, PAIRS_PER_CHUNK // n) if impl == 'plain'
+                                               else max(1, ELEMENTS_PER_CHUNK['cpu'] // (n * heads * k)))
+    return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024, 'chunk': used}
+
+
+def macs_per_pair(impl, n, D, K, M):
+    """Multiply-adds per image-caption pair, from the shapes: (forward, forward + backward).
+    naive/plain: logits K D, mixing K D, W_O D^2; backward twice the forward, and plain
+    recomputes the forward once more. gram: logits and A 2 K D, G_i Phi (MK)^2; backward
+    4 K D + (MK)^2 (gradients by hand, no recompute); plus, per image, G_i from H = W_O W_O^T,
+    K D^2 + (MK)^2 D/M forward and twice that backward, spread over the n captions."""
+    if impl in ('naive', 'plain'):
+        fwd = 2 * K * D + D * D
+        return fwd, fwd * (3 if impl == 'naive' else 4)
+    per_image = K * D * D + (M * K) ** 2 * D // M
+    return 2 * K * D + (M * K) ** 2 + per_image / n, 6 * K * D + 2 * (M * K) ** 2 + 3 * per_image / n
+
+
+def naive_bytes(n, D):
+    """What llip_loss_reference needs, roughly: about eight (N, N, D) fp32 tensors (measured:
+    16.3 GiB at N = 1024, D = 512)."""
+    return 8 * n * n * D * 4
+
+
+def available_bytes():
+    with open('/proc/meminfo') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('MemAvailable:')) * 1024
 
 
 def bench_loss(args):
-    print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, "
-          f"D={args.dim}, K={args.k}, M={args.heads}")
     D, K, M = args.dim, args.k, args.heads
-    # multiply-adds per image-caption pair in the forward pass (logits, mixing, then W_O or the Gram form)
-    flops = {'naive': 2 * K * D + D * D, 'plain': 2 * K * D + D * D, 'gram': 2 * K * D + (M * K) ** 2}
-    print("naive: materialise all z_ij; plain: chunked, recomputed in backward; gram: chunked, W_O off the pair axis")
-    print(f"{'N':>6} {'impl':>8} {'chunk':>6} {'seconds':>9} {'peak MiB':>10} {'kMAC/pair':>12}")
+    print(f"$ python bench.py {' '.join(sys.argv[1:])}")
+    print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, D={D}, K={K}, M={M}, "
+          f"best of {args.repeats}")
+    print("naive: materialise all z_ij (llip_loss_reference); plain: chunked, autograd, recomputed in backward;\n"
+          "gram: W_O off the pair axis, gradients by hand in the same pass; MAC/pair from the shapes (fwd, fwd+bwd)")
+    print(f"{'N':>6} {'impl':>6} {'chunk':>6} {'seconds':>9} {'peak MiB':>10} {'kMAC fwd':>9} {'kMAC f+b':>9}"
+          f" {'time/naive':>11} {'mem/naive':>10}")
     for n in args.n:
         rows = {}
-        for impl in ('naive', 'plain', 'gram'):
-            cmd = [sys.executable, __file__, '_loss_run', f'--impl={impl}', f'--n={n}', f'--dim={args.dim}',
-                   f'--k={args.k}', f'--heads={args.heads}', f'--chunk={args.chunk}', f'--repeats={args.repeats}']
+        for impl in args.impls:
+            if impl == 'naive' and naive_bytes(n, D) > 0.8 * available_bytes():
+                print(f"{n:>6} {impl:>6}  skipped: needs ~{naive_bytes(n, D) / 2 ** 30:.0f} GiB, "
+                      f"{available_bytes() / 2 ** 30:.0f} GiB available")
+                continue
+            cmd = [sys.executable, __file__, '_loss_run', f'--impl={impl}', f'--n={n}', f'--dim={D}',
+                   f'--k={K}', f'--heads={M}', f'--chunk={args.chunk}', f'--repeats={args.repeats}',
+                   f'--threads={args.threads}']
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
-                print(f"{n:>6} {impl:>8}  failed: {out.stderr.strip().splitlines()[-1]}")
+                print(f"{n:>6} {impl:>6}  failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
                 continue
             rows[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            chunk = args.chunk or max(1, 2 ** 16 // n)
-            print(f"{n:>6} {impl:>8} {chunk if impl != 'naive' else n:>6} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f}"
-                  f" {flops[impl] / 1e3:>12.0f}")
-        for impl in ('plain', 'gram'):
-            if impl in rows and 'naive' in rows:
-                print(f"{n:>6} {impl + '/naive':>14} {rows[impl]['seconds'] / rows['naive']['seconds']:>9.2f} "
-                      f"{rows[impl]['peak_mib'] / rows['naive']['peak_mib']:>10.3f}")
+            fwd, both = macs_per_pair(impl, n, D, K, M)
+            ratios = (f" {r['seconds'] / rows['naive']['seconds']:>11.2f} {r['peak_mib'] / rows['naive']['peak_mib']:>10.3f}"
+                      if 'naive' in rows and impl != 'naive' else '')
+            print(f"{n:>6} {impl:>6} {r['chunk']:>6} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f} {fwd / 1e3:>9.0f}"
+                  f" {both / 1e3:>9.0f}{ratios}", flush=True)
+
+
+def one_step_setup(pool, batch, seed=0):
+    """The tiny preset with this pool, AdamW, and a random batch: returns a function doing one step."""
+    from dataclasses import replace
+    from model import PRESETS, Llip
+    torch.manual_seed(seed)
+    c = replace(PRESETS['tiny'], pool=pool)
+    m = Llip(c)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.2)
+    images = torch.randn(batch, 3, c.image_size, c.image_size)
+    tokens = torch.randint(1, c.vocab_size, (batch, c.context_length))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = m(images, tokens)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def bench_step(args):
+    """One training step (forward, backward, AdamW) of the tiny preset, pool=llip against pool=avg
+    at the same K (same towers, same number of mixture tokens), interleaved, median of the repeats."""
+    import statistics
+    from model import PRESETS
+    c = PRESETS['tiny']
+    print(f"$ python bench.py {' '.join(sys.argv[1:])}")
+    print(f"training step of the tiny preset (D={c.embed_dim}, K={c.num_mixture}, M={c.mixer_heads}), batch "
+          f"{args.batch}, random images and tokens, fp32, CPU, {torch.get_num_threads()} threads")
+    steps = {pool: one_step_setup(pool, args.batch) for pool in ('avg', 'llip')}
+    for step in steps.values():
+        step()                                          # warm-up (allocations, AdamW state)
+    times = {pool: [] for pool in steps}
+    for r in range(args.repeats):
+        for pool in (('avg', 'llip') if r % 2 == 0 else ('llip', 'avg')):   # alternate the order
+            start = time.perf_counter()
+            steps[pool]()
+            times[pool].append(time.perf_counter() - start)
+    med = {pool: statistics.median(t) for pool, t in times.items()}
+    print(f"{'pool':>6} {'median s':>9} {'min s':>7} {'max s':>7}  (of {args.repeats})")
+    for pool in ('avg', 'llip'):
+        print(f"{pool:>6} {med[pool]:>9.3f} {min(times[pool]):>7.3f} {max(times[pool]):>7.3f}")
+    print(f"llip/avg median step time: {med['llip'] / med['avg']:.3f}")
 
 
 ZEROSHOT_CLASSES = 1000   # ImageNet
@@ -120,17 +196,26 @@ def bench_zeroshot(args):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['loss', 'zeroshot', '_loss_run'], help='which benchmark to run')
+    p.add_argument('what', choices=['loss', 'step', 'zeroshot', '_loss_run'], help='which benchmark to run')
     p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
     p.add_argument('--heads', type=int, default=8, help='mixer heads M')
-    p.add_argument('--chunk', type=int, default=0, help='captions per chunk (0: the default of llip_loss)')
+    p.add_argument('--chunk', type=int, default=0, help='chunk_size of llip_loss (0: its default)')
+    p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram'], help='loss: which forms to run')
+    p.add_argument('--batch', type=int, default=256, help='step: batch size')
+    p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--repeats', type=int, default=2, help='timed repeats; the fastest is reported')
     p.add_argument('--impl', default='chunked', help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.what == 'loss':
         bench_loss(args)
+    elif args.what == 'step':
+        if '--repeats' not in ' '.join(sys.argv):
+            args.repeats = 10
+        bench_step(args)
     elif args.what == 'zeroshot':
         bench_zeroshot(args)
     else:

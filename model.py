@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange, einsum
 from torch.utils.checkpoint import checkpoint
 
-from loss import llip_loss, mix, pair_inputs, siglip_loss
+from loss import llip_loss, mix, pairwise_cosine, siglip_loss
 
 POOLS = ('cls', 'registers', 'avg', 'learned', 'llip')
 
@@ -288,12 +288,9 @@ class Llip(nn.Module):
         if image_features.emb is not None:
             return image_features.emb @ text_features.emb.T
         tau = self.config.tau if tau is None else tau
-        keys, values, queries = image_features.keys, image_features.values, text_features.queries
         # the plain or the Gram form of loss.py, whichever is cheaper for these shapes
-        cosine, caption_side, image_side = pair_inputs(keys, values, text_features.emb, self.out_proj)
-        return torch.cat([cosine(keys, values, queries[s:s + chunk_size], caption_side[s:s + chunk_size],
-                                 image_side, tau)
-                          for s in range(0, queries.shape[0], chunk_size)], dim=1)
+        return pairwise_cosine(image_features.keys, image_features.values, text_features.queries,
+                               text_features.emb, self.out_proj, tau, chunk_size)
 
     def forward(self, images, tokens, chunk_size=None):
         """The training loss (eq. 3) of this rank's images against every rank's captions."""

@@ -1,7 +1,10 @@
 """What this proves about loss.py (run: python -m pytest tests/test_loss.py):
-- llip_loss, chunked with recomputation in backward, equals a naive per-pair reference that
-  builds every z_ij by hand — value and every gradient, float64, for chunk sizes that do and
-  do not divide N; so does the materialising llip_loss_reference;
+- llip_loss, in both forms (plain: chunked with recomputation in backward; gram: hand-written
+  gradients taken in the forward pass), equals a naive per-pair reference that builds every
+  z_ij by hand — value and every gradient, float64, for chunk sizes that do and do not divide
+  N; so does the materialising llip_loss_reference;
+- the two forms agree to 1e-5 in fp32 at M K < D (loss, every gradient, inference cosines);
+  the Gram matrix built from H = W_O W_O^T equals U U^T; a scaled loss scales the gradients;
 - siglip_loss and clip_loss equal their textbook formulas;
 - with uniform mixing (all keys zero) Llip's loss is SigLIP's loss on the averaged tokens;
 - huge logits stay finite (logsigmoid, no exp/log by hand); bf16 autocast runs and agrees.
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loss import (clip_loss, contextual_cosine, contextual_cosine_gram, llip_loss, llip_loss_reference, mix,
-                  mixer_gram, siglip_loss, text_through_out_proj)
+                  mixer_gram, pairwise_cosine, siglip_loss, text_through_out_proj)
 
 N, M, K, d = 7, 2, 3, 4
 D = M * d
@@ -96,6 +99,54 @@ def test_gram_form_equals_plain_form_in_fp32():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name in x:
         torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def fp32_inputs(seed, I, T, heads, k, d):
+    g = torch.Generator().manual_seed(seed)
+    return dict(keys=torch.randn(I, heads, k, d, generator=g), values=torch.randn(I, heads, k, d, generator=g),
+                queries=torch.randn(T, heads, d, generator=g),
+                text_emb=F.normalize(torch.randn(T, heads * d, generator=g), dim=-1),
+                out_proj=torch.randn(heads * d, heads * d, generator=g) / (heads * d) ** 0.5,
+                logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-3.0))
+
+
+@pytest.mark.parametrize('chunk_size', [4, 5, None])
+def test_llip_loss_gram_equals_plain_in_fp32(chunk_size):
+    """The fast form (gradients by hand, images chunked) against the readable one, M K < D."""
+    x = fp32_inputs(7, 12, 12, 4, 3, 8)
+    plain = value_and_grads(lambda **v: llip_loss(**v, tau=2.0, chunk_size=5, form='plain'), x)
+    gram = value_and_grads(lambda **v: llip_loss(**v, tau=2.0, chunk_size=chunk_size, form='gram'), x)
+    torch.testing.assert_close(gram[0], plain[0], rtol=1e-5, atol=1e-5)
+    for name in x:
+        torch.testing.assert_close(gram[1][name], plain[1][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_llip_loss_gram_scaled_loss_and_partial_grads():
+    """backward scales the stored gradients by the incoming gradient; inputs without
+    requires_grad get none; under no_grad the value is the same."""
+    x = make_inputs(seed=8)
+    loss, grads = value_and_grads(lambda **v: llip_loss(**v, tau=1.5, chunk_size=3, form='gram'), x)
+    keys = x['keys'].clone().requires_grad_()
+    (3 * llip_loss(**{**x, 'keys': keys}, tau=1.5, chunk_size=3, form='gram')).backward()
+    torch.testing.assert_close(keys.grad, 3 * grads['keys'], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(llip_loss(**x, tau=1.5, form='gram'), loss, rtol=1e-12, atol=1e-12)
+
+
+def test_gram_from_out_gram_equals_u_ut():
+    x = make_inputs(seed=9)
+    u = torch.einsum('imkd,mde->imke', x['values'], x['out_proj'].reshape(M, d, D)).reshape(N, M * K, D)
+    torch.testing.assert_close(mixer_gram(x['values'], x['out_proj']), u @ u.transpose(1, 2))
+
+
+@pytest.mark.parametrize('chunk_size', [1, 4, 100])
+def test_pairwise_cosine_forms_agree(chunk_size):
+    x = fp32_inputs(10, 9, 11, 4, 3, 8)
+    args = [x[k] for k in ('keys', 'values', 'queries', 'text_emb', 'out_proj')]
+    plain = contextual_cosine(*args, 3.0)
+    with torch.no_grad():
+        for form in ('plain', 'gram', 'auto'):
+            torch.testing.assert_close(pairwise_cosine(*args, 3.0, chunk_size, form), plain, rtol=1e-5, atol=1e-5)
 
 
 def test_siglip_and_clip_match_formulas():
