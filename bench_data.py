@@ -6,7 +6,7 @@ with the same decode + train transform + tokenizer, one epoch each, alternating,
     python bench_data.py        # synthetic 32x32 PNG, 256x256 and 640x480 JPEG shards, 2 workers
     python bench_data.py --workers 4 --batch_size 256 --jpeg 5000 --repeats 3
 
-Shards are written once into --dir (synthetic: data.make_synthetic; JPEG: pictures of
+Shards are written once into --dir (synthetic: synthetic.make_synthetic; JPEG: pictures of
 gradients, blobs and noise, 500 per shard; 224 x 224 crops at 90-100 % of the area). Samples/s counts every sample of the epoch over
 the wall time from creating the iterator to its end, worker start-up included; the best of
 --repeats runs is reported (the machine may be shared), and the mean beside it.
@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--dir', default='/tmp/llip_bench_data', help='where the benchmark shards are written')
@@ -101,9 +102,9 @@ try:
     import webdataset  # noqa: F401
 except ImportError:
     sys.exit('bench_data.py compares with the webdataset library: pip install webdataset')
-synthetic = data.make_synthetic(os.path.join(args.dir, f'synthetic_{args.synthetic}'), train=args.synthetic)
+synthetic_dir = synthetic.make_synthetic(os.path.join(args.dir, f'synthetic_{args.synthetic}'), train=args.synthetic)
 jpeg = write_jpeg_shards(os.path.join(args.dir, f'jpeg_{args.jpeg}'), args.jpeg)
-datasets = [('synthetic 32x32 PNG', data.expand_urls(os.path.join(synthetic, 'train')), 32, 48, 'byte'),
+datasets = [('synthetic 32x32 PNG', data.expand_urls(os.path.join(synthetic_dir, 'train')), 32, 48, 'byte'),
             ('JPEG 256x256 -> 224', data.expand_urls(jpeg), 224, 77, 'clip')]
 if args.large:   # here ShardLoader's JPEG draft decoding (at 1/2 size when the crop allows) shows
     large = write_jpeg_shards(os.path.join(args.dir, f'large_{args.large}'), args.large, 640, 480)

@@ -305,12 +305,12 @@ SYNTHETIC_RETRIEVAL_IMAGES = 250
 
 
 def synthetic_results(model, root, device='cpu', batch_size=256, taus=(None,), progress=False):
-    """{'zeroshot/<split>': {tau: metrics}, 'retrieval': {tau: metrics}} on data.make_synthetic's layout."""
+    """{'zeroshot/<split>': {tau: metrics}, 'retrieval': {tau: metrics}} on synthetic.make_synthetic's layout."""
     root = Path(root)
     splits = sorted(p for p in (root / 'zeroshot').glob('*') if p.is_dir())
     if not splits and not (root / 'retrieval').is_dir():
         raise FileNotFoundError(f"{root}: no zeroshot/<split>/ or retrieval/ folder; "
-                                f"write the synthetic data with data.make_synthetic('{root}')")
+                                f"write the synthetic data with: python synthetic.py --out={root}")
     results = {}
     for split in splits:
         names = json.loads((split / 'classnames.json').read_text())

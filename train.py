@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import synthetic
 from model import PRESETS, Llip, LlipConfig
 
 # ----------------------------------------------------------------------------- flags
@@ -145,7 +146,7 @@ def lr_at(step):
 # ----------------------------------------------------------------------------- data
 if args.data == 'synthetic':
     if master:
-        data.make_synthetic(args.synthetic_dir, seed=0)
+        synthetic.make_synthetic(args.synthetic_dir, seed=0)
     if ddp:
         dist.barrier()
     train_urls = os.path.join(args.synthetic_dir, 'train')

@@ -26,11 +26,7 @@ import analysis
 import data
 import loss
 from model import PRESETS, Llip
-
-try:   # the synthetic dataset's writer has moved from data.py to synthetic.py
-    from synthetic import make_synthetic
-except ImportError:
-    from data import make_synthetic
+from synthetic import make_synthetic
 
 METRICS = ['zeroshot/color/top1', 'retrieval/i2t_r1']
 

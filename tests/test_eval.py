@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+from synthetic import make_synthetic
 import eval as llip_eval
 from model import PRESETS, Llip, TextFeatures
 
@@ -217,7 +218,7 @@ def test_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------- synthetic data
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory):
-    return data.make_synthetic(tmp_path_factory.mktemp('synthetic'), train=1, retrieval=12, zeroshot=2, shard_size=1)
+    return make_synthetic(tmp_path_factory.mktemp('synthetic'), train=1, retrieval=12, zeroshot=2, shard_size=1)
 
 
 @torch.no_grad()
@@ -247,5 +248,5 @@ def test_evaluate_synthetic(synthetic):
     several = llip_eval.evaluate_synthetic(m, synthetic, taus=(1.0, 5.0))
     assert several['zeroshot/shape/tau5/top1'] == metrics['zeroshot/shape/top1']
     assert len(several) == 2 * len(metrics)
-    with pytest.raises(FileNotFoundError, match='make_synthetic'):
+    with pytest.raises(FileNotFoundError, match='synthetic.py'):
         llip_eval.evaluate_synthetic(m, synthetic / 'zeroshot' / 'shape')

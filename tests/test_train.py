@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+from synthetic import make_synthetic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32',
          '--embed_dim=16', '--num_mixture=4', '--vision_head_width=16', '--text_heads=2',
@@ -27,9 +29,8 @@ SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_wi
 
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory):
-    import data
     path = str(tmp_path_factory.mktemp('synthetic'))
-    data.make_synthetic(path, seed=0)
+    make_synthetic(path, seed=0)
     return path
 
 
