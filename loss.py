@@ -219,7 +219,7 @@ class _GramSigmoidLoss(torch.autograd.Function):
     and its gradient taken there by autograd, so memory is O(chunk x N_txt x M K).
 
     Per pair, with x = a c + b, c = dot / n, n^2 = Phi^T G Phi, l = -log sigmoid(y x):
-        dl/dc      = -y a sigmoid(-y x)
+        dl/dc      = a (sigmoid(x) - [y = +1])
         dl/dPhi    = along A - across G Phi,      along = dl/dc / n,  across = dl/dc c / n^2
         dl/dA      = along Phi                    dl/dG_i = sum_j -across / 2 Phi Phi^T
         dl/dlogits = Phi dl/dPhi - Phi sum_k (Phi dl/dPhi)        (the softmax over k)
@@ -248,17 +248,19 @@ class _GramSigmoidLoss(torch.autograd.Function):
                     gram = gram_from_out_gram(values_c, out_gram_)       # (I, MK, MK)
                 out, phi_a, phi, phi_img, phi_g_phi, dot, norm = _gram_pairs(kv_c, qs, gram.detach())
                 cos = dot.to(exact) / norm.to(exact)                      # (I, T)
-                labels = _labels(cos.shape[0], 0, cos.shape[1], offset + s, cos)
-                logits = labels * (a_ * cos + b_)
-                total -= F.logsigmoid(logits).sum()
+                x = a_ * cos + b_                                         # (I, T), y x is eq. 3's logit
+                # -log sigmoid(y x) is softplus(x) for y = -1 and softplus(x) - x for y = +1; the
+                # positives (image s + r, caption offset + s + r) are a diagonal of the chunk
+                total += -F.logsigmoid(-x).sum() - x.diagonal(offset + s).sum()
                 if not need_grads:
                     continue
-                grad_logits = -labels * torch.sigmoid(-logits)            # dl/dx (I, T)
-                grad_a += (grad_logits * cos).sum()
-                grad_b += grad_logits.sum()
-                grad_cos = a_ * grad_logits
-                along = (grad_cos / norm)[:, None].to(dtype)              # (I, 1, T) broadcast over (M, I, K, T)
-                across = (grad_cos * cos / norm ** 2)[:, None].to(dtype)
+                grad_x = torch.sigmoid(x)                                 # dl/dx = sigmoid(x) - [y = +1]
+                grad_x.diagonal(offset + s).sub_(1)
+                grad_a += (grad_x * cos).sum()
+                grad_b += grad_x.sum()
+                along = a_ * grad_x / norm                                # dl/dc / n
+                across = (along * cos / norm)[:, None].to(dtype)          # dl/dc c / n^2, (I, 1, T)
+                along = along[:, None].to(dtype)                          # broadcast over (M, I, K, T)
                 # Phi dl/dPhi, in place of Phi A; the softmax's backward goes into the logits' slot
                 phi_grad = phi_a.mul_(along).sub_(rearrange(phi_g_phi, 'i (m k) t -> m i k t', k=phi.shape[2])
                                                   .mul_(across))
