@@ -192,7 +192,7 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
     jobs = [(os.path.join(out_dir, 'train', f'{k:05d}.tar'), seed, range(k * shard_size, min(train, (k + 1) * shard_size)),
              image_size, False) for k in range(math.ceil(train / shard_size))]
     jobs.append((os.path.join(out_dir, 'retrieval', '00000.tar'), seed, range(retrieval), image_size, True))
-    try:   # fork, never spawn: a spawned child would re-run the caller's script (train.py has no main guard)
+    try:   # fork where there is one: a spawned child would re-import the caller's main script
         with multiprocessing.get_context('fork').Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
             pool.starmap(_write_shard, jobs)
     except (ValueError, OSError):   # no fork on this platform, or no processes allowed

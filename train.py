@@ -44,20 +44,21 @@ p.add_argument('--data', default='synthetic',
                     "(the built-in dataset, generated into --synthetic_dir on first use)")
 p.add_argument('--synthetic_dir', default='data/synthetic', help='where the built-in synthetic dataset lives')
 p.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and config.json go here')
-p.add_argument('--steps', type=int, default=300, help='optimizer steps in total')
-p.add_argument('--batch_size', type=int, default=128, help='images (and captions) per rank per micro-step')
+p.add_argument('--steps', type=int, default=1000, help='optimizer steps in total')
+p.add_argument('--batch_size', type=int, default=64, help='images (and captions) per rank per micro-step')
 p.add_argument('--grad_accum', type=int, default=1,
                help='micro-steps per optimizer step. Note: each micro-step is its own contrastive batch, '
                     'so accumulation does not add negatives; it only averages gradients')
-p.add_argument('--lr', type=float, default=2e-3, help='peak learning rate (paper: 5e-4 for B, 4e-4 for L/H/G)')
+p.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (paper: 5e-4 for B, 4e-4 for L/H/G)')
 p.add_argument('--min_lr_ratio', type=float, default=0.1, help='the cosine decays to lr * min_lr_ratio')
-p.add_argument('--warmup', type=int, default=30, help='linear warmup steps (paper: 2000)')
+p.add_argument('--warmup', type=int, default=50, help='linear warmup steps (paper: 2000)')
 p.add_argument('--weight_decay', type=float, default=0.2, help='AdamW decay on matrices; none on biases, norms, logit scale/bias')
 p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
 p.add_argument('--beta2', type=float, default=0.95, help='AdamW beta2 (0.95 as in SigLIP and the paper)')
 p.add_argument('--eps', type=float, default=1e-6, help='AdamW epsilon')
 p.add_argument('--grad_clip', type=float, default=1.0, help='clip the global gradient norm (0: off)')
-p.add_argument('--chunk_size', type=int, default=0, help='captions per chunk in llip_loss (0: its default)')
+p.add_argument('--chunk_size', type=int, default=0, help='llip_loss chunk: images per chunk (Gram form, the default) or captions per chunk '
+                    '(plain form); 0: picked from the shapes')
 p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
                help='autocast dtype; auto = bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU')
 p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
@@ -70,7 +71,7 @@ p.add_argument('--log_every', type=int, default=10, help='steps between lines in
 p.add_argument('--eval', action=argparse.BooleanOptionalAction, default=True,
                help='zero-shot and retrieval on the synthetic evaluation splits (with --data=synthetic)')
 p.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: only at the end)')
-p.add_argument('--save_every', type=int, default=100, help='steps between checkpoints (and one at the end)')
+p.add_argument('--save_every', type=int, default=250, help='steps between checkpoints (and one at the end)')
 p.add_argument('--keep', type=int, default=3, help='how many of the newest checkpoints to keep')
 p.add_argument('--resume', default='auto',
                help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
@@ -80,250 +81,258 @@ for f in config_fields:   # every model field can override the preset, e.g. --po
     kind = (lambda s: s.lower() in ('1', 'true', 'yes')) if f.type in (bool, 'bool') else \
         {int: int, 'int': int, float: float, 'float': float}.get(f.type, str)
     p.add_argument(f'--{f.name}', type=kind, default=None, help=f'model: override the preset\'s {f.name}')
-args = p.parse_args()
 
-# ----------------------------------------------------------------------------- distributed, device, precision
-ddp = 'RANK' in os.environ
-rank, world, local_rank = 0, 1, 0
-device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-if ddp:
-    rank, world, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
-    if device == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-master = rank == 0
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if args.dtype == 'auto':
-    args.dtype = 'float32' if device_type == 'cpu' else \
-        'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'   # by capability, not by GPU name
-ptdtype = getattr(torch, args.dtype)
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)   # fp16 only
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def main():
+    # everything runs here, not at import: spawned processes (DataLoader workers on macOS and
+    # Windows) import this file as __mp_main__ and must not start a second training run
+    args = p.parse_args()
 
-
-def log(*a):
-    if master:
-        tqdm.write(' '.join(str(x) for x in a))
-
-
-overrides = {f.name: getattr(args, f.name) for f in config_fields if getattr(args, f.name) is not None}
-try:
-    config = dataclasses.replace(PRESETS[args.model], **overrides)
-except ValueError as e:
-    sys.exit(f'error: {e}')
-os.makedirs(args.out_dir, exist_ok=True)
-run_config = {**vars(args), 'world_size': world, 'model_config': dataclasses.asdict(config)}
-log('config:', json.dumps(run_config, indent=1))
-if master:
-    with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
-        json.dump(run_config, f, indent=1)
-
-# ----------------------------------------------------------------------------- model and optimizer
-torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
-model = Llip(config).to(device)
-model.set_grad_checkpointing(args.grad_ckpt)
-decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-no_decay = [(n, p) for n, p in model.named_parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
-kinds = lambda names: ', '.join(dict.fromkeys(re.sub(r'\.\d+\.', '.*.', n) for n in names))   # blocks.3. -> blocks.*.
-log(f'parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M. With weight decay: '
-    f'{kinds(n for n, p in model.named_parameters() if p.ndim >= 2)}. Without: {kinds(n for n, _ in no_decay)}')
-optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
-                               {'params': [p for _, p in no_decay], 'weight_decay': 0.0}],
-                              lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-
-
-def lr_at(step):
-    """Linear warmup, then cosine from lr down to lr * min_lr_ratio."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-# ----------------------------------------------------------------------------- data
-if args.data == 'synthetic':
-    if master:
-        synthetic.make_synthetic(args.synthetic_dir, seed=0)
+    # ----------------------------------------------------------------------------- distributed, device, precision
+    ddp = 'RANK' in os.environ
+    rank, world, local_rank = 0, 1, 0
+    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     if ddp:
-        dist.barrier()
-    train_urls = os.path.join(args.synthetic_dir, 'train')
-else:
-    train_urls = args.data
-loader = data.ShardLoader(train_urls, batch_size=args.batch_size, image_size=config.image_size,
-                          context_length=config.context_length, tokenizer=config.tokenizer, rank=rank,
-                          world_size=world, workers=args.workers, seed=args.seed, resample=True)
+        rank, world, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+        if device == 'cuda':
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if args.dtype == 'auto':
+        args.dtype = 'float32' if device_type == 'cpu' else \
+            'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'   # by capability, not by GPU name
+    ptdtype = getattr(torch, args.dtype)
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)   # fp16 only
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoint_paths():
-    """Checkpoints in out_dir, newest first."""
-    return sorted(glob.glob(os.path.join(args.out_dir, 'ckpt_*.pt')), reverse=True)
+    def log(*a):
+        if master:
+            tqdm.write(' '.join(str(x) for x in a))
 
 
-def save_checkpoint(step):
-    """Every rank contributes its loader position; rank 0 writes atomically (temp file, rename)."""
-    positions = [None] * world
-    if ddp:
-        dist.all_gather_object(positions, loader.state_dict())
+    overrides = {f.name: getattr(args, f.name) for f in config_fields if getattr(args, f.name) is not None}
+    try:
+        config = dataclasses.replace(PRESETS[args.model], **overrides)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    os.makedirs(args.out_dir, exist_ok=True)
+    run_config = {**vars(args), 'world_size': world, 'model_config': dataclasses.asdict(config)}
+    log('config:', json.dumps(run_config, indent=1))
+    if master:
+        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
+            json.dump(run_config, f, indent=1)
+
+    # ----------------------------------------------------------------------------- model and optimizer
+    torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = Llip(config).to(device)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [(n, p) for n, p in model.named_parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
+    kinds = lambda names: ', '.join(dict.fromkeys(re.sub(r'\.\d+\.', '.*.', n) for n in names))   # blocks.3. -> blocks.*.
+    log(f'parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M. With weight decay: '
+        f'{kinds(n for n, p in model.named_parameters() if p.ndim >= 2)}. Without: {kinds(n for n, _ in no_decay)}')
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
+                                   {'params': [p for _, p in no_decay], 'weight_decay': 0.0}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+
+
+    def lr_at(step):
+        """Linear warmup, then cosine from lr down to lr * min_lr_ratio."""
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+    # ----------------------------------------------------------------------------- data
+    if args.data == 'synthetic':
+        if master:
+            synthetic.make_synthetic(args.synthetic_dir, seed=0)
+        if ddp:
+            dist.barrier()
+        train_urls = os.path.join(args.synthetic_dir, 'train')
     else:
-        positions = [loader.state_dict()]
-    if not master:
-        return
-    state = {'model': raw_model.state_dict(),   # the plain module: no DDP 'module.' or compile '_orig_mod.'
-             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
-             'config': run_config, 'loader': positions,
-             'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}}
-    path = os.path.join(args.out_dir, f'ckpt_{step:07d}.pt')
-    with open(path + '.tmp', 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)   # a crash mid-write leaves the previous checkpoints intact
-    latest = os.path.join(args.out_dir, 'ckpt.pt')   # the newest, for eval.py --ckpt=out/ckpt.pt
-    if os.path.exists(latest + '.tmp'):
-        os.remove(latest + '.tmp')
-    os.link(path, latest + '.tmp')
-    os.replace(latest + '.tmp', latest)
-    for old in checkpoint_paths()[args.keep:]:
-        os.remove(old)
+        train_urls = args.data
+    loader = data.ShardLoader(train_urls, batch_size=args.batch_size, image_size=config.image_size,
+                              context_length=config.context_length, tokenizer=config.tokenizer, rank=rank,
+                              world_size=world, workers=args.workers, seed=args.seed, resample=True)
 
 
-def load_checkpoint():
-    """The newest checkpoint that loads, or None. A truncated or corrupt file is skipped."""
-    if args.resume == 'never':
+    # ----------------------------------------------------------------------------- checkpoints
+    def checkpoint_paths():
+        """Checkpoints in out_dir, newest first."""
+        return sorted(glob.glob(os.path.join(args.out_dir, 'ckpt_*.pt')), reverse=True)
+
+
+    def save_checkpoint(step):
+        """Every rank contributes its loader position; rank 0 writes atomically (temp file, rename)."""
+        positions = [None] * world
+        if ddp:
+            dist.all_gather_object(positions, loader.state_dict())
+        else:
+            positions = [loader.state_dict()]
+        if not master:
+            return
+        state = {'model': raw_model.state_dict(),   # the plain module: no DDP 'module.' or compile '_orig_mod.'
+                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
+                 'config': run_config, 'loader': positions,
+                 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}}
+        path = os.path.join(args.out_dir, f'ckpt_{step:07d}.pt')
+        with open(path + '.tmp', 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)   # a crash mid-write leaves the previous checkpoints intact
+        latest = os.path.join(args.out_dir, 'ckpt.pt')   # the newest, for eval.py --ckpt=out/ckpt.pt
+        if os.path.exists(latest + '.tmp'):
+            os.remove(latest + '.tmp')
+        os.link(path, latest + '.tmp')
+        os.replace(latest + '.tmp', latest)
+        for old in checkpoint_paths()[args.keep:]:
+            os.remove(old)
+
+
+    def load_checkpoint():
+        """The newest checkpoint that loads, or None. A truncated or corrupt file is skipped."""
+        if args.resume == 'never':
+            return None
+        candidates = checkpoint_paths() if args.resume == 'auto' else [args.resume]
+        for path in candidates:
+            try:
+                state = torch.load(path, map_location='cpu', weights_only=False)
+                state['model'], state['step']
+            except Exception as e:
+                log(f'warning: skipping checkpoint {path}: {type(e).__name__}: {e}')
+                continue
+            theirs = state['config']['model_config']
+            mine = dataclasses.asdict(config)
+            differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            if differ:
+                sys.exit(f'error: checkpoint {path} was trained with a different model config '
+                         f'(field: checkpoint vs now): {differ}. Use another --out_dir or the same flags.')
+            log(f'resuming from {path} at step {state["step"]}')
+            return state
+        if args.resume != 'auto':
+            sys.exit(f'error: --resume={args.resume}: no loadable checkpoint there')
         return None
-    candidates = checkpoint_paths() if args.resume == 'auto' else [args.resume]
-    for path in candidates:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=False)
-            state['model'], state['step']
-        except Exception as e:
-            log(f'warning: skipping checkpoint {path}: {type(e).__name__}: {e}')
-            continue
-        theirs = state['config']['model_config']
-        mine = dataclasses.asdict(config)
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if differ:
-            sys.exit(f'error: checkpoint {path} was trained with a different model config '
-                     f'(field: checkpoint vs now): {differ}. Use another --out_dir or the same flags.')
-        log(f'resuming from {path} at step {state["step"]}')
-        return state
-    if args.resume != 'auto':
-        sys.exit(f'error: --resume={args.resume}: no loadable checkpoint there')
-    return None
 
 
-start_step = 0
-state = load_checkpoint()
-if state is not None:
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
-    torch.set_rng_state(state['rng']['torch'])
-    np.random.set_state(state['rng']['numpy'])
-    if len(state['loader']) != world:
-        log(f'warning: the checkpoint was written by {len(state["loader"])} ranks, this run has {world}: '
-            'the data order starts afresh from its epoch')
-    loader.load_state_dict(state['loader'][rank % len(state['loader'])])
-    start_step = state['step']
-    del state
+    start_step = 0
+    state = load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        torch.set_rng_state(state['rng']['torch'])
+        np.random.set_state(state['rng']['numpy'])
+        if len(state['loader']) != world:
+            log(f'warning: the checkpoint was written by {len(state["loader"])} ranks, this run has {world}: '
+                'the data order starts afresh from its epoch')
+        loader.load_state_dict(state['loader'][rank % len(state['loader'])])
+        start_step = state['step']
+        del state
 
-raw_model = model
-if args.compile:
-    model = torch.compile(model)
-if ddp:
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-
-# SIGTERM (preemption): finish the step, save, exit cleanly
-stop_requested = False
-
-
-def on_sigterm(signum, frame):
-    global stop_requested
-    stop_requested = True
-
-
-signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def evaluate(step):
-    """Zero-shot and retrieval on the synthetic evaluation splits (rank 0)."""
-    if not master or not args.eval or args.data != 'synthetic':
-        return {}
-    import eval as llip_eval
-    raw_model.eval()
-    with torch.no_grad(), autocast:
-        metrics = llip_eval.evaluate_synthetic(raw_model, args.synthetic_dir, device=device)
-    raw_model.train()
-    log(f'step {step} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
-    return metrics
-
-
-# ----------------------------------------------------------------------------- training
-logfile = open(os.path.join(args.out_dir, 'log.jsonl'), 'a') if master else None
-batches = iter(loader)
-bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
-           dynamic_ncols=True)
-t0 = time.time()
-model.train()
-for step in bar:
-    lr = lr_at(step)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-    total = torch.zeros((), device=device)
-    for micro in range(args.grad_accum):
-        images, tokens = next(batches)
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        # DDP all-reduces gradients only on the last micro-step
-        sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
-        with sync:
-            with autocast:
-                loss = model(images, tokens, chunk_size=args.chunk_size or None) / args.grad_accum
-            scaler.scale(loss).backward()
-        total += loss.detach()
-    if ddp:   # the global loss is the mean over ranks; every rank sees the same value
-        dist.all_reduce(total)
-        total /= world
-    total = total.item()
-    if not math.isfinite(total):
-        log(f'error: loss is {total} at step {step}; stopping. The last good checkpoint in {args.out_dir} '
-            f'is untouched: try a lower --lr, --grad_clip or --dtype=bfloat16/float32.')
-        sys.exit(1)
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():   # the authors' clamp: a = exp(t) <= 100
-        raw_model.logit_scale.clamp_(0, math.log(100))
-
-    done = step + 1
-    dt, t0 = time.time() - t0, time.time()
-    images_per_s = args.batch_size * args.grad_accum * world / dt
-    bar.set_postfix(loss=f'{total:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.0f}')
-    record = None
-    if done % args.log_every == 0 or done == args.steps:
-        record = {'step': done, 'loss': total, 'lr': lr, 'grad_norm': grad_norm.item(),
-                  'images_per_s': images_per_s, 'logit_scale': raw_model.logit_scale.exp().item(),
-                  'logit_bias': raw_model.logit_bias.item(), 'time': time.time()}
-    if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
-        record = {**(record or {'step': done}), **evaluate(done)}
-    if record and master:
-        logfile.write(json.dumps(record) + '\n')
-        logfile.flush()
-    stop = torch.tensor(float(stop_requested), device=device)
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
     if ddp:
-        dist.all_reduce(stop)   # every rank stops at the same step
-    if done % args.save_every == 0 or done == args.steps or stop.item():
-        save_checkpoint(done)
-    if stop.item():
-        log(f'SIGTERM: saved a checkpoint at step {done}; exiting. Resume with --resume=auto.')
-        break
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-if master:
-    logfile.close()
-if ddp:
-    dist.destroy_process_group()
+    # SIGTERM (preemption): finish the step, save, exit cleanly
+    stop_requested = False
+
+
+    def on_sigterm(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+    def evaluate(step):
+        """Zero-shot and retrieval on the synthetic evaluation splits (rank 0)."""
+        if not master or not args.eval or args.data != 'synthetic':
+            return {}
+        import eval as llip_eval
+        raw_model.eval()
+        with torch.no_grad(), autocast:
+            metrics = llip_eval.evaluate_synthetic(raw_model, args.synthetic_dir, device=device)
+        raw_model.train()
+        log(f'step {step} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
+        return metrics
+
+
+    # ----------------------------------------------------------------------------- training
+    logfile = open(os.path.join(args.out_dir, 'log.jsonl'), 'a') if master else None
+    batches = iter(loader)
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
+               dynamic_ncols=True)
+    t0 = time.time()
+    model.train()
+    for step in bar:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        total = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            images, tokens = next(batches)
+            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            # DDP all-reduces gradients only on the last micro-step
+            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    loss = model(images, tokens, chunk_size=args.chunk_size or None) / args.grad_accum
+                scaler.scale(loss).backward()
+            total += loss.detach()
+        if ddp:   # the global loss is the mean over ranks; every rank sees the same value
+            dist.all_reduce(total)
+            total /= world
+        total = total.item()
+        if not math.isfinite(total):
+            log(f'error: loss is {total} at step {step}; stopping. The last good checkpoint in {args.out_dir} '
+                f'is untouched: try a lower --lr, --grad_clip or --dtype=bfloat16/float32.')
+            sys.exit(1)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():   # the authors' clamp: a = exp(t) <= 100
+            raw_model.logit_scale.clamp_(0, math.log(100))
+
+        done = step + 1
+        dt, t0 = time.time() - t0, time.time()
+        images_per_s = args.batch_size * args.grad_accum * world / dt
+        bar.set_postfix(loss=f'{total:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.0f}')
+        record = None
+        if done % args.log_every == 0 or done == args.steps:
+            record = {'step': done, 'loss': total, 'lr': lr, 'grad_norm': grad_norm.item(),
+                      'images_per_s': images_per_s, 'logit_scale': raw_model.logit_scale.exp().item(),
+                      'logit_bias': raw_model.logit_bias.item(), 'time': time.time()}
+        if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
+            record = {**(record or {'step': done}), **evaluate(done)}
+        if record and master:
+            logfile.write(json.dumps(record) + '\n')
+            logfile.flush()
+        stop = torch.tensor(float(stop_requested), device=device)
+        if ddp:
+            dist.all_reduce(stop)   # every rank stops at the same step
+        if done % args.save_every == 0 or done == args.steps or stop.item():
+            save_checkpoint(done)
+        if stop.item():
+            log(f'SIGTERM: saved a checkpoint at step {done}; exiting. Resume with --resume=auto.')
+            break
+
+    if master:
+        logfile.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -23,6 +23,7 @@ import synthetic as synthetic_data
 from synthetic import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BPE = data.ClipTokenizer()
 
 SMALL = {'train': 60, 'retrieval': 20, 'zeroshot': 3, 'shard_size': 25}
 
@@ -93,7 +94,7 @@ def test_synthetic_captions_are_diverse_and_true(synthetic):
         assert image.shape == (32, 32, 3)
         n = len(scene['objects'])
         assert len(captions) == 3 * n + 2 + n * (n - 1) // 2 and len(set(captions)) >= 5 - (n == 1)
-        assert all(len(c.encode()) <= 46 for c in captions)          # fits the tiny preset's 48 byte tokens
+        assert all(len(BPE.encode(c)) <= 14 for c in captions)       # + SOT, EOT: the tiny preset's 16 tokens
         assert f"a {scene['background']} background" in captions and synthetic_data.COUNTS[n - 1] in captions
         assert nearest(image[1, 1], synthetic_data.BACKGROUNDS) == scene['background']   # no object reaches a corner
         # relations, checked against where each colour's pixels are
