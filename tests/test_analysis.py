@@ -31,13 +31,7 @@ from synthetic import make_synthetic
 METRICS = ['zeroshot/color/top1', 'retrieval/i2t_r1']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads only add overhead, and much of it on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def tiny(**overrides):

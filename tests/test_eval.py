@@ -27,13 +27,7 @@ NAMES = ['cat', 'dog', 'car', 'sun', 'red', 'box', 'sky', 'tree', 'fish', 'moon'
 TEMPLATES = ['a {}', 'the {}!', '{} pic']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads only add overhead, and much of it on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def tiny(**overrides):

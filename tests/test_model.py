@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model
 from model import POOLS, PRESETS, Attention, Llip
 
 
