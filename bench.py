@@ -26,7 +26,7 @@ def rss_kib(field):
 
 def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
     """Time and extra peak memory of one llip_loss forward+backward (run in its own process)."""
-    from loss import ELEMENTS_PER_CHUNK, PAIRS_PER_CHUNK, llip_loss, llip_loss_reference
+    from loss import default_chunk, llip_loss, llip_loss_reference
     torch.manual_seed(0)
     d = dim // heads
     leaf = lambda *s: torch.randn(*s).requires_grad_()
@@ -42,8 +42,7 @@ def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
         loss = llip_loss_reference(*args) if impl == 'naive' else llip_loss(*args, chunk_size=chunk, form=impl)
         loss.backward()
         times.append(time.perf_counter() - start)
-    used = n if impl == 'naive' else chunk or (max(1, PAIRS_PER_CHUNK // n) if impl == 'plain'
-                                               else max(1, ELEMENTS_PER_CHUNK['cpu'] // (n * heads * k)))
+    used = n if impl == 'naive' else chunk or default_chunk(impl, n, n, heads, k)
     return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024, 'chunk': used}
 
 

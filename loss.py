@@ -316,6 +316,14 @@ def pairwise_cosine(keys, values, queries, text_emb, out_proj, tau, chunk_size, 
                                         out_proj, tau) for s in chunks], dim=1)
 
 
+def default_chunk(form, n_img, n_txt, heads, k, device_type='cpu'):
+    """llip_loss's chunk when none is given: captions per chunk for the plain form (N_img x chunk
+    pairs of z_ij held), images per chunk for the Gram form (chunk x N_txt x M x K mixing weights)."""
+    if form == 'plain':
+        return max(1, PAIRS_PER_CHUNK // n_img)
+    return max(1, ELEMENTS_PER_CHUNK.get(device_type, ELEMENTS_PER_CHUNK['cuda']) // (n_txt * heads * k))
+
+
 def llip_loss(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias, tau, chunk_size=None,
               form='auto'):
     """Eq. 3 for this rank's images against every rank's captions.
@@ -332,13 +340,12 @@ def llip_loss(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias
     a, b = (x if torch.is_tensor(x) else torch.tensor(float(x), device=keys.device)
             for x in (logit_scale, logit_bias))
     if form == 'gram' or (form == 'auto' and use_gram(keys)):
-        budget = ELEMENTS_PER_CHUNK.get(keys.device.type, ELEMENTS_PER_CHUNK['cuda'])
-        chunk = chunk_size or max(1, budget // (queries.shape[0] * keys.shape[1] * keys.shape[2]))
+        chunk = chunk_size or default_chunk('gram', n, queries.shape[0], *keys.shape[1:3], keys.device.type)
         total = _GramSigmoidLoss.apply(tau, chunk, rank * n, keys, values, queries,
                                        text_through_out_proj(text_emb, out_proj, keys.shape[1]),
                                        out_proj @ out_proj.T, a, b)
     else:
-        chunk = chunk_size or max(1, PAIRS_PER_CHUNK // n)
+        chunk = chunk_size or default_chunk('plain', n, queries.shape[0], *keys.shape[1:3], keys.device.type)
         total = _ChunkedSigmoidLoss.apply(contextual_cosine, tau, chunk, rank * n, keys, values, queries,
                                           text_emb, out_proj, a, b)
     return total / n
