@@ -4,7 +4,8 @@ and noisy: read the ratios).
 
     python bench.py loss                          # llip_loss fwd+bwd: naive, plain, gram; N = 256, 512, 1024
     python bench.py loss --dim=1280 --k=64        # bigG's mixer; naive is skipped where it would not fit
-    python bench.py step                          # tiny preset training step, batch 256: pool=llip vs avg
+    python bench.py step                          # tiny preset training step, batch 256: pool=llip vs avg,
+                                                  # time and matmul FLOPs
     python bench.py zeroshot --n 256              # zero-shot img/s, 1000 classes: Llip vs CLIP
 
 Each loss measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
@@ -140,10 +141,29 @@ def bench_step(args):
             steps[pool]()
             times[pool].append(time.perf_counter() - start)
     med = {pool: statistics.median(t) for pool, t in times.items()}
-    print(f"{'pool':>6} {'median s':>9} {'min s':>7} {'max s':>7}  (of {args.repeats})")
+    flops = {pool: step_flops(step) for pool, step in steps.items()}
+    print(f"{'pool':>6} {'median s':>9} {'min s':>7} {'max s':>7} {'GFLOP':>7} {'GFLOP/s':>8}  (of {args.repeats})")
     for pool in ('avg', 'llip'):
-        print(f"{pool:>6} {med[pool]:>9.3f} {min(times[pool]):>7.3f} {max(times[pool]):>7.3f}")
+        print(f"{pool:>6} {med[pool]:>9.3f} {min(times[pool]):>7.3f} {max(times[pool]):>7.3f}"
+              f" {flops[pool] / 1e9:>7.1f} {flops[pool] / 1e9 / med[pool]:>8.1f}")
     print(f"llip/avg median step time: {med['llip'] / med['avg']:.3f}")
+    print(f"llip/avg matmul FLOPs:     {flops['llip'] / flops['avg']:.3f}  (the time ratio if every FLOP ran "
+          f"at the same speed and nothing else cost time)")
+
+
+def step_flops(step):
+    """Matmul FLOPs of one step as torch counts them: its FlopCounterMode sees every mm and bmm,
+    also those inside llip_loss's hand-written pass; elementwise work and AdamW count nothing.
+    It has no formula for the CPU kernel of scaled_dot_product_attention: give it the GPU one's."""
+    from torch.utils import flop_counter
+    aten = torch.ops.aten
+    attention = {aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 lambda grad, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=attention) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 ZEROSHOT_CLASSES = 1000   # ImageNet
