@@ -224,16 +224,16 @@ if __name__ == '__main__':
     p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram'], help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
-    p.add_argument('--repeats', type=int, default=2, help='timed repeats; the fastest is reported')
-    p.add_argument('--impl', default='chunked', help=argparse.SUPPRESS)
+    p.add_argument('--repeats', type=int, default=None,
+                   help='timed repeats (default 2; step: 10, and the median is reported; others: the fastest)')
+    p.add_argument('--impl', default='gram', help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.repeats = args.repeats or (10 if args.what == 'step' else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == 'loss':
         bench_loss(args)
     elif args.what == 'step':
-        if '--repeats' not in ' '.join(sys.argv):
-            args.repeats = 10
         bench_step(args)
     elif args.what == 'zeroshot':
         bench_zeroshot(args)

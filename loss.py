@@ -300,7 +300,8 @@ class _GramSigmoidLoss(torch.autograd.Function):
 def use_gram(keys):
     """The Gram form pays (M K)^2 per pair, the plain form D^2 for W_O."""
     heads, k, d = keys.shape[1:]
-    return heads * k <= heads * d                                        # M K <= D
+    embed_dim = heads * d                                                # D
+    return heads * k <= embed_dim
 
 
 def pairwise_cosine(keys, values, queries, text_emb, out_proj, tau, chunk_size, form='auto'):
