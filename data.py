@@ -42,6 +42,7 @@ import gzip
 import html
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -359,19 +360,22 @@ def _tar_groups(tar):
         yield key, group
 
 
-def _shard_items(url):
+def _shard_items(url, with_json=False):
     """Everything a shard holds, undecoded and in tar order, as items (problem, key, image
     bytes, captions): problem is None for a usable sample, else (kind, detail) for a sample
     or a shard that will be skipped and counted. Shard problems are items too, so they are
-    counted where they happen in the stream, once, also after a resume."""
+    counted where they happen in the stream, once, also after a resume. with_json: a fifth
+    element, the bytes of KEY.json or None (evaluation reads ground truth from it)."""
     stream = tar = None
     try:
         stream = _open(url)
         tar = tarfile.open(fileobj=stream, mode='r|*')
         for key, group in _tar_groups(tar):
-            yield _check(url, key, group)
+            item = _check(url, key, group)
+            yield (*item, group.get('json')) if with_json else item
     except (OSError, EOFError, tarfile.TarError) as e:   # a truncated tar loses the group in progress
-        yield ('truncated tar' if tar is not None else 'unreadable shard', f'{url}: {e}'), None, None, None
+        problem = ('truncated tar' if tar is not None else 'unreadable shard', f'{url}: {e}')
+        yield (problem, None, None, None) + ((None,) if with_json else ())
     finally:
         if stream is not None:
             stream.close()
@@ -392,12 +396,14 @@ def _check(url, key, group):
     return None, key, group[ext], captions
 
 
-def read_shards(urls):
+def read_shards(urls, with_json=False):
     """Every sample with an image and a caption, in shard order, for evaluation: (key, PIL RGB
-    image or None if it does not decode, [captions]). What was skipped is warned about at the end."""
-    skipped = {}
+    image or None if it does not decode, [captions]). What was skipped is warned about at the end.
+    with_json=True: a fourth element, KEY.json parsed, or None when the sample has none or it
+    does not parse (those are counted and warned about, the sample is still yielded)."""
+    skipped, bad_json = {}, []
     for url in expand_urls(urls):
-        for problem, key, image_bytes, captions in _shard_items(url):
+        for problem, key, image_bytes, captions, *raw_json in _shard_items(url, with_json):
             if problem is not None:
                 skipped[problem[0]] = skipped.get(problem[0], 0) + 1
                 continue
@@ -407,9 +413,21 @@ def read_shards(urls):
                     image.load()
             except Exception:   # PIL raises many kinds of errors on a broken file
                 image = None
-            yield key, image, captions
+            if not with_json:
+                yield key, image, captions
+                continue
+            meta = None
+            if raw_json[0] is not None:
+                try:
+                    meta = json.loads(raw_json[0])
+                except ValueError:   # not UTF-8 or not JSON; UnicodeDecodeError is a ValueError
+                    bad_json.append(key)
+            yield key, image, captions, meta
     if skipped:
         warnings.warn(f"shards {urls!r}: skipped {skipped}", DataWarning)
+    if bad_json:
+        warnings.warn(f"shards {urls!r}: ignored {len(bad_json)} KEY.json that do not parse, "
+                      f"e.g. {bad_json[:3]}", DataWarning)
 
 
 class DataWarning(UserWarning):

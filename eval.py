@@ -19,10 +19,30 @@ the classes are matched by name; otherwise (ImageNet's n01440764, ...) the i-th 
 sorted order is class i. Class names and templates come from --classnames / --templates (a
 JSON file holding a list, or a key of data/zeroshot-*.json: the CLIP protocol's names and
 templates), else from classnames.json / templates.json inside --data. Retrieval data is
-WebDataset shards, or a folder of KEY.jpg + KEY.txt with one caption per line.
+WebDataset shards, or a folder of KEY.jpg + KEY.txt with one caption per line; either may have
+a KEY.json with ground truth (below).
+
+Retrieval is measured over distinct caption strings, each scored once: the candidates are the
+distinct lines of the evaluated images' .txt files, and string s is a match of image i when s
+is in i's truth set: its own captions, plus the "true_captions" of KEY.json when it has one.
+image->text R@k: the fraction of images with a true string among their k best strings;
+text->image R@k: the fraction of strings with a true image among their k best images; mAP:
+mean average precision over all true items of each query. A true item tied in score with false
+ones ranks after them (and a binding tie is a miss). Which protocol that is depends on the data:
+- unique captions, no KEY.json (COCO, Flickr30k): every string is true of one image, and R@k
+  is the standard protocol (text->image: the caption's own image; image->text: any of its
+  captions); a caption that a few images share word for word is one query, true of each;
+- the synthetic data: captions are shared ("one shape" is true of hundreds of images) and
+  KEY.json adds the ones its .txt leaves out ("a blue square right of a red circle" for "a red
+  circle left of a blue square"), so every image a string is true of counts as a hit.
+Binding (only where KEY.json has "binding": [true caption, false caption, kind] triples, the
+false one being the true one with an attribute swapped between two objects of the image): the
+fraction of triples whose image scores the true caption above the false one, overall and per
+kind. The false captions are scored against their own image only, never ranked.
 
 Results: a table on stdout and a JSON file (--out) for analysis.py.
-    python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time
+    python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time, metrics ==
+                                             # one query at a time
 """
 import argparse
 import dataclasses
@@ -203,37 +223,82 @@ def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', b
 
 
 # ----------------------------------------------------------------------------- retrieval
-def caption_folder(root):
-    """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt."""
+@dataclasses.dataclass
+class Truth:
+    """What retrieval knows of one image besides its pixels."""
+    captions: list                # its caption lines: what it adds to the candidate strings
+    true: set                     # every string true of it: captions + KEY.json's true_captions
+    binding: list = dataclasses.field(default_factory=list)   # (true, false, kind) caption triples
+
+
+def truth_of(captions, meta=None, key='image'):
+    """Truth from an image's caption lines and its parsed KEY.json: None, or a dict whose
+    optional 'true_captions' (strings) and 'binding' ([true, false, kind] triples) are read and
+    whose other keys ('scene', ...) are not. A malformed field is an error that names the key."""
+    meta = meta if isinstance(meta, dict) else {}
+    extra, binding = meta.get('true_captions', []), meta.get('binding', [])
+    if not (isinstance(extra, list) and all(isinstance(c, str) for c in extra)):
+        raise ValueError(f"{key}.json: 'true_captions' is not a list of strings: {extra!r:.200}")
+    if not (isinstance(binding, list) and all(isinstance(t, (list, tuple)) and len(t) == 3 and
+                                              all(isinstance(x, str) for x in t) for t in binding)):
+        raise ValueError(f"{key}.json: 'binding' is not a list of [true, false, kind] strings: "
+                         f"{binding!r:.200}")
+    return Truth(list(captions), set(captions) | set(extra), [tuple(t) for t in binding])
+
+
+def caption_folder(root, with_json=False):
+    """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt;
+    with_json=True: and a fourth element, root/KEY.json parsed, or None when there is none or
+    it does not parse (those are counted in one warning)."""
+    bad_json = []
     for path in sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
         text = path.with_suffix('.txt')
-        captions = [line.strip() for line in text.read_text().splitlines() if line.strip()] if text.exists() else []
+        lines = text.read_text().splitlines() if text.exists() else []
+        captions = [line.strip() for line in lines if line.strip()]
         try:
             with Image.open(path) as im:
                 image = data.to_rgb(im)
                 image.load()
         except (OSError, ValueError):
             image = None
-        yield path.stem, image, captions
+        if not with_json:
+            yield path.stem, image, captions
+            continue
+        meta, file = None, path.with_suffix('.json')
+        if file.exists():
+            try:
+                meta = json.loads(file.read_bytes())
+            except ValueError:   # not UTF-8 or not JSON
+                bad_json.append(file.name)
+        yield path.stem, image, captions, meta
+    if bad_json:
+        warnings.warn(f"{root}: ignored {len(bad_json)} KEY.json that do not parse, "
+                      f"e.g. {bad_json[:3]}")
 
 
 def _captioned_batches(source, image_size, batch_size, skipped, max_images=None):
-    """(images (B, 3, S, S), [captions of each image]) from shards, a caption folder, or a pair
-    (images (N, 3, S, S), [captions of each image]); the first max_images images if given."""
+    """(images (B, 3, S, S), [Truth of each image]) from shards, a caption folder, or a tuple
+    (images (N, 3, S, S), [captions of each image][, [extra true strings of each image or None]
+    [, [binding triples of each image]]]); the first max_images images if given."""
     if not isinstance(source, (str, Path, list)):
-        images, captions = source
+        images, captions, extra, binding = (*source, None, None)[:4]
         n = len(images) if max_images is None else min(max_images, len(images))
+        extra, binding = extra or [None] * n, binding or [None] * n
+        if not all(captions[:n]):
+            raise ValueError(f"image {[bool(c) for c in captions].index(False)} has no caption")
+        truths = [Truth(list(captions[i]), set(captions[i]) | set(extra[i] or ()),
+                        [tuple(t) for t in binding[i] or ()]) for i in range(n)]
         for s in range(0, n, batch_size):
-            yield images[s:min(n, s + batch_size)], captions[s:min(n, s + batch_size)]
+            yield images[s:min(n, s + batch_size)], truths[s:min(n, s + batch_size)]
         return
     is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
     if is_folder and not any(Path(source).glob('*.tar')):
-        samples = caption_folder(source)
+        samples = caption_folder(source, with_json=True)
     else:
-        samples = data.read_shards(source if not is_folder else str(source))
+        samples = data.read_shards(source if not is_folder else str(source), with_json=True)
     transform = data.eval_transform(image_size)
-    images, captions, n = [], [], 0
-    for key, image, caps in samples:
+    images, truths, n = [], [], 0
+    for key, image, caps, meta in samples:
         if n == max_images:
             break
         if not caps:
@@ -242,66 +307,139 @@ def _captioned_batches(source, image_size, batch_size, skipped, max_images=None)
             skipped.append(key)
             continue
         images.append(transform(image))
-        captions.append(caps)
+        truths.append(truth_of(caps, meta, key))
         n += 1
         if len(images) == batch_size:
-            yield torch.stack(images), captions
-            images, captions = [], []
+            yield torch.stack(images), truths
+            images, truths = [], []
     if images:
-        yield torch.stack(images), captions
+        yield torch.stack(images), truths
 
 
-def recalls(scores, owner, ks=(1, 5, 10)):
-    """Recall@k both ways from scores (N_img, N_txt); owner (N_txt,) is each caption's image.
-    text->image: the caption's own image is among its k best images;
-    image->text: any of the image's captions is among its k best captions."""
-    n_img, n_txt = scores.shape
-    best_images = scores.topk(min(max(ks), n_img), dim=0).indices              # (k, N_txt)
-    t2i = best_images == owner[None]
-    best_captions = scores.topk(min(max(ks), n_txt), dim=1).indices            # (N_img, k)
-    i2t = owner[best_captions] == torch.arange(n_img, device=scores.device)[:, None]
-    out = {f'i2t_r{k}': i2t[:, :k].any(dim=1).float().mean().item() for k in ks}
-    return {**out, **{f't2i_r{k}': t2i[:k].any(dim=0).float().mean().item() for k in ks}}
+# Queries ranked at once by ranking_metrics: bounds its (queries, candidates) temporaries, which
+# for COCO's 25k captions against 5k images would otherwise take gigabytes.
+RANKED_PER_CHUNK = 2 ** 22
+
+
+def _ranked_hits(scores, truth):
+    """Truth (Q, C) reordered along each row by descending score, a true candidate tied with
+    false ones placed after them: the pessimistic rank. Two stable sorts: false before true,
+    then by score, which keeps the false-first order inside each group of equal scores."""
+    by_truth = truth.to(torch.uint8).argsort(dim=1, stable=True)                      # (Q, C)
+    by_score = scores.gather(1, by_truth).argsort(dim=1, descending=True, stable=True)   # (Q, C)
+    return truth.gather(1, by_truth.gather(1, by_score))                              # (Q, C)
+
+
+def _recall_and_ap(scores, truth, ks):
+    """Per query (row): whether a true candidate is among the k best, for each k, and the
+    average precision: ({k: (Q,) bool}, (Q,) float64)."""
+    n_queries, n_cand = scores.shape
+    per_chunk = max(1, RANKED_PER_CHUNK // n_cand)
+    rank = torch.arange(1, n_cand + 1, device=scores.device)                               # (C,)
+    hits_at, ap = {k: [] for k in ks}, []
+    for s in range(0, n_queries, per_chunk):
+        hits = _ranked_hits(scores[s:s + per_chunk], truth[s:s + per_chunk])           # (q, C)
+        found = hits.cumsum(dim=1)                          # true candidates at or above each rank
+        for k in ks:
+            hits_at[k].append(found[:, min(k, n_cand) - 1] > 0)
+        precision = found.double() / rank                                                   # (q, C)
+        ap.append((precision * hits).sum(dim=1) / hits.sum(dim=1))                          # (q,)
+    return {k: torch.cat(v) for k, v in hits_at.items()}, torch.cat(ap)
+
+
+def ranking_metrics(scores, truth, ks=(1, 5, 10)):
+    """Recall@k and mean average precision both ways from scores (N_img, N_str) of each image
+    against each distinct candidate string, and truth (N_img, N_str): string s is true of image i.
+    image->text: for each image, its strings ranked; R@k is the fraction of images with a true
+    string among the k best; AP the mean over its true strings of the precision at their ranks.
+    text->image: the same for each string over the images. Ties are counted pessimistically: a
+    true item tied with false ones ranks after them (so a constant score gets no credit).
+    Returns {'i2t_r1', .., 'i2t_map', 't2i_r1', .., 't2i_map'}. Every image and every string
+    must have a true match, as in retrieval(): an image's own captions are candidates, and
+    each candidate is some image's caption."""
+    truth = truth.to(scores.device)
+    if not (truth.any(dim=1).all() and truth.any(dim=0).all()):
+        raise ValueError("ranking_metrics: an image or a string has no true match")
+    out = {}
+    for way, (s, t) in {'i2t': (scores, truth), 't2i': (scores.T, truth.T)}.items():
+        hits_at, ap = _recall_and_ap(s, t, ks)
+        out |= {f'{way}_r{k}': hits_at[k].double().mean().item() for k in ks}
+        out[f'{way}_map'] = ap.mean().item()
+    return out
+
+
+def binding_metrics(true_scores, false_scores, kinds):
+    """How often an image scores its true caption above the same words with an attribute
+    swapped between two of its objects: true_scores, false_scores (N_pairs,) of the image
+    against each caption, kinds (N_pairs,) str. A tie is a miss. {'binding': fraction of all
+    pairs, 'binding_<kind>': fraction for each kind}."""
+    hit = true_scores > false_scores                                                  # (N_pairs,)
+    out = {'binding': hit.double().mean().item()}
+    for kind in sorted(set(kinds)):
+        of_kind = torch.tensor([k == kind for k in kinds], device=hit.device)
+        out[f'binding_{kind}'] = hit[of_kind].double().mean().item()
+    return out
+
+
+def _strings_to_score(truths):
+    """The strings to encode and what their columns mean: (strings, n, truth (N_img, n) bool,
+    binding (image, true column, false column, kind) per triple). The first n strings are the
+    candidates: the distinct captions, in order of appearance; the binding captions that are
+    no one's caption come after them, scored but never ranked."""
+    candidates = list(dict.fromkeys(c for t in truths for c in t.captions))
+    triples = [(i, *triple) for i, t in enumerate(truths) for triple in t.binding]
+    said_in_binding = [c for _, true, false, _ in triples for c in (true, false)]
+    strings = list(dict.fromkeys(candidates + said_in_binding))
+    column, n = {c: j for j, c in enumerate(strings)}, len(candidates)
+    truth = torch.zeros(len(truths), n, dtype=torch.bool)                              # (N_img, n)
+    for i, t in enumerate(truths):
+        truth[i, [column[c] for c in t.true if column.get(c, n) < n]] = True
+    binding = [(i, column[true], column[false], kind) for i, true, false, kind in triples]
+    return strings, n, truth, binding
 
 
 @torch.no_grad()
-def retrieval(model, source, taus=(None,), device='cpu', batch_size=256, progress=False, max_images=None):
-    """Recall@1/5/10 image->text and text->image: {tau: {'i2t_r1': .., ..., 't2i_r10': ..}}.
-    source: shards (brace pattern, list or folder of .tar), a folder of KEY.jpg + KEY.txt, or
-    a pair (images (N, 3, S, S), [captions of each image]); max_images: only the first ones.
-    The image features are kept
-    (N x 2 x K x D for Llip) so each image is encoded once; the scores of every
-    image-caption pair (N_img, N_txt) are computed one chunk of images at a time."""
-    features, captions, owner, skipped, n_images = [], [], [], [], 0
+def retrieval(model, source, taus=(None,), device='cpu', batch_size=256, progress=False,
+              max_images=None):
+    """Retrieval over distinct caption strings (the module docstring says which protocol):
+    {tau: {'i2t_r1', 'i2t_r5', 'i2t_r10', 'i2t_map', 't2i_r1', .., 't2i_map'}}, with 'binding'
+    and 'binding_<kind>' when the source has binding triples.
+    source: shards (brace pattern, list or folder of .tar), a folder of KEY.jpg + KEY.txt (each
+    with an optional KEY.json), or a tuple (images (N, 3, S, S), [captions of each image]
+    [, [extra true strings of each image]][, [(true, false, kind) triples of each image]]);
+    max_images: only the first ones. The image features are kept (N x 2 x K x D for Llip) so
+    each image is encoded once; the scores of every image-string pair are computed one chunk of
+    images at a time."""
+    features, truths, skipped = [], [], []
     batches = _captioned_batches(source, model.config.image_size, batch_size, skipped, max_images)
-    for x, caps in tqdm(batches, desc='images', unit='batch', disable=not progress):
+    for x, batch_truths in tqdm(batches, desc='images', unit='batch', disable=not progress):
         features.append(model.encode_image(x.to(device, _dtype(model))))
-        for caps_of_one in caps:
-            owner += [n_images] * len(caps_of_one)   # caption -> index of its image
-            captions += caps_of_one
-            n_images += 1
+        truths += batch_truths
     _warn_skipped(source if isinstance(source, (str, Path)) else 'images', skipped)
-    if not captions:
+    if not truths:
         raise ValueError(f"{source}: no image with captions could be read "
                          f"(expected .tar shards, or KEY.jpg + KEY.txt pairs in a folder)")
-    # identical captions (common in the synthetic data: "one shape") are encoded and scored once
-    unique = list(dict.fromkeys(captions))
-    column = {c: i for i, c in enumerate(unique)}
-    inverse = torch.tensor([column[c] for c in captions], device=device)
-    texts = encode_texts(model, unique, device, batch_size)
-    owner = torch.tensor(owner, device=device)
+    strings, n, truth, binding = _strings_to_score(truths)
+    texts = encode_texts(model, strings, device, batch_size)
+    triples = torch.tensor([b[:3] for b in binding], dtype=torch.long).reshape(-1, 3)   # (N_tri, 3)
+    image, true, false = triples.to(device).unbind(dim=1)                                 # (N_tri,)
     results = {}
     for tau in _taus(model, taus):
-        scores = torch.cat([score(model, f, texts, tau).float() for f in features])   # (N_img, N_unique)
-        results[tau] = recalls(scores[:, inverse], owner)                             # (N_img, N_txt)
+        scores = torch.cat([score(model, f, texts, tau).float() for f in features])
+        # (N_img, N_all): the first n columns are the candidates, the rest binding captions
+        results[tau] = ranking_metrics(scores[:, :n], truth)
+        if binding:
+            results[tau] |= binding_metrics(scores[image, true], scores[image, false],
+                                            [kind for *_, kind in binding])
     return results
 
 
 # ----------------------------------------------------------------------------- the synthetic splits
-# Retrieval over the synthetic split's first 250 images (of 1000): a fixed set, so the curve over
-# training is comparable, and a few seconds on CPU for the tiny preset where all 1000 take ~15 s.
+# Retrieval over the synthetic split's first 500 images (of 1000): a fixed set, so the curve over
+# training is comparable. For the tiny preset (pool llip) on 2 busy CPU cores, 250 / 500 / 1000
+# images (454 / 736 / 1292 distinct strings) took 2.2 / 4.4 / 10 s, almost all of it scoring.
 # For the whole split: python eval.py --task=retrieval --data=data/synthetic/retrieval
-SYNTHETIC_RETRIEVAL_IMAGES = 250
+SYNTHETIC_RETRIEVAL_IMAGES = 500
 
 
 def synthetic_results(model, root, device='cpu', batch_size=256, taus=(None,), progress=False):

@@ -35,13 +35,13 @@ SIZES = {'small': 3.5, 'large': 6.0}   # radius in pixels of a 32 x 32 image
 PLACES = {'left': (7, 16), 'right': (25, 16), 'top': (16, 7), 'bottom': (16, 25), 'center': (16, 16)}   # (x, y)
 WHERE = {'left': 'on the left', 'right': 'on the right', 'top': 'at the top', 'bottom': 'at the bottom',
          'center': 'in the center'}
-COUNTS = ('one shape', 'two shapes', 'three shapes')
+COUNTS = ('one shape', 'two shapes', 'three shapes', 'four shapes', 'five shapes')
 
 
-def _scene(rng, n_objects=None):
-    """{'background': name, 'objects': [{'shape', 'color', 'size', 'place'}]}: 1-3 objects in
-    different places, not overlapping, each with its own colour."""
-    n = n_objects or rng.randint(1, 3)
+def _scene(rng, n_objects=None, max_objects=3):
+    """{'background': name, 'objects': [{'shape', 'color', 'size', 'place'}]}: 1 to max_objects
+    objects in different places, not overlapping, each with its own colour."""
+    n = n_objects or rng.randint(1, max_objects)
     while True:
         places = rng.sample(sorted(PLACES), n)
         sizes = [rng.choice(sorted(SIZES)) for _ in range(n)]
@@ -95,6 +95,14 @@ def _name(o):
     return f"{'an' if o['color'][0] in 'aeiou' else 'a'} {o['color']} {o['shape']}"
 
 
+def _relation(a, b):
+    """How object a is placed relative to object b, along the axis where they are further apart."""
+    (ax, ay), (bx, by) = PLACES[a['place']], PLACES[b['place']]
+    if abs(bx - ax) >= abs(by - ay):
+        return 'left of' if ax < bx else 'right of'
+    return 'above' if ay < by else 'below'
+
+
 def _captions(scene):
     """Captions that each describe one aspect of the image -- an object's colour and shape,
     its place, its size, how many objects, the background, how two objects are placed --
@@ -106,13 +114,37 @@ def _captions(scene):
     captions += [COUNTS[len(objects) - 1], f"a {scene['background']} background"]
     for a in range(len(objects)):
         for b in range(a + 1, len(objects)):
-            (ax, ay), (bx, by) = PLACES[objects[a]['place']], PLACES[objects[b]['place']]
-            if abs(bx - ax) >= abs(by - ay):
-                relation = 'left of' if ax < bx else 'right of'
-            else:
-                relation = 'above' if ay < by else 'below'
-            captions.append(f"{_name(objects[a])} {relation} {_name(objects[b])}")
+            captions.append(f"{_name(objects[a])} {_relation(objects[a], objects[b])} {_name(objects[b])}")
     return captions
+
+
+def true_captions(scene):
+    """Every caption in the generator's grammar that is true of the scene: its own captions and
+    each relation said the other way round ("a red circle left of a blue square" is also "a blue
+    square right of a red circle"). Evaluation counts any of them as a hit, so a caption such as
+    "one shape", which hundreds of images share, is true of all of them."""
+    objects = scene['objects']
+    reversed_relations = [f"{_name(b)} {_relation(b, a)} {_name(a)}"
+                          for i, a in enumerate(objects) for b in objects[i + 1:]]
+    return sorted(set(_captions(scene) + reversed_relations))
+
+
+def binding_pairs(scene):
+    """[true caption, false caption, kind] for each two objects of the scene: the false one has
+    the same words as the true one, with an attribute taken from the other object ("a blue
+    square" for a red square beside a blue circle). Telling them apart needs to know which
+    attribute goes with which object: a bag of the image's words cannot."""
+    truth, pairs = set(true_captions(scene)), []
+    phrase = {'color': lambda o, v: f"{'an' if v[0] in 'aeiou' else 'a'} {v} {o['shape']}",
+              'size': lambda o, v: f"a {v} {o['shape']}",
+              'place': lambda o, v: f"a {o['shape']} {WHERE[v]}"}
+    for a in scene['objects']:
+        for b in scene['objects']:
+            for kind, say in phrase.items():
+                true, false = say(a, a[kind]), say(a, b[kind])
+                if a is not b and false not in truth:   # the swap must really be false
+                    pairs.append([true, false, kind])
+    return pairs
 
 
 def _png(image):
@@ -139,28 +171,28 @@ def _write_tar(path, samples):
     os.replace(path + '.tmp', path)
 
 
-def _write_shard(path, seed, indices, image_size, with_scene):
-    rng = random.Random(f'{seed}/{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}')
-    _write_tar(path, (_captioned(rng, i, image_size, with_scene) for i in indices))
-
-
-def _captioned(rng, index, image_size, with_scene=False):
-    """One sample: KEY.png, KEY.txt (all captions) and, for analysis, KEY.json (the scene)."""
-    scene = _scene(rng)
+def _captioned(rng, index, image_size, max_objects, with_truth=False):
+    """One sample: KEY.png, KEY.txt (all captions) and, for evaluation, KEY.json: the scene,
+    every caption true of it, and its binding pairs (eval.py reads the last two)."""
+    scene = _scene(rng, max_objects=max_objects)
     files = {'png': _png(_draw(scene, rng, image_size)), 'txt': '\n'.join(_captions(scene)).encode()}
-    if with_scene:   # a tar member costs >= 1 KiB, so the training shards go without
-        files['json'] = json.dumps(scene).encode()
+    if with_truth:   # a tar member costs >= 1 KiB, so the training shards go without
+        truth = {'scene': scene, 'true_captions': true_captions(scene), 'binding': binding_pairs(scene)}
+        files['json'] = json.dumps(truth).encode()
     return f'{index:08d}', files
 
 
 README = """The built-in synthetic dataset of llip, written by `python synthetic.py` (settings: .complete).
 
 train/NNNNN.tar      WebDataset shards: KEY.png ({size}x{size} RGB), KEY.txt (captions, one per line)
-retrieval/00000.tar  held-out images with all their captions, for image-text retrieval; KEY.json: the scene
-zeroshot/shape/      one object per image, a folder per shape;  classnames.json, templates.json
-zeroshot/color/      one object per image, a folder per colour; classnames.json, templates.json
+retrieval/00000.tar  held-out test images with all their captions, for image-text retrieval;
+                     KEY.json: the scene, every caption true of it, its binding pairs
+zeroshot/<family>/   one folder per class, classnames.json, templates.json; families:
+                     shape, color, size, place (one object per image), count (1 to {max_objects})
+val/                 the same evaluation splits drawn anew: for choosing settings such as the
+                     learning rate, so that the test splits above are only ever reported
 
-objects      1-3 per image, not overlapping, each of its own colour
+objects      1-{max_objects} per image, not overlapping, each of its own colour
 shapes       {shapes}
 colours      {colors}
 sizes        small, large
@@ -172,12 +204,52 @@ captions     each about one aspect: an object's colour and shape, its place, its
 """
 
 
-def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, shard_size=1000, image_size=32):
+def _zeroshot_families(max_objects):
+    """family -> (class names, prompt templates, how a scene of that class is made). Templates
+    use the words of the training captions; the classes of one family differ in that one
+    attribute, every other attribute is drawn at random."""
+    def one_object(attribute):
+        def make(rng, name):
+            scene = _scene(rng, n_objects=1)
+            scene['objects'][0][attribute] = name
+            return scene
+        return make
+    counts = COUNTS[:max_objects]
+    return {
+        'shape': (SHAPES, ['a {}', 'a small {}', 'a large {}'], one_object('shape')),
+        'color': (tuple(COLORS), ['a {} ' + shape for shape in SHAPES], one_object('color')),
+        'size': (tuple(SIZES), ['a {} ' + shape for shape in SHAPES], one_object('size')),
+        'place': (tuple(WHERE[p] for p in PLACES), ['a ' + shape + ' {}' for shape in SHAPES],
+                  lambda rng, name: one_object('place')(rng, next(p for p in PLACES if WHERE[p] == name))),
+        'count': (counts, ['{}'], lambda rng, name: _scene(rng, n_objects=counts.index(name) + 1)),
+    }
+
+
+def _write_zeroshot(out_dir, split, seed, per_class, image_size, max_objects):
+    """out_dir/<split>/zeroshot/<family>/<class>/NNNNN.png with classnames.json, templates.json."""
+    for family, (classes, templates, make) in _zeroshot_families(max_objects).items():
+        rng = random.Random(f'{seed}/{split}/zeroshot/{family}')
+        folder = os.path.join(out_dir, split, 'zeroshot', family)
+        for name in classes:   # folders carry the class names, so eval.py matches them by name
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+            for i in range(per_class):
+                with open(os.path.join(folder, name, f'{i:05d}.png'), 'wb') as f:
+                    f.write(_png(_draw(make(rng, name), rng, image_size)))
+        for file, content in (('classnames.json', list(classes)), ('templates.json', templates)):
+            with open(os.path.join(folder, file), 'w') as f:
+                json.dump(content, f, indent=1)
+
+
+def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, shard_size=1000,
+                   image_size=32, max_objects=3):
     """Write the synthetic dataset into out_dir (layout: README above) deterministically from
     seed; return out_dir. A complete directory with the same settings is left as it is (the
     marker file .complete is written last); one with other settings is an error."""
+    if not 1 <= max_objects <= len(COUNTS):
+        raise ValueError(f"max_objects={max_objects}: expected 1 to {len(COUNTS)}")
     settings = {'seed': seed, 'train': train, 'retrieval': retrieval, 'zeroshot': zeroshot,
-                'shard_size': shard_size, 'image_size': image_size, 'version': 1}
+                'shard_size': shard_size, 'image_size': image_size, 'max_objects': max_objects,
+                'version': 2}
     marker = os.path.join(out_dir, '.complete')
     if os.path.exists(marker):
         with open(marker) as f:
@@ -186,40 +258,38 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
             raise ValueError(f"{out_dir} holds synthetic data made with {found}, not {settings}; "
                              f"use another --out / --synthetic_dir or delete it")
         return out_dir
-    for name in ('train', 'retrieval', 'zeroshot/shape', 'zeroshot/color'):
-        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
     # one job per tar, each seeded by its own name: the same bytes however many processes run them
-    jobs = [(os.path.join(out_dir, 'train', f'{k:05d}.tar'), seed, range(k * shard_size, min(train, (k + 1) * shard_size)),
-             image_size, False) for k in range(math.ceil(train / shard_size))]
-    jobs.append((os.path.join(out_dir, 'retrieval', '00000.tar'), seed, range(retrieval), image_size, True))
+    shards = [(f'train/{k:05d}.tar', range(k * shard_size, min(train, (k + 1) * shard_size)), False)
+              for k in range(math.ceil(train / shard_size))]
+    shards += [(f'{split}retrieval/00000.tar', range(retrieval), True) for split in ('', 'val/')]
+    jobs = [(out_dir, name, seed, indices, image_size, max_objects, truth) for name, indices, truth in shards]
+    for name, _, _ in shards:
+        os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
+    jobs += [(out_dir, split, seed, zeroshot, image_size, max_objects) for split in ('', 'val')]
     try:   # fork where there is one: a spawned child would re-import the caller's main script
         with multiprocessing.get_context('fork').Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
-            pool.starmap(_write_shard, jobs)
+            results = [pool.apply_async(_job, job) for job in jobs]
+            [r.get() for r in results]
     except (ValueError, OSError):   # no fork on this platform, or no processes allowed
         for job in jobs:
-            _write_shard(*job)
-    # zero-shot: one object, a folder per class; templates in the words of the training captions
-    rng = random.Random(f'{seed}/zeroshot')
-    splits = {'shape': (SHAPES, ['a {}', 'a small {}', 'a large {}']),
-              'color': (tuple(COLORS), ['a {} ' + shape for shape in SHAPES])}
-    for split, (classes, templates) in splits.items():
-        folder = os.path.join(out_dir, 'zeroshot', split)
-        for name in sorted(classes):
-            os.makedirs(os.path.join(folder, name), exist_ok=True)
-            for i in range(zeroshot):
-                scene = _scene(rng, n_objects=1)
-                scene['objects'][0][split] = name
-                with open(os.path.join(folder, name, f'{i:05d}.png'), 'wb') as f:
-                    f.write(_png(_draw(scene, rng, image_size)))
-        for file, content in (('classnames.json', sorted(classes)), ('templates.json', templates)):
-            with open(os.path.join(folder, file), 'w') as f:
-                json.dump(content, f, indent=1)
+            _job(*job)
     with open(os.path.join(out_dir, 'README.txt'), 'w') as f:
         f.write(README.format(size=image_size, shapes=', '.join(SHAPES), colors=', '.join(COLORS),
-                              backgrounds=', '.join(BACKGROUNDS)))
+                              backgrounds=', '.join(BACKGROUNDS), max_objects=max_objects))
     with open(marker, 'w') as f:
         json.dump(settings, f)
     return out_dir
+
+
+def _job(out_dir, name, seed, *rest):
+    """A shard (name ends in .tar) or a split's zero-shot folders."""
+    if name.endswith('.tar'):
+        indices, image_size, max_objects, truth = rest
+        rng = random.Random(f'{seed}/{name}')
+        _write_tar(os.path.join(out_dir, name),
+                   (_captioned(rng, i, image_size, max_objects, truth) for i in indices))
+    else:
+        _write_zeroshot(out_dir, name, seed, *rest)
 
 
 if __name__ == '__main__':
@@ -231,7 +301,8 @@ if __name__ == '__main__':
     p.add_argument('--zeroshot', type=int, default=50, help='images per class of each zero-shot split')
     p.add_argument('--shard_size', type=int, default=1000, help='samples per training shard')
     p.add_argument('--image_size', type=int, default=32, help='image side in pixels (objects scale with it)')
+    p.add_argument('--max_objects', type=int, default=3, help='objects per image: 1 to this many (at most 5)')
     args = vars(p.parse_args())
     out = make_synthetic(args.pop('out'), **args)
     print(f"synthetic dataset in {out}: {args['train']} training images, {args['retrieval']} for retrieval, "
-          f"zero-shot splits shape and color; see {os.path.join(out, 'README.txt')}")
+          f"zero-shot splits {', '.join(_zeroshot_families(args['max_objects']))}; see {os.path.join(out, 'README.txt')}")

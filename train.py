@@ -43,6 +43,9 @@ p.add_argument('--data', default='synthetic',
                help="training shards: a brace pattern 'dir/{00000..00099}.tar', a directory, or 'synthetic' "
                     "(the built-in dataset, generated into --synthetic_dir on first use)")
 p.add_argument('--synthetic_dir', default='data/synthetic', help='where the built-in synthetic dataset lives')
+p.add_argument('--synthetic_objects', type=int, default=3,
+               help='built-in data: 1 to this many objects per image (at most 5; another value needs '
+                    'its own --synthetic_dir)')
 p.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and config.json go here')
 p.add_argument('--steps', type=int, default=1000, help='optimizer steps in total')
 p.add_argument('--batch_size', type=int, default=64, help='images (and captions) per rank per micro-step')
@@ -71,6 +74,9 @@ p.add_argument('--log_every', type=int, default=10, help='steps between lines in
 p.add_argument('--eval', action=argparse.BooleanOptionalAction, default=True,
                help='zero-shot and retrieval on the synthetic evaluation splits (with --data=synthetic)')
 p.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: only at the end)')
+p.add_argument('--eval_split', default='test', choices=['test', 'val'],
+               help="which synthetic evaluation splits: 'val' to choose settings (e.g. the learning rate), "
+                    "'test' for the numbers that are reported")
 p.add_argument('--save_every', type=int, default=250, help='steps between checkpoints (and one at the end)')
 p.add_argument('--keep', type=int, default=3, help='how many of the newest checkpoints to keep')
 p.add_argument('--resume', default='auto',
@@ -151,7 +157,11 @@ def main():
     # ----------------------------------------------------------------------------- data
     if args.data == 'synthetic':
         if master:
-            synthetic.make_synthetic(args.synthetic_dir, seed=0)
+            try:   # settings that differ from the data already there: a message, not a traceback
+                synthetic.make_synthetic(args.synthetic_dir, seed=0, image_size=config.image_size,
+                                         max_objects=args.synthetic_objects)
+            except ValueError as e:
+                sys.exit(f'error: --synthetic_dir: {e}')
         if ddp:
             dist.barrier()
         train_urls = os.path.join(args.synthetic_dir, 'train')
@@ -261,7 +271,8 @@ def main():
         import eval as llip_eval
         raw_model.eval()
         with torch.no_grad(), autocast:
-            metrics = llip_eval.evaluate_synthetic(raw_model, args.synthetic_dir, device=device)
+            root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
+            metrics = llip_eval.evaluate_synthetic(raw_model, root, device=device)
         raw_model.train()
         log(f'step {step} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
         return metrics

@@ -11,7 +11,17 @@
   order, from logs with a resumed (repeated) step and a torn last line; a run without
   evaluation is skipped; the markdown table shows them;
 - every subcommand writes a PNG from a checkpoint in train.py's format and a tiny synthetic
-  dataset, and the ablation / sweep tables go to --table.
+  dataset, and the ablation / sweep tables go to --table; curves leaves out metrics no log has;
+- runs group by a key of config.json's top level (lr, synthetic_objects, ...) as well as by a
+  model_config field; a run from before synthetic_objects / eval_split existed has their old
+  values (3, 'test');
+- the Student t quantiles, computed without scipy, match the tables (12.706, 4.303, 2.776, ...)
+  and the closed forms of df 1 and 2; the paired interval of a set of differences is the one
+  computed by hand here, with a * exactly where it excludes zero, and none for one seed;
+- pairing uses only the seeds both pools have, and says which it left out;
+- lr picks each pool's best mean over seeds of the average of --metrics, a tie going to the
+  smaller lr whatever the order of the runs, writes {pool: lr} and warns about test-split runs;
+- ablation and pressure write a PNG and markdown that holds those paired numbers.
 """
 import dataclasses
 import json
@@ -36,12 +46,14 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 def tiny(**overrides):
     small = dict(vision_layers=2, text_layers=1, vision_width=64, text_width=64, embed_dim=32,
-                 num_mixture=4, mixer_heads=4, context_length=48, image_size=16, vision_head_width=16)
+                 num_mixture=4, mixer_heads=4, context_length=48, image_size=16,
+                 vision_head_width=16)
     return dataclasses.replace(PRESETS['tiny'], **{**small, **overrides})
 
 
 def save_checkpoint(path, pool, seed=0):
-    """A random model in train.py's checkpoint format; W_Q scaled up so that Phi is far from uniform."""
+    """A random model in train.py's checkpoint format; W_Q scaled up so that Phi is far from
+    uniform."""
     torch.manual_seed(seed)
     model = Llip(tiny(pool=pool))
     if pool == 'llip':
@@ -73,7 +85,8 @@ def test_spectrum_of_a_known_covariance():
     z = torch.randn(N, 5, dtype=torch.float64)
     z = torch.linalg.qr(z - z.mean(0)).Q * math.sqrt(N - 1)   # centred, sample covariance exactly I
     rotation = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64)).Q
-    x = z * eigenvalues.sqrt() @ rotation + 3.0                # covariance R^T diag(eigenvalues) R, shifted
+    # covariance R^T diag(eigenvalues) R, shifted
+    x = z * eigenvalues.sqrt() @ rotation + 3.0
     expected = eigenvalues / eigenvalues[0]
     torch.testing.assert_close(analysis.covariance_spectrum(x), expected)
     assert analysis.covariance_spectrum(x[:3]).shape == (3,)   # min(N, D) values
@@ -86,11 +99,12 @@ def test_spectrum_features_are_mixture_tokens_along_the_batch(files, images_and_
     h = llip.visual(images)                                                       # (5, K, W_v)
     tokens = analysis.visual_features(llip, images, 'tokens', batch_size=2)
     assert tokens.shape == (5 * c.num_mixture, c.vision_width)
-    torch.testing.assert_close(tokens[2 * c.num_mixture + 3], h[2, 3])           # row n*K + k = h[n, k]
+    torch.testing.assert_close(tokens[2 * c.num_mixture + 3], h[2, 3])      # row n*K + k = h[n, k]
     values = analysis.visual_features(llip, images, 'values')
     assert values.shape == (5 * c.num_mixture, c.embed_dim)
     torch.testing.assert_close(values[c.num_mixture + 1], h[1, 1] @ llip.v_proj[1])
-    torch.testing.assert_close(analysis.visual_features(cls, images, 'tokens'), cls.visual(images)[:, 0])
+    torch.testing.assert_close(analysis.visual_features(cls, images, 'tokens'),
+                               cls.visual(images)[:, 0])
 
 
 # ----------------------------------------------------------------------------- mixing weights
@@ -102,7 +116,7 @@ def test_mixing_weights_are_the_mixers(files, images_and_captions):
     phi = analysis.caption_mixing(model, images[0], texts)                      # (T, M, K)
     assert phi.shape == (len(texts), c.mixer_heads, c.num_mixture)
     torch.testing.assert_close(phi.sum(dim=-1), torch.ones(len(texts), c.mixer_heads))
-    assert phi.max() > 2 / c.num_mixture                                        # not uniform: a real check
+    assert phi.max() > 2 / c.num_mixture                       # not uniform: a real check
     # averaging the values with Phi is what loss.mix does ...
     img = model.encode_image(images[:1])
     txt = model.encode_text(data.tokenize(texts, c.context_length, c.tokenizer))
@@ -113,8 +127,8 @@ def test_mixing_weights_are_the_mixers(files, images_and_captions):
     torch.testing.assert_close(cos, model.similarity(img, txt)[0])
     # another tau: other weights, still the mixer's
     phi_1 = analysis.caption_mixing(model, images[0], texts, tau=1.0)
-    torch.testing.assert_close(rearrange(einsum(phi_1, img.values[0], 't m k, m k d -> t m d'), 't m d -> t (m d)'),
-                               loss.mix(txt.queries, img.keys, img.values, 1.0)[0])
+    mixed_1 = rearrange(einsum(phi_1, img.values[0], 't m k, m k d -> t m d'), 't m d -> t (m d)')
+    torch.testing.assert_close(mixed_1, loss.mix(txt.queries, img.keys, img.values, 1.0)[0])
 
 
 def test_mixing_refuses_caption_independent_pools(files, images_and_captions):
@@ -122,7 +136,8 @@ def test_mixing_refuses_caption_independent_pools(files, images_and_captions):
     with pytest.raises(ValueError, match='pool=llip'):
         analysis.caption_mixing(model, images_and_captions[0][0], ['a red circle'])
     with pytest.raises(SystemExit, match='pool=llip'):
-        analysis.main(['mixing', files['cls'], f"--data={files['data']}", f"--out={files['root'] / 'x.png'}"])
+        analysis.main(['mixing', files['cls'], f"--data={files['data']}",
+                       f"--out={files['root'] / 'x.png'}"])
 
 
 # ----------------------------------------------------------------------------- attention maps
@@ -152,11 +167,14 @@ def test_attention_is_what_the_block_computed(files, images_and_captions, pool):
 
 
 # ----------------------------------------------------------------------------- runs
-def fake_run(root, name, pool, seed, metrics, num_mixture=4, extra_lines=()):
+def fake_run(root, name, pool, seed, metrics, num_mixture=4, extra_lines=(), top=None, model=None):
+    """A run directory as train.py writes it; top: more of config.json's top level (train.py's
+    flags), model: more model_config fields."""
     run = root / name
     run.mkdir(parents=True)
-    (run / 'config.json').write_text(json.dumps(
-        {'seed': seed, 'model_config': {'pool': pool, 'num_mixture': num_mixture, 'tau': 5.0}}))
+    model_config = {'pool': pool, 'num_mixture': num_mixture, 'tau': 5.0, **(model or {})}
+    config = {'seed': seed, **(top or {}), 'model_config': model_config}
+    (run / 'config.json').write_text(json.dumps(config))
     lines = [json.dumps({'step': 10, 'loss': 3.0})]
     if metrics is not None:
         lines.append(json.dumps({'step': 20, 'loss': 2.0, **metrics}))
@@ -171,7 +189,8 @@ def runs(tmp_path):
            for s, v in enumerate([0.5, 0.6, 0.7])]
     # a resumed run: step 20 logged twice, the later record wins; the last line was torn
     out.append(fake_run(tmp_path, 'cls0', 'cls', 0, {METRICS[0]: 0.9, METRICS[1]: 0.9},
-                        extra_lines=[json.dumps({'step': 20, 'loss': 2.5, METRICS[0]: 0.3, METRICS[1]: 0.2}),
+                        extra_lines=[json.dumps({'step': 20, 'loss': 2.5,
+                                                 METRICS[0]: 0.3, METRICS[1]: 0.2}),
                                      json.dumps({'step': 30, 'loss': 1.0})[:-1]]))
     out.append(fake_run(tmp_path, 'avg0', 'avg', 0, None))   # no evaluation yet: skipped
     return out
@@ -185,7 +204,8 @@ def test_read_log_keeps_the_later_record_of_a_step(runs):
 
 def test_grouping_mean_and_std_over_seeds(runs, capsys):
     groups = analysis.group_runs(analysis.load_runs(runs), 'pool', METRICS)
-    assert [(value, n) for value, n, _ in groups] == [('cls', 1), ('llip', 3)]   # ladder order, avg skipped
+    # ladder order, avg skipped
+    assert [(value, n) for value, n, _ in groups] == [('cls', 1), ('llip', 3)]
     cls, llip = groups[0][2], groups[1][2]
     assert cls[METRICS[0]] == (0.3, 0.0) and cls[METRICS[1]] == (0.2, 0.0)
     assert llip[METRICS[0]] == pytest.approx((0.6, 0.1))        # sample std, n - 1
@@ -197,8 +217,8 @@ def test_grouping_mean_and_std_over_seeds(runs, capsys):
 
 
 def test_sweep_groups_numerically_and_warns_about_mixed_groups(tmp_path, capsys):
-    runs = [fake_run(tmp_path, f'k{k}s{s}', 'llip', s, {METRICS[0]: k / 100 + s / 1000}, num_mixture=k)
-            for k in (16, 4, 64) for s in range(2)]
+    runs = [fake_run(tmp_path, f'k{k}s{s}', 'llip', s, {METRICS[0]: k / 100 + s / 1000},
+                     num_mixture=k) for k in (16, 4, 64) for s in range(2)]
     runs.append(fake_run(tmp_path, 'avg16', 'avg', 0, {METRICS[0]: 0.0}, num_mixture=16))
     groups = analysis.group_runs(analysis.load_runs(runs), 'num_mixture', METRICS[:1])
     assert [value for value, _, _ in groups] == [4, 16, 64]
@@ -216,13 +236,16 @@ def test_every_subcommand_writes_a_png(files, runs, tmp_path):
     d = f"--data={files['data']}"
     commands = {
         'spectrum': ['spectrum', files['llip'], files['cls'], d, '--images=6'],
-        'spectrum_values': ['spectrum', files['llip'], files['cls'], d, '--features=values', '--labels=a,b'],
+        'spectrum_values': ['spectrum', files['llip'], files['cls'], d, '--features=values',
+                            '--labels=a,b'],
         'mixing': ['mixing', files['llip'], d, '--index=2', '--unrelated=3'],
         'attention': ['attention', files['llip'], d, '--index=1', '--head=0'],
         'attention_cls': ['attention', files['cls'], d],
         'curves': ['curves', *runs],
         'ablation': ['ablation', *runs, f"--table={tmp_path / 'ablation.md'}"],
         'sweep': ['sweep', *runs[:3], '--by=num_mixture', f"--metrics={METRICS[0]}"],
+        'sweep_paired': ['sweep', *runs, '--by=pool', '--baseline=cls'],
+        'pressure': ['pressure', *runs, '--by=num_mixture'],   # one seed paired: no interval
     }
     for name, argv in commands.items():
         analysis.main([*argv, f'--out={tmp_path / name}.png'])
@@ -230,3 +253,193 @@ def test_every_subcommand_writes_a_png(files, runs, tmp_path):
     assert '60.0 ± 10.0' in (tmp_path / 'ablation.md').read_text()
     with pytest.raises(SystemExit, match='--index=99'):
         analysis.main(['attention', files['llip'], d, '--index=99', f"--out={tmp_path / 'x.png'}"])
+
+
+def test_curves_leaves_out_metrics_no_log_has(runs, tmp_path, capsys):
+    analysis.main(['curves', *runs, f'--metrics={METRICS[0]},zeroshot/nothing/top1',
+                   f"--out={tmp_path / 'curves.png'}"])
+    assert is_png(tmp_path / 'curves.png')
+    assert 'left out: zeroshot/nothing/top1' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- config keys
+def test_group_by_top_level_keys_and_old_runs(tmp_path, capsys):
+    new = dict(top={'lr': 3e-3, 'synthetic_objects': 5, 'eval_split': 'val'},
+               model={'embed_dim': 64})
+    runs = [fake_run(tmp_path, 'old', 'llip', 0, {METRICS[0]: 0.5}),   # before these flags existed
+            fake_run(tmp_path, 'new', 'llip', 0, {METRICS[0]: 0.7}, **new),
+            fake_run(tmp_path, 'new1', 'llip', 1, {METRICS[0]: 0.9}, **new)]
+    loaded = analysis.load_runs(runs)
+    groups = analysis.group_runs(loaded, 'synthetic_objects', METRICS[:1])
+    assert [(value, n) for value, n, _ in groups] == [(3, 1), (5, 2)]
+    assert groups[1][2][METRICS[0]][0] == pytest.approx(0.8)
+    assert [r['config']['eval_split'] for r in loaded] == ['test', 'val', 'val']
+    groups = analysis.group_runs(loaded, 'lr', METRICS[:1])          # the old run has no lr
+    assert [(value, n) for value, n, _ in groups] == [(3e-3, 2)]
+    assert 'no lr in the config.json of old' in capsys.readouterr().err
+    assert [v for v, _, _ in analysis.group_runs(loaded, 'embed_dim', METRICS[:1])] == [64]
+    with pytest.raises(ValueError, match='nothing'):
+        analysis.group_runs(loaded, 'nothing', METRICS[:1])
+
+
+# ----------------------------------------------------------------------------- paired differences
+@pytest.mark.parametrize('df, expected', [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),
+                                          (5, 2.571), (9, 2.262), (30, 2.042)])
+def test_t_quantile_matches_the_tables(df, expected):
+    assert analysis.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+    assert analysis.t_quantile(0.025, df) == -analysis.t_quantile(0.975, df)
+
+
+def test_t_quantile_closed_forms():
+    for p in (0.6, 0.9, 0.975, 0.995):
+        # df = 1 is the Cauchy distribution; df = 2 has t_p = (2p - 1) / sqrt(2 p (1 - p))
+        assert analysis.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        df2 = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+        assert analysis.t_quantile(p, 2) == pytest.approx(df2, rel=1e-9)
+    # many degrees of freedom: the normal's 1.95996, approached from above
+    assert 0 < analysis.t_quantile(0.975, 10000) - 1.959964 < 3e-4
+    with pytest.raises(ValueError):
+        analysis.t_quantile(0.975, 0)
+
+
+def test_paired_difference_by_hand():
+    llip = {0: 0.60, 1: 0.80, 2: 0.75, 4: 0.90}
+    cls = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.40}
+    d = [0.10, 0.20, 0.05]                                   # seeds 0, 1, 2; 3 and 4 are unpaired
+    mean = sum(d) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = 4.302653 * std / math.sqrt(3)                     # t_{0.975, 2}
+    p = analysis.paired_difference(llip, cls)
+    assert (p.n, p.seeds, p.unpaired) == (3, [0, 1, 2], [3, 4])
+    assert (p.mean, p.std) == (pytest.approx(mean), pytest.approx(std))
+    assert p.lo == pytest.approx(mean - half, rel=1e-6)
+    assert p.hi == pytest.approx(mean + half, rel=1e-6)
+    assert not p.excludes_zero and p.cell() == '+11.7 [-7.3, +30.6]'
+    # a smaller spread: the interval [0.085, 0.135] excludes zero, and the cell says so
+    p = analysis.paired_difference({0: 0.2, 1: 0.32, 2: 0.41}, {0: 0.1, 1: 0.2, 2: 0.3})
+    assert p.excludes_zero and p.cell() == '+11.0 [+8.5, +13.5] *'
+    p = analysis.paired_difference({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.2, 1: 0.3, 2: 0.41})
+    assert p.excludes_zero and p.hi < 0                      # below zero counts too
+    # one seed: a difference but no interval; none in common: nothing
+    p = analysis.paired_difference({0: 0.5, 1: 0.6}, {0: 0.3})
+    assert (p.n, p.lo, p.hi, p.unpaired) == (1, None, None, [1]) and not p.excludes_zero
+    assert p.cell() == '+20.0 (1 seed: no interval)'
+    assert analysis.paired_difference({1: 0.5}, {0: 0.3}).cell() == '– (no seed in common)'
+
+
+@pytest.fixture
+def paired_runs(tmp_path):
+    """cls seeds 0-3, llip seeds 0-2 and 4 (so seeds 0-2 pair), avg seed 0; the differences
+    llip - cls are those of test_paired_difference_by_hand."""
+    values = {'cls': {0: (0.50, 0.1), 1: (0.60, 0.2), 2: (0.70, 0.3), 3: (0.40, 0.0)},
+              'llip': {0: (0.60, 0.2), 1: (0.80, 0.32), 2: (0.75, 0.41), 4: (0.90, 0.5)},
+              'avg': {0: (0.30, 0.3)}}
+    return [fake_run(tmp_path / 'runs', f'pool={pool},seed={seed}', pool, seed,
+                     dict(zip(METRICS, v)))
+            for pool, by_seed in values.items() for seed, v in by_seed.items()]
+
+
+def test_pairing_uses_the_seeds_both_pools_have(paired_runs, capsys):
+    grouped = analysis.split_runs(analysis.load_runs(paired_runs), 'pool')
+    rows = dict(analysis.paired_rows(grouped, 'cls', METRICS, 'pool'))
+    assert list(rows) == ['avg', 'llip']                                     # ladder order, no cls
+    assert rows['llip'][METRICS[0]].seeds == [0, 1, 2]
+    assert rows['llip'][METRICS[0]].unpaired == [3, 4]
+    assert rows['avg'][METRICS[0]].n == 1 and rows['avg'][METRICS[0]].unpaired == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert 'pool=llip − cls: seed 3, 4 only on one side' in err
+    assert 'pool=avg − cls: seed 1, 2, 3 only on one side' in err
+    table = analysis.paired_table(list(rows.items()), 'pool', 'cls', METRICS)
+    assert ('Left out of the pairing, on one side only: pool=avg: seed 1, 2, 3; '
+            'pool=llip: seed 3, 4.') in table
+    # two runs with one seed in one pool: which would pair is unknown, so that seed is left out
+    twice = analysis.read_run(paired_runs[4])                                 # llip, seed 0
+    members = [twice, *grouped[-1][1]]
+    assert analysis.seed_values(members, METRICS[:1]) == {1: 0.80, 2: 0.75, 4: 0.90}
+    analysis.warn_if_mixed(members, 'pool=llip')
+    assert 'seed 0 more than once' in capsys.readouterr().err
+
+
+def test_ablation_writes_the_paired_table(paired_runs, tmp_path):
+    table = tmp_path / 'ablation.md'
+    analysis.main(['ablation', *paired_runs, f'--table={table}',
+                   f"--out={tmp_path / 'ablation.png'}"])
+    assert is_png(tmp_path / 'ablation.png')
+    text = table.read_text()
+    # every metric by default; the per-pool table, then pool - cls paired by seed
+    assert f'| pool | runs | {METRICS[0]} | {METRICS[1]} |' in text
+    assert '| cls | 4 | 55.0 ± 12.9 | 15.0 ± 12.9 |' in text
+    assert f'| pool − cls | seeds | {METRICS[0]} | {METRICS[1]} |' in text
+    assert '| llip | 3 | +11.7 [-7.3, +30.6] | +11.0 [+8.5, +13.5] * |' in text
+    assert '| avg | 1 | -20.0 (1 seed: no interval) | +20.0 (1 seed: no interval) |' in text
+    # --metrics picks the columns; a baseline without runs: no paired table, no crash
+    analysis.main(['ablation', *paired_runs, f'--metrics={METRICS[1]}', '--baseline=learned',
+                   f'--table={table}', f"--out={tmp_path / 'ablation.png'}"])
+    text = table.read_text()
+    assert METRICS[0] not in text and METRICS[1] in text and '−' not in text
+
+
+# ----------------------------------------------------------------------------- lr and pressure
+def lr_runs(root, order=1):
+    """Two seeds per (pool, lr); with both metrics llip is best at lr 3e-3, with the first alone
+    at 1e-2; cls ties between 1e-3 and 3e-3. order=-1 writes them in the reverse order."""
+    scores = {('llip', 1e-3): [(0.4, 0.2), (0.5, 0.3)], ('llip', 3e-3): [(0.6, 0.4), (0.7, 0.5)],
+              ('llip', 1e-2): [(0.9, 0.0), (0.9, 0.0)],
+              ('cls', 1e-3): [(0.5, 0.5), (0.6, 0.6)], ('cls', 3e-3): [(0.6, 0.6), (0.5, 0.5)]}
+    return [fake_run(root, f'{pool},lr={lr:g},seed={seed}', pool, seed, dict(zip(METRICS, v)),
+                     top={'lr': lr, 'eval_split': 'val'})
+            for (pool, lr), by_seed in list(scores.items())[::order]
+            for seed, v in enumerate(by_seed)]
+
+
+def test_lr_picks_the_best_mean_and_breaks_ties_the_same_way(tmp_path, capsys):
+    for order in (1, -1):
+        runs = lr_runs(tmp_path / str(order), order)
+        out, table = tmp_path / f'lr{order}.json', tmp_path / f'lr{order}.md'
+        analysis.main(['lr', *runs, f"--metrics={','.join(METRICS)}", f'--out={out}',
+                       f'--table={table}'])
+        assert json.loads(out.read_text()) == {'cls': 1e-3, 'llip': 3e-3}
+        assert '| llip | 35.0 (2) | **55.0 (2)** | 45.0 (2) | 0.003 |' in table.read_text()
+        analysis.main(['lr', *runs, f'--metrics={METRICS[0]}', f'--out={out}'])
+        assert json.loads(out.read_text()) == {'cls': 1e-3, 'llip': 1e-2}
+    assert 'test split' not in capsys.readouterr().err
+    # a tie up to rounding goes to the smaller lr, whatever the order of the dict
+    assert analysis.pick_lr({3e-3: [0.3], 1e-3: [0.1 + 0.2], 1e-2: [0.2]}) == 1e-3
+    assert analysis.pick_lr({1e-3: [0.2, 0.2], 3e-3: [0.1, 0.4]}) == 3e-3
+
+
+def test_lr_warns_about_test_split_runs(tmp_path, capsys):
+    # 'old' has no eval_split: from before the flag, when runs evaluated on the test split
+    runs = [fake_run(tmp_path, name, 'llip', seed, {METRICS[0]: 0.5},
+                     top={'lr': 1e-3, **({'eval_split': split} if split else {})})
+            for seed, (name, split) in enumerate([('old', None), ('test', 'test'), ('val', 'val')])]
+    analysis.main(['lr', *runs, f'--metrics={METRICS[0]}', f"--out={tmp_path / 'lr.json'}"])
+    err = capsys.readouterr().err
+    assert 'test split' in err and 'val runs: old, test\n' in err    # old and test, not val
+
+
+@pytest.mark.parametrize('by', ['embed_dim', 'synthetic_objects'])
+def test_pressure_writes_paired_numbers(tmp_path, by):
+    """llip - cls at two values of a model_config field (embed_dim) or of a top-level flag
+    (synthetic_objects, whose old runs lack it: 3 objects)."""
+    diffs = {0: [(0.60, 0.50), (0.80, 0.60), (0.75, 0.70)],        # llip, cls at seeds 0, 1, 2
+             1: [(0.20, 0.10), (0.32, 0.20), (0.41, 0.30)]}
+    values = {'embed_dim': (16, 64), 'synthetic_objects': (None, 5)}[by]
+    runs = []
+    for value, pairs in zip(values, diffs.values()):
+        for seed, pair in enumerate(pairs):
+            for pool, v in zip(('llip', 'cls'), pair):
+                place = 'model' if by == 'embed_dim' else 'top'
+                where = {} if value is None else {place: {by: value}}
+                runs.append(fake_run(tmp_path, f'{pool},{by}={value},seed={seed}', pool, seed,
+                                     {METRICS[0]: v}, **where))
+    table, png = tmp_path / 'pressure.md', tmp_path / 'pressure.png'
+    analysis.main(['pressure', *runs, f'--by={by}', f'--metrics={METRICS[0]}', '--baseline=cls',
+                   '--pool=llip', f'--out={png}', f'--table={table}'])
+    assert is_png(png)
+    text = table.read_text()
+    first, second = (16, 64) if by == 'embed_dim' else (3, 5)
+    m = METRICS[0]
+    assert f'| {by} | seeds | {m}: llip | {m}: cls | {m}: llip − cls |' in text
+    assert f'| {first} | 3 | 71.7 ± 10.4 | 60.0 ± 10.0 | +11.7 [-7.3, +30.6] |' in text
+    assert f'| {second} | 3 | 31.0 ± 10.5 | 20.0 ± 10.0 | +11.0 [+8.5, +13.5] * |' in text

@@ -2,8 +2,17 @@
 - zero-shot top-1/top-5 equal a brute-force reference that contextualises one image with one
   class prototype at a time, for Llip and for the caption-independent pools, for several
   taus, with images and classes split into many chunks;
-- retrieval recall@1/5/10 both ways equal a reference that scores one image-caption pair at
-  a time and ranks by counting;
+- retrieval over distinct caption strings: recall@1/5/10 and mAP both ways equal a reference
+  that ranks one query at a time in a sorted Python list, on random score matrices full of
+  ties (in one chunk and one query per chunk) and, for Llip and CLS pooling, on scores of one
+  image-string pair at a time with shared captions and extra true strings; ties count against
+  the true item (checked by hand, and the optimistic rule gives other numbers);
+- on unique captions these recalls are the standard one-owner protocol (COCO / Flickr);
+- binding: a hit is the true caption scoring strictly above its swapped twin on the same image,
+  overall and per kind; the twins are not candidates, so the ranking metrics do not move;
+- ground truth is read from KEY.json in shards and caption folders (true_captions, binding,
+  other keys ignored); shards without json are plain captions; a json that does not parse is
+  ignored with a warning, a malformed field is an error naming the key;
 - template averaging: one template is plain evaluation of its prompts; two templates give
   the mean of the queries and the normalised mean of the normalised embeddings;
 - image folders: classes matched by name or by sorted order, bad layouts refused with clear
@@ -11,6 +20,9 @@
 - a file that is not a checkpoint is refused, and a train.py checkpoint loads.
 """
 import dataclasses
+import io
+import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -88,29 +100,224 @@ def test_zeroshot_matches_one_pair_at_a_time(pool, monkeypatch):
         assert not torch.equal(reference[None].argsort(dim=1), reference[1.0].argsort(dim=1))
 
 
+# ----------------------------------------------------------------------------- retrieval
+def reference_one_way(scores, truth, ks=(1, 5, 10), true_first=False):
+    """Recall@k and mAP of each row as a query over its columns, one query at a time: scores
+    and truth are lists of rows of Python floats and bools. Each query's candidates are sorted
+    in a list, best first and, among equal scores, the false ones first (true_first: the other
+    way round)."""
+    recall, ap = {k: [] for k in ks}, []
+    for row, true in zip(scores, truth):
+        order = sorted(range(len(row)), key=lambda c: (-row[c], true[c] != true_first))
+        places = [place for place, c in enumerate(order, 1) if true[c]]   # 1 = the best
+        for k in ks:
+            recall[k].append(places[0] <= k)
+        ap.append(np.mean([found / place for found, place in enumerate(places, 1)]))
+    return {f'r{k}': np.mean(v) for k, v in recall.items()} | {'map': np.mean(ap)}
+
+
+def reference_metrics(scores, truth, true_first=False):
+    """Both ways: rows are images, columns strings."""
+    columns = lambda rows: [list(col) for col in zip(*rows)]   # noqa: E731
+    i2t = reference_one_way(scores, truth, true_first=true_first)
+    t2i = reference_one_way(columns(scores), columns(truth), true_first=true_first)
+    return {f'i2t_{k}': v for k, v in i2t.items()} | {f't2i_{k}': v for k, v in t2i.items()}
+
+
+@pytest.mark.parametrize('seed,per_chunk', [(0, 2 ** 22), (1, 2 ** 22), (2, 20), (3, 1)])
+def test_ranking_metrics_match_a_loop_on_random_scores_with_ties(seed, per_chunk, monkeypatch):
+    monkeypatch.setattr(llip_eval, 'RANKED_PER_CHUNK', per_chunk)   # 20: one query per chunk
+    g = torch.Generator().manual_seed(seed)
+    n_img, n_str = 13, 17
+    scores = torch.randint(0, 4, (n_img, n_str), generator=g).float()   # 4 values: ties everywhere
+    truth = torch.rand(n_img, n_str, generator=g) < 0.2                        # (N_img, N_str)
+    truth[torch.arange(n_img), torch.randint(0, n_str, (n_img,), generator=g)] = True
+    truth[torch.randint(0, n_img, (n_str,), generator=g), torch.arange(n_str)] = True
+    got = llip_eval.ranking_metrics(scores, truth)
+    assert got == pytest.approx(reference_metrics(scores.tolist(), truth.tolist()))
+    assert 0 < got['i2t_map'] < 1 and 0 < got['t2i_map'] < 1
+    optimistic = reference_metrics(scores.tolist(), truth.tolist(), true_first=True)
+    assert optimistic['i2t_map'] > got['i2t_map'] and optimistic['t2i_map'] > got['t2i_map']
+    # the rule decides ties, not the candidates' order
+    perm = torch.randperm(n_str, generator=g)
+    assert llip_eval.ranking_metrics(scores[:, perm], truth[:, perm]) == pytest.approx(got)
+
+
+def test_ties_count_against_the_true_item():
+    scores = torch.tensor([[1., 1., 0.],
+                           [0., 1., 1.]])
+    truth = torch.tensor([[False, True, False],
+                          [True, False, True]])
+    got = llip_eval.ranking_metrics(scores, truth)
+    # image 0: its true string ties with a false one for the best score, so it is second: AP 1/2;
+    # image 1: true strings third and second: AP (1/2 + 2/3) / 2. A tie at the top is no R@1.
+    assert got['i2t_r1'] == 0 and got['i2t_r5'] == 1
+    assert got['i2t_map'] == pytest.approx((1 / 2 + 7 / 12) / 2)
+    # string 0: its image is second; string 1: tied with a false image, second; string 2: first
+    assert got['t2i_r1'] == pytest.approx(1 / 3) and got['t2i_map'] == pytest.approx(2 / 3)
+    # constant scores: every true item comes after every false one
+    flat = llip_eval.ranking_metrics(torch.zeros(2, 3), truth)
+    assert flat['i2t_r1'] == 0 and flat['t2i_r1'] == 0 and flat['t2i_map'] == pytest.approx(1 / 2)
+    # binding: a tie is a miss
+    assert llip_eval.binding_metrics(torch.tensor([1., 2., 3.]), torch.tensor([1., 1., 4.]),
+                                     ['color', 'size', 'color']) == pytest.approx(
+        {'binding': 1 / 3, 'binding_color': 0, 'binding_size': 1})
+    with pytest.raises(ValueError, match='no true match'):
+        llip_eval.ranking_metrics(scores, torch.tensor([[True, True, False]] * 2))
+
+
+PHRASES = ['a red box', 'a blue box', 'a red cat', 'one shape', 'two shapes', 'a big cat',
+           'a small box', 'a cat on the left', 'a box at the top', 'a blue cat']
+
+
+def shared_captions(n, seed):
+    """Captions drawn from a few phrases, so most strings belong to several images; extra true
+    strings per image (some no image says, which can be neither a candidate nor a hit); binding
+    triples whose false caption is sometimes a candidate and sometimes no one's caption."""
+    rng = np.random.default_rng(seed)
+    captions = [list(rng.choice(PHRASES, size=rng.integers(1, 4), replace=False)) for _ in range(n)]
+    extra = [set(rng.choice(PHRASES + ['never said'], size=rng.integers(0, 4))) for _ in range(n)]
+    kinds = ['color', 'size']
+
+    def false(caption):   # another image's caption half the time, else no one's
+        return str(rng.choice(PHRASES)) if rng.random() < 0.5 else f'{caption} swapped'
+    binding = [[(c, false(c), kinds[j % 2]) for j, c in enumerate(caps)] for caps in captions]
+    return captions, extra, binding
+
+
+def one_pair_at_a_time(m, images, strings):
+    """scores[i][s]: image i encoded alone, string s encoded alone, then mixed with each other."""
+    texts = [encode_one_text(m, s) for s in strings]
+    return [[m.similarity(m.encode_image(x[None]), t).item() for t in texts] for x in images]
+
+
 @pytest.mark.parametrize('pool', ['llip', 'cls'])
 @torch.no_grad()
-def test_retrieval_matches_one_pair_at_a_time(pool, monkeypatch):
+def test_retrieval_with_shared_captions_matches_a_loop(pool, monkeypatch):
+    m = random_model(seed=2, pool=pool, vision_layers=1, text_layers=1)
+    n = 14
+    images = torch.randn(n, 3, 16, 16, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(3))
+    captions, extra, binding = shared_captions(n, seed=4)
+    candidates = sorted({c for caps in captions for c in caps})   # another order than eval.py's
+    false_only = sorted({f for triples in binding for _, f, _ in triples} - set(candidates))
+    scores = one_pair_at_a_time(m, images, candidates + false_only)
+    column = {s: j for j, s in enumerate(candidates + false_only)}
+    truth = [[s in set(captions[i]) | extra[i] for s in candidates] for i in range(n)]
+    expected = reference_metrics([row[:len(candidates)] for row in scores], truth)
+    hits = {}
+    for i, triples in enumerate(binding):
+        for true, false, kind in triples:
+            hits.setdefault(kind, []).append(scores[i][column[true]] > scores[i][column[false]])
+    expected['binding'] = np.mean(sum(hits.values(), []))
+    expected |= {f'binding_{kind}': np.mean(h) for kind, h in hits.items()}
+
+    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 12)   # 4 images a batch: 3 strings a chunk
+    got = llip_eval.retrieval(m, (images, captions, extra, binding), batch_size=4)[m.config.tau]
+    assert got == pytest.approx(expected)
+    assert all(0 < got[k] < 1 for k in ('i2t_r1', 't2i_r1', 'i2t_map', 't2i_map', 'binding'))
+    # the false captions are scored, not ranked: without them the ranking is the same, and
+    # as candidates they would have changed it
+    without = llip_eval.retrieval(m, (images, captions, extra), batch_size=4)[m.config.tau]
+    assert without == {k: v for k, v in got.items() if not k.startswith('binding')}
+    as_candidates = reference_one_way(scores, [row + [False] * len(false_only) for row in truth])
+    assert as_candidates['map'] != pytest.approx(expected['i2t_map'])
+
+
+@pytest.mark.parametrize('pool', ['llip', 'cls'])
+@torch.no_grad()
+def test_unique_captions_give_the_standard_protocol(pool, monkeypatch):
+    """COCO's protocol, one caption instance at a time: text->image finds the caption's own
+    image, image->text any of the image's captions."""
     m = random_model(seed=2, pool=pool)
     n = 13
-    images = torch.randn(n, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    images = torch.randn(n, 3, 16, 16, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(3))
     words = ['red', 'big', 'two', 'cat', 'sun', 'old', 'wet', 'hot', 'sky', 'box']
-    captions = [[f'{words[i % 10]} {words[(i * 7 + c) % 10]} {i}' for c in range(1 + i % 3)] for i in range(n)]
+    captions = [[f'{words[i % 10]} {words[(i * 7 + c) % 10]} {i}' for c in range(1 + i % 3)]
+                for i in range(n)]
     owner = [i for i, caps in enumerate(captions) for _ in caps]
     flat = [c for caps in captions for c in caps]
-    alone_images = [m.encode_image(images[i:i + 1]) for i in range(n)]
-    alone_texts = [encode_one_text(m, t) for t in flat]
-    scores = torch.tensor([[m.similarity(img, txt).item() for txt in alone_texts] for img in alone_images],
-                          dtype=torch.float64)
+    scores = torch.tensor(one_pair_at_a_time(m, images, flat), dtype=torch.float64)
+    best_own = [min(rank_of(scores[i], j) for j in range(len(flat)) if owner[j] == i)
+                for i in range(n)]                          # image i's best caption: how many beat it
+    own_image = [rank_of(scores[:, j], owner[j]) for j in range(len(flat))]   # caption j's image
     expected = {}
     for k in (1, 5, 10):
-        expected[f'i2t_r{k}'] = np.mean([min(rank_of(scores[i], j) for j in range(len(flat)) if owner[j] == i) < k
-                                         for i in range(n)])
-        expected[f't2i_r{k}'] = np.mean([rank_of(scores[:, j], owner[j]) < k for j in range(len(flat))])
-    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 12)   # 4 images per batch -> 3 captions per chunk
+        expected[f'i2t_r{k}'] = np.mean([rank < k for rank in best_own])
+        expected[f't2i_r{k}'] = np.mean([rank < k for rank in own_image])
+    expected['t2i_map'] = np.mean([1 / (1 + rank) for rank in own_image])   # AP of 1 true: 1 / place
+    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 12)   # 4 images a batch: 3 captions a chunk
     got = llip_eval.retrieval(m, (images, captions), batch_size=4)[m.config.tau]
-    assert got == pytest.approx(expected)
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
     assert 0 < got['i2t_r1'] < 1 and 0 < got['t2i_r5'] < 1   # not a degenerate case
+
+
+def png_bytes(seed, size=16):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def write_tar(path, samples):
+    """samples: [(key, {extension: str or bytes})], written as KEY.extension members."""
+    with tarfile.open(path, 'w') as tar:
+        for key, files in samples:
+            for ext, payload in files.items():
+                payload = payload.encode() if isinstance(payload, str) else payload
+                member = tarfile.TarInfo(f'{key}.{ext}')
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
+    return str(path)
+
+
+@torch.no_grad()
+def test_truth_and_binding_are_read_from_shards_and_folders(tmp_path):
+    m = random_model(seed=10, vision_layers=1, text_layers=1)
+    truth_a = {'scene': {'objects': []}, 'true_captions': ['one shape', 'a box left of a cat'],
+               'binding': [['a red box', 'a blue box', 'color'],
+                           ['a big cat', 'a small cat', 'size']]}
+    samples = [('a', {'png': png_bytes(0), 'txt': 'a red box\na big cat',
+                      'json': json.dumps(truth_a)}),
+               ('b', {'png': png_bytes(1), 'txt': 'a big cat\none shape'}),   # real data: no json
+               ('c', {'png': png_bytes(2), 'txt': 'one shape', 'json': '{"true_captions": ['}),
+               ('d', {'png': png_bytes(3), 'txt': 'a blue box', 'json': '[1, 2]'})]   # not a dict
+    shard = write_tar(tmp_path / 'shard.tar', samples)
+    with pytest.warns(data.DataWarning, match=r"ignored 1 KEY.json that do not parse.*\['c'\]"):
+        read = list(data.read_shards(shard, with_json=True))
+    assert [(key, meta) for key, _, _, meta in read] == [('a', truth_a), ('b', None), ('c', None),
+                                                         ('d', [1, 2])]
+    assert [len(sample) for sample in data.read_shards(shard)] == [3] * 4   # as before by default
+
+    # the same images and truth given in memory
+    transform = data.eval_transform(m.config.image_size)
+    images = torch.stack([transform(image) for _, image, _, _ in read]).double()
+    captions = [caps for _, _, caps, _ in read]
+    extra = [truth_a['true_captions'], None, None, None]
+    binding = [truth_a['binding'], [], [], []]
+    expected = llip_eval.retrieval(m, (images, captions, extra, binding))
+    assert set(expected[m.config.tau]) >= {'binding', 'binding_color', 'binding_size'}
+    with pytest.warns(data.DataWarning, match='do not parse'):
+        assert llip_eval.retrieval(m, shard) == expected
+    # json ignored: other numbers, so the truth was really read
+    assert llip_eval.retrieval(m, (images, captions))[m.config.tau] != {
+        k: v for k, v in expected[m.config.tau].items() if not k.startswith('binding')}
+
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    for key, files in samples:
+        for ext, payload in files.items():
+            payload = payload.encode() if isinstance(payload, str) else payload
+            (folder / f'{key}.{ext}').write_bytes(payload)
+    with pytest.warns(UserWarning, match=r"ignored 1 KEY.json that do not parse.*\['c.json'\]"):
+        assert llip_eval.retrieval(m, folder) == expected
+
+    bad = {**truth_a, 'binding': [['a red box', 'a blue box']]}
+    write_tar(tmp_path / 'bad.tar', [('e', {'png': png_bytes(4), 'txt': 'x',
+                                            'json': json.dumps(bad)})])
+    with pytest.raises(ValueError, match=r"e\.json: 'binding' is not a list of \[true, false"):
+        llip_eval.retrieval(m, str(tmp_path / 'bad.tar'))
 
 
 @torch.no_grad()
@@ -219,10 +426,12 @@ def synthetic(tmp_path_factory):
 def test_retrieval_reads_shards_and_caption_folders_alike(synthetic, tmp_path):
     m = random_model(seed=8, image_size=32)
     shard = f'{synthetic}/retrieval/00000.tar'
-    for key, image, captions in data.read_shards(shard):   # the same samples as KEY.png + KEY.txt
+    for key, image, captions, truth in data.read_shards(shard, with_json=True):   # .png .txt .json
         image.save(tmp_path / f'{key}.png')
         (tmp_path / f'{key}.txt').write_text('\n'.join(captions))
+        (tmp_path / f'{key}.json').write_text(json.dumps(truth))
     from_shards = llip_eval.retrieval(m, shard, taus=(1.0, 5.0), batch_size=5)
+    assert 'binding' in from_shards[5.0]   # the synthetic split has ground truth
     assert llip_eval.retrieval(m, tmp_path, taus=(1.0, 5.0), batch_size=5) == from_shards
     assert llip_eval.retrieval(m, shard, max_images=12) == {5.0: from_shards[5.0]}
     assert llip_eval.retrieval(m, shard, max_images=6) != {5.0: from_shards[5.0]}
@@ -236,9 +445,14 @@ def test_retrieval_reads_shards_and_caption_folders_alike(synthetic, tmp_path):
 def test_evaluate_synthetic(synthetic):
     m = random_model(seed=9, image_size=32)
     metrics = llip_eval.evaluate_synthetic(m, synthetic)
-    expected = {f'zeroshot/{split}/{k}' for split in ('shape', 'color') for k in ('top1', 'top5')}
-    expected |= {f'retrieval/{way}_r{k}' for way in ('i2t', 't2i') for k in (1, 5, 10)}
-    assert set(metrics) == expected and all(0 <= v <= 1 for v in metrics.values())
+    splits = [p.name for p in (synthetic / 'zeroshot').iterdir()]
+    expected = {f'zeroshot/{split}/{k}' for split in splits for k in ('top1', 'top5')}
+    expected |= {f'retrieval/{way}_{k}' for way in ('i2t', 't2i')
+                 for k in ('r1', 'r5', 'r10', 'map')}
+    expected.add('retrieval/binding')
+    assert {'shape', 'color'} <= set(splits) and expected <= set(metrics)
+    assert all(k.startswith('retrieval/binding_') for k in set(metrics) - expected)
+    assert all(0 <= v <= 1 for v in metrics.values())
     several = llip_eval.evaluate_synthetic(m, synthetic, taus=(1.0, 5.0))
     assert several['zeroshot/shape/tau5/top1'] == metrics['zeroshot/shape/top1']
     assert len(several) == 2 * len(metrics)

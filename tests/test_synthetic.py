@@ -9,6 +9,7 @@
 import io
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -49,15 +50,22 @@ def files_of(root):
 
 def test_synthetic_layout(synthetic):
     assert sorted(os.listdir(os.path.join(synthetic, 'train'))) == ['00000.tar', '00001.tar', '00002.tar']
-    assert os.path.exists(os.path.join(synthetic, 'retrieval', '00000.tar'))
     assert os.path.exists(os.path.join(synthetic, 'README.txt'))
-    for split, classes in (('shape', synthetic_data.SHAPES), ('color', synthetic_data.COLORS)):
-        folder = os.path.join(synthetic, 'zeroshot', split)
-        names = read_json(os.path.join(folder, 'classnames.json'))
-        assert names == sorted(classes) == sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-        assert all(len(os.listdir(os.path.join(folder, n))) == 3 for n in names)
-        templates = read_json(os.path.join(folder, 'templates.json'))
-        assert templates and all(t.count('{}') == 1 for t in templates)
+    families = {'shape': synthetic_data.SHAPES, 'color': tuple(synthetic_data.COLORS), 'size': ('small', 'large'),
+                'place': tuple(synthetic_data.WHERE.values()), 'count': synthetic_data.COUNTS[:3]}
+    for split in ('', 'val'):   # the test splits at the top, the validation splits under val/
+        assert os.path.exists(os.path.join(synthetic, split, 'retrieval', '00000.tar'))
+        assert sorted(os.listdir(os.path.join(synthetic, split, 'zeroshot'))) == sorted(families)
+        for family, classes in families.items():
+            folder = os.path.join(synthetic, split, 'zeroshot', family)
+            names = read_json(os.path.join(folder, 'classnames.json'))
+            assert sorted(names) == sorted(classes) == sorted(d for d in os.listdir(folder)
+                                                              if os.path.isdir(os.path.join(folder, d)))
+            assert all(len(os.listdir(os.path.join(folder, n))) == 3 for n in names)
+            templates = read_json(os.path.join(folder, 'templates.json'))
+            assert templates and all(t.count('{}') == 1 for t in templates)
+    test, val = (files_of(os.path.join(synthetic, split, 'retrieval')) for split in ('', 'val'))
+    assert test['00000.tar'] != val['00000.tar']   # drawn anew, not a copy
     samples = list(data.read_shards(os.path.join(synthetic, 'train')))
     assert len(samples) == 60 and len({k for k, _, _ in samples}) == 60
 
@@ -82,25 +90,45 @@ def nearest(rgb, palette):
     return min(palette, key=lambda name: sum((int(a) - b) ** 2 for a, b in zip(rgb, palette[name])))
 
 
+def object_areas(shape, r, n=400):
+    """The area of each shape of radius r, by counting a fine grid's points inside its mask."""
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / n * 4 * r - 2 * r
+    return synthetic_data._mask(shape, x, y, r).mean() * (4 * r) ** 2
+
+
 def test_synthetic_captions_are_diverse_and_true(synthetic):
     with tarfile.open(os.path.join(synthetic, 'retrieval', '00000.tar')) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     keys = sorted({name.split('.')[0] for name in members})
     assert len(keys) == 20
     for key in keys:
-        scene = json.loads(members[f'{key}.json'])
+        truth = json.loads(members[f'{key}.json'])
+        scene, true = truth['scene'], truth['true_captions']
         captions = members[f'{key}.txt'].decode().split('\n')
         image = np.array(Image.open(io.BytesIO(members[f'{key}.png'])))
         assert image.shape == (32, 32, 3)
         n = len(scene['objects'])
         assert len(captions) == 3 * n + 2 + n * (n - 1) // 2 and len(set(captions)) >= 5 - (n == 1)
-        assert all(len(BPE.encode(c)) <= 14 for c in captions)       # + SOT, EOT: the tiny preset's 16 tokens
+        assert set(captions) <= set(true) and len(true) == len(set(captions)) + n * (n - 1) // 2
+        assert all(len(BPE.encode(c)) <= 14 for c in true)           # + SOT, EOT: the tiny preset's 16 tokens
         assert f"a {scene['background']} background" in captions and synthetic_data.COUNTS[n - 1] in captions
         assert nearest(image[1, 1], synthetic_data.BACKGROUNDS) == scene['background']   # no object reaches a corner
-        # relations, checked against where each colour's pixels are
+        # what the pixels show: one colour per object, where its place says, of its size and shape
         labels = np.array([nearest(p, PALETTE) for p in image.reshape(-1, 3)]).reshape(32, 32)
-        relations = [re.fullmatch(r'an? (\w+) \w+ (left of|right of|above|below) an? (\w+) \w+', c) for c in captions]
-        assert sum(r is not None for r in relations) == n * (n - 1) // 2
+        names, counts = np.unique(labels, return_counts=True)   # edge pixels blend two colours:
+        found = sorted((-k, str(c)) for c, k in zip(names, counts) if not c.startswith('bg_'))
+        assert {c for _, c in found[:n]} == {o['color'] for o in scene['objects']}, (key, found)   # n most common
+        for o in scene['objects']:
+            # its pixels: within the colour jitter (20 a channel) of its colour, not blended edges
+            ys, xs = np.nonzero(np.abs(image.astype(int) - synthetic_data.COLORS[o['color']]).sum(axis=-1) <= 60)
+            assert np.hypot(xs.mean() + 0.5 - synthetic_data.PLACES[o['place']][0],
+                            ys.mean() + 0.5 - synthetic_data.PLACES[o['place']][1]) < 3, (key, o)   # places: >= 9 apart
+            if o['size'] == 'large':   # small ones are a few pixels, their edges blur (next test)
+                expected = object_areas(o['shape'], synthetic_data.SIZES[o['size']])
+                assert 0.7 < len(xs) / expected < 1.3, (key, o, len(xs), expected)
+        # every relation, either way round, checked against where each colour's pixels are
+        relations = [re.fullmatch(r'an? (\w+) \w+ (left of|right of|above|below) an? (\w+) \w+', c) for c in true]
+        assert sum(r is not None for r in relations) == n * (n - 1)
         for r in filter(None, relations):
             (ya, xa), (yb, xb) = [np.argwhere(labels == color).mean(axis=0) for color in (r[1], r[3])]
             assert {'left of': xa < xb, 'right of': xa > xb, 'above': ya < yb, 'below': ya > yb}[r[2]], (key, r[0])
@@ -110,6 +138,34 @@ def test_synthetic_captions_are_diverse_and_true(synthetic):
             if o['shape'] != 'ring':                                  # a ring's centre is background
                 x, y = synthetic_data.PLACES[o['place']]
                 assert nearest(image[y, x], synthetic_data.COLORS) == o['color'], (key, o)
+        # binding: the true caption is true, the swapped one false of every object in the scene
+        said = {(o['color'], o['shape']) for o in scene['objects']} | \
+               {(o['size'], o['shape']) for o in scene['objects']} | \
+               {(o['shape'], synthetic_data.WHERE[o['place']]) for o in scene['objects']}
+        words = lambda c: tuple(re.fullmatch(r'an? (\w+) (\w+)|an? (\w+) (.+)', c).groups())
+        for true_caption, false_caption, kind in truth['binding']:
+            assert kind in ('color', 'size', 'place') and true_caption in true and false_caption not in true
+            t, f = [tuple(w for w in words(c) if w) for c in (true_caption, false_caption)]
+            assert t in said and f not in said and set(t) & set(f), (key, t, f)
+        assert (len(truth['binding']) == 0) == (n == 1) or len({o['shape'] for o in scene['objects']}) == 1
+
+
+def test_every_shape_is_drawn_as_its_mask_where_its_place_says():
+    """At 128 pixels, where edges are a small part of an object: each shape and size covers
+    the area of its mask, centred on its place (up to the drawing's 0.7 pixel jitter)."""
+    rng, size, scale = random.Random(0), 128, 128 / 32
+    for shape in synthetic_data.SHAPES:
+        for radius_name, radius in synthetic_data.SIZES.items():
+            for place in synthetic_data.PLACES:
+                scene = {'background': 'black', 'objects': [{'shape': shape, 'color': 'red',
+                                                              'size': radius_name, 'place': place}]}
+                image = synthetic_data._draw(scene, rng, size).astype(int)
+                red = np.abs(image - synthetic_data.COLORS['red']).sum(axis=-1) < 80   # (S, S)
+                ys, xs = np.nonzero(red)
+                assert 0.85 < len(xs) / object_areas(shape, radius * scale) < 1.15, (shape, radius_name)
+                x, y = synthetic_data.PLACES[place]
+                if shape != 'triangle':   # a triangle's centroid is below its centre
+                    assert np.hypot(xs.mean() + 0.5 - x * scale, ys.mean() + 0.5 - y * scale) < 1.5 * scale
 
 
 def test_synthetic_zeroshot_colors_are_true(synthetic):

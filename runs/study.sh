@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The miniature study (paper section 5, Figures 3, 5 and 6) on the built-in synthetic data, as
+# one resumable command. Every run has the same budget (steps, batch, data, the seed's init and
+# data order); only the pool and the learning rate picked for it differ.
+#
+#     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~20 min)
+#     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~60 min)
+#     JOBS=1 STEPS=100 bash runs/study.sh headline    # a quick look, one run at a time
+#
+# Stages, each writing runs/study/<stage>/<run>/ (config.json, log.jsonl with the evaluation):
+#   lr        each pool at each learning rate of LRS, seed 0, evaluated on the VALIDATION split;
+#             analysis.py lr picks each pool's best into runs/study/lr.json
+#   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
+#   pressure  cls and llip, 3 seeds, with a narrower and a wider joint space D and with more
+#             objects per image: does llip gain more where one vector has to hold more?
+# Seed s of every pool sees the same data in the same order, so pools are compared pair by
+# pair (analysis.py: mean and 95% interval of the paired difference).
+#
+# Runs are independent processes, JOBS at a time with one thread each (small models use two
+# cores better that way). A finished run is not redone and a killed one resumes from its last
+# checkpoint, so the script can be stopped and started again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+STEPS=${STEPS:-600}
+BATCH=${BATCH:-64}
+JOBS=${JOBS:-2}
+LRS=${LRS:-"5e-4 1e-3 2e-3"}
+OUT=${OUT:-runs/study}
+common="--steps=$STEPS --batch_size=$BATCH --save_every=200 --keep=1 --log_every=25 --workers=1 --resume=auto"
+# what the learning rate is chosen on: every attribute's zero-shot accuracy and both retrievals
+SELECT=zeroshot/shape/top1,zeroshot/color/top1,zeroshot/size/top1,zeroshot/place/top1,zeroshot/count/top1,retrieval/i2t_map,retrieval/t2i_map
+
+run_all() {   # lines of "OUT_DIR FLAGS..." on stdin; runs JOBS at a time, skips finished ones
+    # shellcheck disable=SC2016
+    xargs -P "$JOBS" -L 1 bash -c 'out=$0; final=$(printf "%s/ckpt_%07d.pt" "$out" '"$STEPS"')
+        if [ -f "$final" ]; then echo "done  $out (already)"; exit 0; fi
+        mkdir -p "$out"; echo "start $out"
+        OMP_NUM_THREADS=1 python train.py --out_dir="$out" '"$common"' "$@" > "$out/stdout.txt" 2>&1 \
+            && echo "done  $out" || echo "FAILED $out (see $out/stdout.txt)"'
+}
+
+lr_of() {   # the learning rate picked for a pool
+    python -c "import json, sys; print(json.load(open('$OUT/lr.json'))[sys.argv[1]])" "$1"
+}
+
+choose_lr() {   # $@: pools
+    for pool in "$@"; do for lr in $LRS; do
+        echo "$OUT/lr/pool=$pool,lr=$lr,seed=0 --pool=$pool --lr=$lr --seed=0 --eval_split=val"
+    done; done | run_all
+    python analysis.py lr "$OUT"/lr/*/ --metrics=$SELECT --out="$OUT/lr.json" --table="$OUT/lr.md"
+}
+
+python -c "import synthetic; synthetic.make_synthetic('data/synthetic')"   # once, before the parallel runs
+
+choose_lr cls llip
+for seed in 0 1 2 3 4; do for pool in cls llip; do
+    echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
+done; done | run_all
+python analysis.py ablation "$OUT"/ladder/pool=cls,*/ "$OUT"/ladder/pool=llip,*/ --baseline=cls \
+    --out=runs/headline.png --table=runs/headline.md
+[ "$WHAT" = headline ] && exit 0
+
+choose_lr registers avg learned
+for seed in 0 1 2; do for pool in registers avg learned; do
+    echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
+done; done | run_all
+
+python -c "import synthetic; synthetic.make_synthetic('data/synthetic-5objects', max_objects=5)"
+for seed in 0 1 2; do for pool in cls llip; do
+    lr=$(lr_of $pool)
+    for dim in 32 512; do   # the tiny preset's D = 128 is the ladder's run
+        echo "$OUT/pressure/pool=$pool,embed_dim=$dim,seed=$seed --pool=$pool --embed_dim=$dim --seed=$seed --lr=$lr"
+    done
+    echo "$OUT/pressure/pool=$pool,objects=5,seed=$seed --pool=$pool --seed=$seed --lr=$lr" \
+         "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
+done; done | run_all
+
+python analysis.py ablation "$OUT"/ladder/*/ --baseline=cls --out=runs/ablation.png --table=runs/ablation.md
+python analysis.py pressure "$OUT"/pressure/*embed_dim*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
+    "$OUT"/ladder/pool=llip,seed=[012]/ --by=embed_dim --baseline=cls --pool=llip \
+    --metrics=retrieval/i2t_map,retrieval/binding --out=runs/pressure_dim.png --table=runs/pressure_dim.md
+python analysis.py pressure "$OUT"/pressure/*objects*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
+    "$OUT"/ladder/pool=llip,seed=[012]/ --by=synthetic_objects --baseline=cls --pool=llip \
+    --metrics=retrieval/i2t_map,retrieval/binding --out=runs/pressure_objects.png --table=runs/pressure_objects.md
+python analysis.py curves "$OUT"/ladder/*,seed=0/ --out=runs/curves.png
+python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg,seed=0 \
+    "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/spectrum.png
+python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/mixing.png
+python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/attention.png
