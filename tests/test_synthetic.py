@@ -133,21 +133,28 @@ def test_synthetic_captions_are_diverse_and_true(synthetic):
             (ya, xa), (yb, xb) = [np.argwhere(labels == color).mean(axis=0) for color in (r[1], r[3])]
             assert {'left of': xa < xb, 'right of': xa > xb, 'above': ya < yb, 'below': ya > yb}[r[2]], (key, r[0])
         for o in scene['objects']:
-            assert f"a {o['size']} {o['shape']}" in captions
-            assert f"a {o['shape']} {synthetic_data.WHERE[o['place']]}" in captions
+            assert f"a {o['size']} {o['color']} {o['shape']}" in captions
+            assert f"{synthetic_data._name(o)} {synthetic_data.WHERE[o['place']]}" in captions
             if o['shape'] != 'ring':                                  # a ring's centre is background
                 x, y = synthetic_data.PLACES[o['place']]
                 assert nearest(image[y, x], synthetic_data.COLORS) == o['color'], (key, o)
-        # binding: the true caption is true, the swapped one false of every object in the scene
-        said = {(o['color'], o['shape']) for o in scene['objects']} | \
-               {(o['size'], o['shape']) for o in scene['objects']} | \
-               {(o['shape'], synthetic_data.WHERE[o['place']]) for o in scene['objects']}
-        words = lambda c: tuple(re.fullmatch(r'an? (\w+) (\w+)|an? (\w+) (.+)', c).groups())
+        # binding: the true caption is true of one object, the swapped one of none; they differ
+        # in the attribute the triple names
         for true_caption, false_caption, kind in truth['binding']:
-            assert kind in ('color', 'size', 'place') and true_caption in true and false_caption not in true
-            t, f = [tuple(w for w in words(c) if w) for c in (true_caption, false_caption)]
-            assert t in said and f not in said and set(t) & set(f), (key, t, f)
-        assert (len(truth['binding']) == 0) == (n == 1) or len({o['shape'] for o in scene['objects']}) == 1
+            assert true_caption in true and false_caption not in true
+            said = [parse_object_caption(c) for c in (true_caption, false_caption)]
+            holds = [any(all(o[k] == v for k, v in s.items()) for o in scene['objects']) for s in said]
+            assert holds == [True, False], (key, true_caption, false_caption)
+            assert [k for k in said[0] if said[0][k] != said[1].get(k)] == [kind]
+        assert bool(truth['binding']) == (n > 1)   # a place swap is false whatever the shapes
+
+
+def parse_object_caption(caption):
+    """'a small red circle' -> {'size': 'small', 'color': 'red', 'shape': 'circle'}; places too."""
+    where = {v: k for k, v in synthetic_data.WHERE.items()}
+    m = re.fullmatch(r'an? (?:(small|large) )?(\w+) (\w+)(?: (' + '|'.join(where) + '))?', caption)
+    said = {'size': m[1], 'color': m[2], 'shape': m[3], 'place': where.get(m[4])}
+    return {k: v for k, v in said.items() if v is not None}
 
 
 def test_every_shape_is_drawn_as_its_mask_where_its_place_says():
