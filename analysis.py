@@ -1,5 +1,6 @@
 r"""
-Plots and tables of the miniature reproduction of Llip (arXiv 2405.00740): PNG and markdown files.
+What a trained Llip of the miniature reproduction (arXiv 2405.00740) has learned, read from its
+checkpoints: PNG and markdown files.
 
     # Figure 5: singular values of the covariance of the visual features, several checkpoints
     python analysis.py spectrum out/llip/ckpt.pt out/cls/ckpt.pt --out=spectrum.png
@@ -7,41 +8,23 @@ Plots and tables of the miniature reproduction of Llip (arXiv 2405.00740): PNG a
     python analysis.py mixing out/llip/ckpt.pt --index=0 --unrelated=4 --out=mixing.png
     # where each mixture token looks: its attention over the patches in the last ViT block
     python analysis.py attention out/llip/ckpt.pt --index=0 --out=attention.png
-    # training loss and eval metrics against step, one line per run
-    python analysis.py curves runs/ablation/*/ --out=curves.png
-    # Figure 3: runs grouped by pool, mean +- std over seeds, and each pool minus cls paired by
-    # seed, mean [95% t interval], * where the interval excludes zero (default: every metric)
-    python analysis.py ablation runs/ablation/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
-        --baseline=cls --out=runs/ablation.png --table=runs/ablation.md
-    # Figure 6: against K or tau (--baseline=16: each K minus K = 16, paired by seed)
-    python analysis.py sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 --out=runs/k_sweep.png
-    python analysis.py sweep runs/tau_sweep/*/ --by=tau --out=runs/tau_sweep.png
-    # each pool's learning rate from a grid of runs on the validation split (--eval_split=val):
-    # the best mean over seeds of the average of the metrics, written as {pool: lr}
-    python analysis.py lr runs/lr/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
-        --out=runs/lr.json --table=runs/lr.md
-    # llip - cls paired by seed against a swept setting (embed_dim, synthetic_objects, ...)
-    python analysis.py pressure runs/pressure/*/ --by=embed_dim --metrics=retrieval/binding \
-        --baseline=cls --pool=llip --out=runs/pressure.png --table=runs/pressure.md
+    # how alike the text tower makes two captions that differ in one attribute (colour, shape,
+    # size, place), trained and at init: 1.000 means it does not tell that attribute's values apart
+    python analysis.py captions runs/study/ladder/*,seed=0/ --out=runs/captions.png \
+        --table=runs/captions.md
 
     python -m pytest tests/test_analysis.py      # what these numbers are checked against
 
-Images come from the synthetic retrieval split (data/synthetic/retrieval, written by train.py
-on first use), whose .txt holds all of an image's captions; --data takes any shards.
-A run directory is what train.py writes into --out_dir: config.json (train.py's flags, such as
-'seed', 'lr', 'eval_split', and 'model_config', such as 'pool', 'embed_dim'; --by takes either
-kind) and log.jsonl, whose last record with metrics holds the final evaluation.
-Paired by seed: seed s of two pools saw the same data order, so the noise the two runs share
-cancels in their difference; the interval is mean +- t_{0.975, n-1} std / sqrt(n) over the n
-seeds both have.
+A checkpoint is one train.py wrote, or a run directory (train.py's --out_dir): its newest
+checkpoint, ckpt.pt. Images come from the synthetic retrieval split (data/synthetic/retrieval,
+written by train.py on first use), whose .txt holds all of an image's captions; --data takes any
+shards. The plots and tables of the runs' logs alone (curves, ablation, sweep, lr, pressure)
+are report.py's.
 Everything runs on CPU; `python analysis.py SUBCOMMAND --help` lists the flags.
 """
-import argparse
-import dataclasses
 import json
 import math
-import statistics
-import sys
+import random
 from pathlib import Path
 
 import matplotlib
@@ -53,11 +36,12 @@ from einops import einsum, rearrange
 
 import data
 import eval as llip_eval
-from model import POOLS
+import synthetic
+from model import Llip
+from report import add_command, run_command, save, subcommands, write_table
 
 HERE = Path(__file__).resolve().parent
 RETRIEVAL = HERE / 'data' / 'synthetic' / 'retrieval'
-METRICS = ['zeroshot/color/top1', 'zeroshot/shape/top1', 'retrieval/i2t_r1', 'retrieval/t2i_r1']
 MIXER_POOLS = ('avg', 'learned', 'llip')   # pools whose image vector is made from all K tokens
 
 
@@ -288,605 +272,117 @@ def cmd_attention(args):
     save(fig, args.out)
 
 
-# ----------------------------------------------------------------------------- runs
-# train.py flags added after some runs were made, with the value those older runs had without
-# saying so: scenes of 1 to 3 objects, evaluation on the test split
-IMPLICIT = {'synthetic_objects': 3, 'eval_split': 'test'}
-# config.json keys in which the runs of one experiment differ by design (where and how a run is
-# saved and logged, not what it trains): runs differing only in them are not a mixed group;
-# what synthetic_dir holds is fixed by synthetic_objects and image_size, which are compared
-BOOKKEEPING = {'out_dir', 'resume', 'seed', 'save_every', 'keep', 'log_every', 'eval_every',
-               'workers', 'device', 'compile', 'synthetic_dir'}
-LEVEL = 0.95   # of the paired intervals
+# ----------------------------------------------------------------------------- captions
+# the attributes of a synthetic object: which of synthetic._say's captions names each, and its
+# values; shape has no caption of its own, the colour caption ('a red circle') names it too
+ATTRIBUTES = {'color': ('color', sorted(synthetic.COLORS)),
+              'shape': ('color', list(synthetic.SHAPES)),
+              'size': ('size', sorted(synthetic.SIZES)),
+              'place': ('place', sorted(synthetic.PLACES))}
 
 
-def read_log(path):
-    """log.jsonl (or the run directory holding it) -> records sorted by step; a step logged
-    twice (a resumed run) keeps its later values; a torn last line is skipped."""
-    path = Path(path)
-    path = path / 'log.jsonl' if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such log (expected train.py's out_dir/log.jsonl)")
-    by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        by_step[record['step']] = {**by_step.get(record['step'], {}), **record}
-    return [by_step[s] for s in sorted(by_step)]
+def caption_pairs(attribute, n=200, seed=0):
+    """n captions of random objects, each paired with the caption of the same object with only
+    attribute changed, to another random value: [('a small red circle', 'a large red circle'),
+    ...]; the same seed, the same pairs."""
+    kind, values = ATTRIBUTES[attribute]
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        o = {a: rng.choice(vs) for a, (_, vs) in ATTRIBUTES.items()}
+        other = {**o, attribute: rng.choice([v for v in values if v != o[attribute]])}
+        pairs.append((synthetic._say(kind, o), synthetic._say(kind, other)))
+    return pairs
 
 
-def is_metric(key):
-    return '/' in key   # 'zeroshot/color/top1', 'retrieval/i2t_r1', ...
+@torch.no_grad()
+def pair_cosine(model, pairs):
+    """The mean over the pairs of the cosine of their two text embeddings z'_j; 1 where the
+    text tower maps the two captions of every pair to one vector."""
+    first = llip_eval.encode_texts(model, [a for a, _ in pairs]).emb      # (N, D), normalised
+    second = llip_eval.encode_texts(model, [b for _, b in pairs]).emb
+    return (first * second).sum(dim=-1).mean().item()
 
 
-def read_run(run_dir):
-    """{'name', 'config', 'metrics'}: config is config.json in one flat dict, train.py's flags
-    (seed, lr, steps, eval_split, ...) and the model_config fields (pool, embed_dim, tau, ...)
-    alike, so that any of them can group runs; metrics: the last record with eval metrics."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / 'config.json').read_text())
-    model_config = config.pop('model_config', {})
-    evaluated = [r for r in read_log(run_dir) if any(is_metric(k) for k in r)]
-    metrics = {k: v for k, v in evaluated[-1].items() if is_metric(k)} if evaluated else {}
-    # the model's fields last: train.py's flags that override one of them are None when not given
-    return {'name': run_dir.name, 'config': {**IMPLICIT, **config, **model_config},
-            'metrics': metrics}
+def attribute_cosines(model, n=200, seed=0):
+    """{attribute: pair_cosine of n caption pairs that differ only in it}."""
+    return {a: pair_cosine(model, caption_pairs(a, n, seed)) for a in ATTRIBUTES}
 
 
-def load_runs(paths):
-    runs = []
-    for path in paths:
-        run = read_run(path)
-        if not run['metrics']:
-            print(f'skipping {path}: its log.jsonl has no evaluation yet', file=sys.stderr)
-            continue
-        runs.append(run)
-    if not runs:
-        raise ValueError('no run with eval metrics among ' + ' '.join(map(str, paths)))
-    return runs
+def run_seed(path):
+    """The seed in config.json beside the checkpoint (train.py's --seed), or 0 without one."""
+    config = checkpoint_path(path).parent / 'config.json'
+    return json.loads(config.read_text()).get('seed', 0) if config.is_file() else 0
 
 
-def metrics_found(runs):
-    """Every metric of the runs, in the order they were logged."""
-    return list(dict.fromkeys(k for run in runs for k in run['metrics']))
+def initial_model(config, seed):
+    """The weights train.py started from: torch.manual_seed(its --seed), then Llip(config),
+    so the same draws; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Llip(config).eval()
 
 
-def order_key(by, value):
-    """The ablation ladder's order for pool, numbers ascending, anything else by its text."""
-    if by == 'pool' and value in POOLS:
-        return 0, POOLS.index(value), ''
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return 1, value, ''
-    return 2, 0, str(value)
-
-
-def same_value(value, text):
-    """Whether a config value is what a flag spelled: '16' is 16, '5' is 5.0."""
-    if str(value) == str(text):
-        return True
-    try:
-        return float(value) == float(text)
-    except (TypeError, ValueError):
-        return False
-
-
-def split_runs(runs, by):
-    """[(value, [the runs whose config[by] is value])] in order_key's order; runs whose
-    config.json lacks the key are left out, with a message."""
-    groups, lacking = {}, []
-    for run in runs:
-        if by in run['config']:
-            groups.setdefault(run['config'][by], []).append(run)
-        else:
-            lacking.append(run['name'])
-    if not groups:
-        raise ValueError(f"{by}: in no run's config.json (neither a train.py flag nor a "
-                         f"model_config field)")
-    if lacking:
-        print(f"warning: no {by} in the config.json of {', '.join(lacking)}: left out",
-              file=sys.stderr)
-    return [(value, groups[value]) for value in sorted(groups, key=lambda v: order_key(by, v))]
-
-
-def warn_if_mixed(members, label, ignore=()):
-    """A message when the runs of one group differ in more than the seed (then their spread is
-    not the seeds' alone), or when two of them share a seed (then pairing by seed cannot tell
-    which one: seed_values leaves that seed out)."""
-    keys = set().union(*(run['config'] for run in members)) - BOOKKEEPING - set(ignore)
-    differ = sorted(k for k in keys if len({json.dumps(r['config'].get(k)) for r in members}) > 1)
-    if differ:
-        print(f"warning: the runs with {label} also differ in {', '.join(differ)}", file=sys.stderr)
-    seeds = {}
-    for run in members:
-        seeds.setdefault(run['config'].get('seed'), []).append(run['name'])
-    for seed, names in seeds.items():
-        if len(names) > 1:
-            print(f"warning: the runs with {label} have seed {seed} more than once "
-                  f"({', '.join(names)}): paired differences leave that seed out",
-                  file=sys.stderr)
-
-
-def metric_stats(members, metrics):
-    """{metric: (mean, std)} over the runs that have it: sample std (n - 1), 0 for one run."""
-    stats = {}
-    for metric in metrics:
-        xs = [run['metrics'][metric] for run in members if metric in run['metrics']]
-        if xs:
-            stats[metric] = (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-    return stats
-
-
-def group_stats(grouped, by, metrics):
-    """split_runs' groups -> [(value, n runs, {metric: (mean, std)})], std over seeds."""
-    out = []
-    for value, members in grouped:
-        warn_if_mixed(members, f'{by}={value}', ignore=[by])
-        out.append((value, len(members), metric_stats(members, metrics)))
-    return out
-
-
-def group_runs(runs, by, metrics):
-    """Runs grouped by config[by]: [(value, n runs, {metric: (mean, std)})], std over seeds
-    (sample std, n - 1; 0 for one run). Groups in POOLS order for pool, else sorted."""
-    return group_stats(split_runs(runs, by), by, metrics)
-
-
-def markdown_table(groups, by, metrics):
-    """Mean +- std over seeds in percent, one row per group."""
-    lines = [f"| {by} | runs | " + ' | '.join(metrics) + ' |', '|---' * (len(metrics) + 2) + '|']
-    for value, n, stats in groups:
-        cells = [f'{100 * stats[m][0]:.1f} ± {100 * stats[m][1]:.1f}' if m in stats else '–'
-                 for m in metrics]
-        lines.append(f'| {value} | {n} | ' + ' | '.join(cells) + ' |')
+def captions_table(rows, n, seed):
+    """[(run, {attribute: cosine} trained, at init)] -> markdown, a row each for both."""
+    examples = '; '.join(f"{a}: '{p}' / '{q}'"
+                         for a in ATTRIBUTES for p, q in caption_pairs(a, 1, seed))
+    lines = [f"Mean cosine of the text embeddings z'_j of {n} pairs of captions that differ only "
+             f"in the attribute (e.g. {examples}). 1.000: the text tower does not tell the "
+             f"attribute's values apart; at init: the run's model before its first step.\n",
+             '| run | weights | ' + ' | '.join(ATTRIBUTES) + ' |',
+             '|---' * (len(ATTRIBUTES) + 2) + '|']
+    for name, trained, init in rows:
+        for weights, cos in (('trained', trained), ('at init', init)):
+            cells = ' | '.join(f'{cos[a]:.3f}' for a in ATTRIBUTES)
+            lines.append(f'| {name} | {weights} | {cells} |')
     return '\n'.join(lines) + '\n'
 
 
-# ----------------------------------------------------------------------------- paired differences
-def t_central(t, df):
-    """P(|T| < t) for Student's t with df = 1, 2, ... degrees of freedom and t >= 0: the finite
-    series in theta = atan(t / sqrt(df)) that integer df allow (Abramowitz & Stegun 26.7.3-4),
-    exact up to rounding, so no special function (nor scipy) is needed."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    term, total = 1.0, 1.0
-    if df % 2:   # 2/pi (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ... up to c^(df-3)))
-        if df == 1:
-            return 2 * theta / math.pi
-        for j in range(1, (df - 3) // 2 + 1):
-            term *= 2 * j / (2 * j + 1) * c2
-            total += term
-        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-    for j in range(1, (df - 2) // 2 + 1):   # sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
-        term *= (2 * j - 1) / (2 * j) * c2
-        total += term
-    return math.sin(theta) * total
-
-
-def t_quantile(p, df):
-    """The p-quantile of Student's t with df = 1, 2, ... degrees of freedom, by bisection on
-    t_central (which increases with t); t_quantile(0.975, 4) = 2.776."""
-    if not (isinstance(df, int) and df >= 1):
-        raise ValueError(f'degrees of freedom: a positive integer, not {df!r}')
-    if not 0 < p < 1:
-        raise ValueError(f'p={p}: a probability strictly between 0 and 1')
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    target = 2 * p - 1               # P(|T| < t) = 2 P(T < t) - 1 by symmetry
-    lo, hi = 0.0, 1.0
-    while t_central(hi, df) < target:
-        lo, hi = hi, 2 * hi
-    for _ in range(200):             # far below 1e-10 well before the 200th halving
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_central(mid, df) < target else (lo, mid)
-        if hi - lo < 1e-12 * hi:
-            break
-    return (lo + hi) / 2
-
-
-@dataclasses.dataclass
-class Paired:
-    """A pool's metric minus the baseline's, over the seeds both have (paired_difference)."""
-    n: int                 # seeds paired
-    mean: float            # of the differences; nan for n = 0
-    std: float             # their sample std (n - 1); nan for n < 2
-    lo: float | None       # the t interval mean -+ t_{(1+level)/2, n-1} std / sqrt(n);
-    hi: float | None       # None for n < 2: one difference says nothing of the spread
-    seeds: list            # the seeds paired
-    unpaired: list         # seeds that only one side has: left out
-
-    @property
-    def excludes_zero(self):
-        """Whether a difference is claimed: the interval lies on one side of zero."""
-        return self.lo is not None and (self.lo > 0 or self.hi < 0)
-
-    def cell(self, scale=100):
-        """'+1.8 [-2.1, +5.7]' in percentage points, ' *' added where the interval excludes 0."""
-        if self.n == 0:
-            return '– (no seed in common)'
-        if self.lo is None:
-            return f'{scale * self.mean:+.1f} (1 seed: no interval)'
-        star = ' *' if self.excludes_zero else ''
-        return f'{scale * self.mean:+.1f} [{scale * self.lo:+.1f}, {scale * self.hi:+.1f}]{star}'
-
-
-def paired_difference(values, baseline, level=LEVEL):
-    """values - baseline, each {seed: value}, over the seeds both have (the same seed, the same
-    data order: the noise the two runs share cancels): n, mean, sample std and the
-    two-sided t interval of the mean difference; no interval for fewer than two seeds."""
-    seeds = sorted(set(values) & set(baseline), key=lambda s: order_key('seed', s))
-    unpaired = sorted(set(values) ^ set(baseline), key=lambda s: order_key('seed', s))
-    d = [values[s] - baseline[s] for s in seeds]
-    n = len(d)
-    mean = statistics.fmean(d) if d else math.nan
-    if n < 2:
-        return Paired(n, mean, math.nan, None, None, seeds, unpaired)
-    std = statistics.stdev(d)
-    half = t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n)
-    return Paired(n, mean, std, mean - half, mean + half, seeds, unpaired)
-
-
-def seed_values(members, metrics):
-    """{seed: the mean of the metrics (one metric: its value)} over the runs of one group that
-    have them all; a seed that two runs share is left out (which of the two would pair?)."""
-    values, count = {}, {}
-    for run in members:
-        seed = run['config'].get('seed')
-        count[seed] = count.get(seed, 0) + 1
-        if all(m in run['metrics'] for m in metrics):
-            values[seed] = statistics.fmean(run['metrics'][m] for m in metrics)
-    return {seed: v for seed, v in values.items() if count[seed] == 1}
-
-
-def paired_rows(grouped, baseline, metrics, by):
-    """split_runs' groups -> [(value, {metric: Paired})]: each group's runs minus the runs of
-    the group whose value is baseline, paired by seed; [] (with a message) without that group."""
-    base = [members for value, members in grouped if same_value(value, baseline)]
-    if not base:
-        print(f"warning: no runs with {by}={baseline}: no paired differences", file=sys.stderr)
-        return []
+def cmd_captions(args):
     rows = []
-    for value, members in grouped:
-        if members is base[0]:
-            continue
-        diffs = {m: paired_difference(seed_values(members, [m]), seed_values(base[0], [m]))
-                 for m in metrics}
-        report_unpaired(diffs, f'{by}={value} − {baseline}')
-        rows.append((value, diffs))
-    return rows
+    for path in args.runs:
+        model = load_model(path)
+        init = initial_model(model.config, run_seed(path))
+        rows.append((checkpoint_path(path).resolve().parent.name,
+                     attribute_cosines(model, args.pairs, args.seed),
+                     attribute_cosines(init, args.pairs, args.seed)))
+    write_table(captions_table(rows, args.pairs, args.seed), args.table)
 
-
-def unpaired_seeds(diffs):
-    """The seeds left out of any of the {metric: Paired}, for they were not on both sides."""
-    return sorted({s for d in diffs.values() for s in d.unpaired}, key=lambda s: order_key('', s))
-
-
-def report_unpaired(diffs, label):
-    if seeds := unpaired_seeds(diffs):
-        print(f"warning: {label}: seed {', '.join(map(str, seeds))} only on one side, left out "
-              f"of the pairing", file=sys.stderr)
-
-
-def seeds_cell(diffs):
-    """How many seeds were paired: '5', or '3–5' where some metric has fewer."""
-    ns = sorted({d.n for d in diffs})
-    return str(ns[0]) if len(ns) == 1 else f'{ns[0]}–{ns[-1]}'
-
-
-def paired_legend(difference, level=LEVEL):
-    """The line above a table of Paired cells that says how to read them."""
-    return (f'{difference}, paired by seed, in percentage points: mean [{100 * level:g}% t '
-            f'interval]; * where the interval excludes zero.\n\n')
-
-
-def paired_table(rows, by, baseline, metrics):
-    """paired_rows -> markdown: a legend, one row per group, and which seeds were left out."""
-    lines = [f'| {by} − {baseline} | seeds | ' + ' | '.join(metrics) + ' |',
-             '|---' * (len(metrics) + 2) + '|']
-    for value, diffs in rows:
-        cells = [diffs[m].cell() for m in metrics]
-        lines.append(f'| {value} | {seeds_cell(diffs.values())} | ' + ' | '.join(cells) + ' |')
-    return (paired_legend(f'{by} − {baseline}') + '\n'.join(lines) + '\n'
-            + unpaired_notes(rows, by))
-
-
-def unpaired_notes(rows, by):
-    """A markdown line under a table: which seeds of [(value, {metric: Paired})] were left out."""
-    left_out = [f"{by}={value}: seed {', '.join(map(str, seeds))}"
-                for value, diffs in rows if (seeds := unpaired_seeds(diffs))]
-    if not left_out:
-        return ''
-    return f"\nLeft out of the pairing, on one side only: {'; '.join(left_out)}.\n"
-
-
-# ----------------------------------------------------------------------------- commands on runs
-def cmd_curves(args):
-    metrics = args.metrics.split(',')
-    logs = [(Path(path).name if Path(path).is_dir() else Path(path).parent.name, read_log(path))
-            for path in args.runs]
-    # a panel only for what some log holds: an old run's metric, a typo, leave no empty axes
-    wanted = ['loss', *metrics]
-    keys = [k for k in wanted if any(k in r for _, records in logs for r in records)]
-    if len(keys) < len(wanted):
-        print(f"warning: in no log, left out: {', '.join(k for k in wanted if k not in keys)}",
-              file=sys.stderr)
-    if not keys:
-        raise ValueError('these logs hold neither a training loss nor any of --metrics')
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, layout='constrained', figsize=(4 * cols, 3.2 * rows),
-                             squeeze=False)
-    axes = axes.flat
-    for ax, key in zip(axes, keys):
-        for name, records in logs:
-            points = [r for r in records if key in r]
-            if points:   # eval metrics are sparse: markers show where they were taken
-                ax.plot([r['step'] for r in points], [r[key] for r in points],
-                        marker=None if key == 'loss' else 'o', label=name)
-        ax.set_title('training loss' if key == 'loss' else key, fontsize=9)
-        ax.set_xlabel('step')
-    for ax in axes[len(keys):]:
-        ax.axis('off')
-    axes[0].legend(fontsize=7)
-    save(fig, args.out)
-
-
-def cmd_ablation(args):
-    runs = load_runs(args.runs)
-    metrics = args.metrics.split(',') if args.metrics else metrics_found(runs)
-    grouped = split_runs(runs, args.by)
-    groups = group_stats(grouped, args.by, metrics)
-    rows = dict(paired_rows(grouped, args.baseline, metrics, args.by))
+    # one group per attribute: for each run its trained bar, then a paler hatched one at init
     fig, ax = plt.subplots(layout='constrained',
-                           figsize=(1.6 * len(metrics) * max(1, len(groups) / 3) + 2, 4))
-    width = 0.8 / len(groups)
-    for n, (value, count, stats) in enumerate(groups):
-        x = [i + (n - (len(groups) - 1) / 2) * width for i in range(len(metrics))]
-        mean = [100 * stats.get(m, (math.nan, 0))[0] for m in metrics]
-        std = [100 * stats.get(m, (0, 0))[1] for m in metrics]
-        ax.bar(x, mean, width, yerr=std, capsize=3, label=f'{value} ({count} runs)')
-        for i, m in enumerate(metrics):
-            if value in rows and rows[value][m].excludes_zero:
-                ax.text(x[i], mean[i] + std[i], '*', ha='center', va='bottom')
-    ax.set_xticks(range(len(metrics)), metrics, fontsize=8, rotation=15, ha='right')
-    ax.set_ylabel('%, mean ± std over seeds')
-    star = (f'; *: the {100 * LEVEL:g}% interval of the paired difference to {args.baseline} '
-            f'excludes zero' if rows else '')
-    ax.set_title(f'Ablation by {args.by} (paper Figure 3){star}', fontsize=10)
-    ax.legend(fontsize=8)
-    table = markdown_table(groups, args.by, metrics)
-    if rows:
-        table += '\n' + paired_table(list(rows.items()), args.by, args.baseline, metrics)
-    write_table(table, args.table)
+                           figsize=(2 + len(ATTRIBUTES) * max(1.5, 0.5 * len(rows)), 4))
+    width = 0.8 / (2 * len(rows))
+    for n, (name, trained, init) in enumerate(rows):
+        for j, (cos, style) in enumerate(((trained, dict(label=name)),
+                                          (init, dict(label=f'{name} at init', alpha=0.4,
+                                                      hatch='//')))):
+            x = [i + (2 * n + j + 0.5 - len(rows)) * width for i in range(len(ATTRIBUTES))]
+            ax.bar(x, [cos[a] for a in ATTRIBUTES], width, color=f'C{n % 10}', **style)
+    # cosines near 1 are what matters: the axis starts a little below the smallest, not at 0
+    low = min(cos[a] for _, *both in rows for cos in both for a in ATTRIBUTES)
+    bottom = max(-1.0, low - 0.25 * (1 - low) - 0.005)
+    ax.set_ylim(bottom, 1 + 0.03 * (1 - bottom))
+    ax.axhline(1.0, color='gray', linestyle='--', linewidth=0.8)
+    ax.set_xticks(range(len(ATTRIBUTES)), list(ATTRIBUTES))
+    ax.set_ylabel('mean cosine of captions differing in this attribute', fontsize=8)
+    ax.set_title(f"Text embeddings z'_j of {args.pairs} caption pairs per attribute "
+                 f'(1: the values are not told apart)', fontsize=9)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1, 1))   # beside the bars
     save(fig, args.out)
-
-
-def x_axis(ax, values):
-    """Put the swept values on ax's x axis and return where to plot them: on a log2 scale when
-    all are powers of two (K = 1, 4, 16, 64 evenly spaced), one slot each when not numbers."""
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    xs = list(values) if numeric else list(range(len(values)))
-    if numeric and len(values) > 1 and all(v > 0 and math.log2(v).is_integer() for v in values):
-        ax.set_xscale('log', base=2)
-    ax.set_xticks(xs, [f'{v:g}' if numeric else str(v) for v in values])
-    ax.minorticks_off()
-    return xs
-
-
-def dodge(ax, xs, i, n):
-    """xs shifted for the i-th of n series, so that their error bars do not hide each other:
-    by a fixed factor on a log axis, by a fixed share of the range on a linear one."""
-    shift = (i - (n - 1) / 2) * 0.04
-    if ax.get_xscale() == 'log':
-        return [x * 2 ** shift for x in xs]
-    span = (max(xs) - min(xs)) or 1
-    return [x + shift * span for x in xs]
-
-
-def cmd_sweep(args):
-    metrics = args.metrics.split(',')
-    grouped = split_runs(load_runs(args.runs), args.by)
-    groups = group_stats(grouped, args.by, metrics)
-    fig, ax = plt.subplots(layout='constrained', figsize=(6, 4))
-    xs = dict(zip([v for v, _, _ in groups], x_axis(ax, [v for v, _, _ in groups])))
-    for metric in metrics:
-        points = [(v, stats[metric]) for v, _, stats in groups if metric in stats]
-        ax.errorbar([xs[v] for v, _ in points], [100 * s[0] for _, s in points],
-                    yerr=[100 * s[1] for _, s in points], marker='o', capsize=3, label=metric)
-    ax.set_xlabel(args.by)
-    ax.set_ylabel('%, mean ± std over seeds')
-    ax.set_title(f'Sweep over {args.by} (paper Figure 6)', fontsize=10)
-    ax.legend(fontsize=8)
-    table = markdown_table(groups, args.by, metrics)
-    if args.baseline is not None:
-        rows = paired_rows(grouped, args.baseline, metrics, args.by)
-        if rows:
-            table += '\n' + paired_table(rows, args.by, args.baseline, metrics)
-    write_table(table, args.table)
-    save(fig, args.out)
-
-
-def lr_scores(runs, metrics):
-    """{pool: {lr: [the score of each run]}}, a run's score the mean of the metrics; runs
-    without all of them are left out, with a message."""
-    lacking = [run['name'] for run in runs if not all(m in run['metrics'] for m in metrics)]
-    if lacking:
-        print(f"warning: not all of {', '.join(metrics)} in {', '.join(lacking)}: left out",
-              file=sys.stderr)
-    scores = {}
-    for pool, members in split_runs(runs, 'pool'):
-        seeds = {}
-        for lr, group in split_runs(members, 'lr'):
-            warn_if_mixed(group, f'pool={pool}, lr={lr:g}', ignore=['pool', 'lr'])
-            scored = [run for run in group if run['name'] not in lacking]
-            if scored:
-                scores.setdefault(pool, {})[lr] = [
-                    statistics.fmean(run['metrics'][m] for m in metrics) for run in scored]
-                seeds[lr] = tuple(sorted((run['config'].get('seed') for run in scored),
-                                         key=lambda s: order_key('', s)))
-        if len(set(seeds.values())) > 1:   # then a seed's luck can pass for the lr's merit
-            print(f'warning: pool={pool}: the learning rates were not run with the same seeds',
-                  file=sys.stderr)
-    return scores
-
-
-def pick_lr(by_lr):
-    """The lr of {lr: [scores]} with the best mean score; a tie (to 1e-12) goes to the smallest
-    of them, the gentlest step, and never to the order the runs came in."""
-    means = {lr: statistics.fmean(scores) for lr, scores in by_lr.items()}
-    best = max(means.values())
-    return min(lr for lr, mean in means.items() if mean >= best - 1e-12)
-
-
-def lr_table(scores, best, metrics):
-    """Pool x lr, each cell the mean score over seeds in percent and how many runs; bold: the
-    lr picked."""
-    lrs = sorted({lr for by_lr in scores.values() for lr in by_lr})
-    lines = [f'Score: the mean of {", ".join(metrics)} in percent, averaged over seeds (how '
-             f'many in brackets); bold: the learning rate picked for each pool.\n',
-             '| pool | ' + ' | '.join(f'lr={lr:g}' for lr in lrs) + ' | best lr |',
-             '|---' * (len(lrs) + 2) + '|']
-    for pool, by_lr in scores.items():
-        cells = []
-        for lr in lrs:
-            if lr not in by_lr:
-                cells.append('–')
-                continue
-            cell = f'{100 * statistics.fmean(by_lr[lr]):.1f} ({len(by_lr[lr])})'
-            cells.append(f'**{cell}**' if lr == best[pool] else cell)
-        lines.append(f'| {pool} | ' + ' | '.join(cells) + f' | {best[pool]:g} |')
-    return '\n'.join(lines) + '\n'
-
-
-def cmd_lr(args):
-    metrics = args.metrics.split(',')
-    runs = load_runs(args.runs)
-    on_test = [run['name'] for run in runs if run['config'].get('eval_split') == 'test']
-    if on_test:   # a learning rate chosen on the test split flatters the reported test numbers
-        print(f"warning: evaluated on the test split (eval_split='test', or from before train.py "
-              f"had --eval_split), choose the learning rate on --eval_split=val runs: "
-              f"{', '.join(on_test)}", file=sys.stderr)
-    scores = lr_scores(runs, metrics)
-    if not scores:
-        raise ValueError(f"no run has all of --metrics={args.metrics}")
-    best = {pool: pick_lr(by_lr) for pool, by_lr in scores.items()}
-    write_table(lr_table(scores, best, metrics), args.table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(best, indent=2) + '\n')
-    print(f'wrote {args.out}')
-
-
-def pressure_rows(runs, by, pool, baseline, metrics):
-    """[(value, {pool: {metric: (mean, std)}}, {metric: Paired})] for each value of by that has
-    runs of both pools: their means over seeds and pool - baseline paired by seed."""
-    rows = []
-    for value, members in split_runs(runs, by):
-        pools = {p: group for p, group in split_runs(members, 'pool') if p in (pool, baseline)}
-        if len(pools) < 2:
-            print(f'warning: {by}={value}: no runs of pool={pool} and pool={baseline} both: '
-                  'left out', file=sys.stderr)
-            continue
-        for p, group in pools.items():
-            warn_if_mixed(group, f'{by}={value}, pool={p}', ignore=[by, 'pool'])
-        diffs = {m: paired_difference(seed_values(pools[pool], [m]),
-                                      seed_values(pools[baseline], [m])) for m in metrics}
-        report_unpaired(diffs, f'{by}={value}, {pool} − {baseline}')
-        rows.append((value, {p: metric_stats(group, metrics) for p, group in pools.items()}, diffs))
-    if not rows:
-        raise ValueError(f'no value of {by} has runs of both pool={pool} and pool={baseline}')
-    return rows
-
-
-def pressure_table(rows, by, pool, baseline, metrics):
-    """For each value of by and metric: each pool's mean ± std, and their paired difference."""
-    head = [f'{m}: {p}' for m in metrics for p in (pool, baseline, f'{pool} − {baseline}')]
-    lines = [f'| {by} | seeds | ' + ' | '.join(head) + ' |', '|---' * (len(head) + 2) + '|']
-    for value, stats, diffs in rows:
-        cells = []
-        for m in metrics:
-            for p in (pool, baseline):
-                mean, std = stats[p].get(m, (math.nan, math.nan))
-                cells.append(f'{100 * mean:.1f} ± {100 * std:.1f}' if m in stats[p] else '–')
-            cells.append(diffs[m].cell())
-        lines.append(f'| {value} | {seeds_cell(diffs.values())} | ' + ' | '.join(cells) + ' |')
-    return (paired_legend(f'{pool} − {baseline} against {by}') + '\n'.join(lines) + '\n'
-            + unpaired_notes([(value, diffs) for value, _, diffs in rows], by))
-
-
-def cmd_pressure(args):
-    runs = load_runs(args.runs)
-    metrics = args.metrics.split(',') if args.metrics else metrics_found(runs)
-    rows = pressure_rows(runs, args.by, args.pool, args.baseline, metrics)
-    fig, (left, right) = plt.subplots(1, 2, layout='constrained', figsize=(11, 4.2))
-    values = [value for value, _, _ in rows]
-    xs = x_axis(left, values)
-    x_axis(right, values)
-    for i, m in enumerate(metrics):
-        color = f'C{i % 10}'
-        d = [diffs[m] for _, _, diffs in rows]
-        # one seed: the point without a bar (no interval), not a bar of zero length that looks sure
-        below = [100 * (x.mean - x.lo) if x.lo is not None else 0 for x in d]
-        above = [100 * (x.hi - x.mean) if x.hi is not None else 0 for x in d]
-        at = dodge(left, xs, i, len(metrics))
-        left.errorbar(at, [100 * x.mean for x in d], yerr=[below, above], color=color,
-                      marker='o', capsize=3, label=m)
-        for x, diff in zip(at, d):
-            if diff.excludes_zero:
-                left.annotate('*', (x, 100 * diff.hi), ha='center', va='bottom', color=color)
-        for j, (p, style) in enumerate(((args.pool, '-o'), (args.baseline, '--s'))):
-            at = dodge(right, xs, 2 * i + j, 2 * len(metrics))
-            points = [(x, stats[p][m]) for x, (_, stats, _) in zip(at, rows) if m in stats[p]]
-            right.errorbar([x for x, _ in points], [100 * s[0] for _, s in points],
-                           yerr=[100 * s[1] for _, s in points], fmt=style, color=color,
-                           capsize=3, label=f'{m}: {p}')
-    left.axhline(0, color='gray', linewidth=0.8)
-    left.set_ylabel(f'{args.pool} − {args.baseline}, percentage points')
-    left.set_title(f'Paired by seed: mean, {100 * LEVEL:g}% t interval (* excludes 0)', fontsize=9)
-    right.set_ylabel('%, mean ± std over seeds')
-    right.set_title(f'{args.pool} (solid) and {args.baseline} (dashed)', fontsize=9)
-    for ax in (left, right):
-        ax.set_xlabel(args.by)
-        ax.legend(fontsize=7)
-    fig.suptitle(f'{args.pool} against {args.baseline} as {args.by} varies', fontsize=10)
-    write_table(pressure_table(rows, args.by, args.pool, args.baseline, metrics), args.table)
-    save(fig, args.out)
-
-
-def write_table(table, path):
-    print(table, end='')
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(table)
-        print(f'wrote {path}')
-
-
-def save(fig, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f'wrote {path}')
 
 
 # ----------------------------------------------------------------------------- command line
 def parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='command', required=True)
-
-    def command(name, func, help, out, out_help='the PNG file to write'):
-        s = sub.add_parser(name, help=help, description=help)
-        s.set_defaults(func=func)
-        s.add_argument('--out', default=out, help=f'{out_help} (default: {out})')
-        return s
+    p, sub = subcommands(__doc__)
 
     def images(s):
         s.add_argument('--data', default=str(RETRIEVAL), help='shards with captioned images (brace '
                        'pattern, directory or list); default: the synthetic retrieval split')
 
-    s = command('spectrum', cmd_spectrum,
-                'singular values of the covariance of the visual features (Figure 5)',
-                'spectrum.png')
+    s = add_command(sub, 'spectrum', cmd_spectrum,
+                    'singular values of the covariance of the visual features (Figure 5)',
+                    'spectrum.png')
     s.add_argument('ckpts', nargs='+',
                    help='train.py checkpoints or run directories, one line each')
     images(s)
@@ -898,9 +394,9 @@ def parser():
     s.add_argument('--labels', help='comma-separated legend labels, one per checkpoint '
                                     '(default: pool, K, directory)')
 
-    s = command('mixing', cmd_mixing,
-                "mixing weights Phi of one image for its captions and others' (pool=llip)",
-                'mixing.png')
+    s = add_command(sub, 'mixing', cmd_mixing,
+                    "mixing weights Phi of one image for its captions and others' (pool=llip)",
+                    'mixing.png')
     s.add_argument('ckpt', help='a train.py checkpoint (or run directory) with pool=llip')
     images(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
@@ -909,9 +405,9 @@ def parser():
     s.add_argument('--tau', type=float, default=None,
                    help="mixing temperature (default: the model's)")
 
-    s = command('attention', cmd_attention,
-                "each mixture token's attention over the patches, last vision block",
-                'attention.png')
+    s = add_command(sub, 'attention', cmd_attention,
+                    "each mixture token's attention over the patches, last vision block",
+                    'attention.png')
     s.add_argument('ckpt', help='a train.py checkpoint or run directory')
     images(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
@@ -920,62 +416,21 @@ def parser():
     s.add_argument('--alpha', type=float, default=0.6,
                    help='opacity of the heat map over the image')
 
-    s = command('curves', cmd_curves,
-                'training loss and eval metrics against step, one line per run', 'curves.png')
-    s.add_argument('runs', nargs='+',
-                   help="run directories (train.py's --out_dir) or log.jsonl files")
-    s.add_argument('--metrics', default=','.join(METRICS),
-                   help='comma-separated eval metrics to plot; those in no log get no panel')
-
-    def run_groups(s, by, by_help):
-        s.add_argument('runs', nargs='+',
-                       help='run directories, each with config.json and log.jsonl')
-        s.add_argument('--by', default=by,
-                       help=f'the config.json key to group by, a train.py flag or a model_config '
-                            f'field (default: {by}; {by_help})')
-        s.add_argument('--table', help='also write the markdown tables to this file')
-
-    every = 'comma-separated eval metrics (default: every metric the runs logged)'
-    s = command('ablation', cmd_ablation, 'bars per metric, runs grouped by pool (Figure 3), and '
-                'each pool minus the baseline paired by seed', 'ablation.png')
-    run_groups(s, 'pool', 'e.g. pool, num_mixture, tau')
-    s.add_argument('--metrics', help=every)
-    s.add_argument('--baseline', default='cls',
-                   help='the group the others are paired with, seed by seed (default: cls)')
-
-    s = command('sweep', cmd_sweep, 'metrics against K or tau with error bars (Figure 6)',
-                'sweep.png')
-    run_groups(s, 'num_mixture', 'e.g. num_mixture, tau')
-    s.add_argument('--metrics', default=','.join(METRICS), help='comma-separated eval metrics')
-    s.add_argument('--baseline', help='a value of --by (e.g. 16): also the table of every other '
-                                      'value minus this one, paired by seed')
-
-    s = command('lr', cmd_lr, "each pool's learning rate: the best mean over seeds of the average "
-                'of --metrics (runs on the validation split)', 'lr.json',
-                out_help='the JSON file {pool: learning rate} to write')
-    s.add_argument('runs', nargs='+',
-                   help='run directories, each with config.json and log.jsonl')
-    s.add_argument('--metrics', required=True,
-                   help='comma-separated eval metrics whose average scores a run')
-    s.add_argument('--table', help='also write the markdown table (pool x lr) to this file')
-
-    s = command('pressure', cmd_pressure, '--pool minus --baseline paired by seed, against a '
-                'swept setting such as embed_dim or synthetic_objects', 'pressure.png')
-    run_groups(s, 'embed_dim', 'e.g. embed_dim, synthetic_objects')
-    s.add_argument('--metrics', help=every)
-    s.add_argument('--pool', default='llip', help='the pool compared (default: llip)')
-    s.add_argument('--baseline', default='cls', help='the pool it is compared with (default: cls)')
+    s = add_command(sub, 'captions', cmd_captions,
+                    'mean cosine of the text embeddings of captions that differ in one '
+                    'attribute (colour, shape, size, place), trained and at init', 'captions.png')
+    s.add_argument('runs', nargs='+', help='run directories or train.py checkpoints')
+    s.add_argument('--table', help='also write the markdown table to this file')
+    s.add_argument('--pairs', type=int, default=200, help='caption pairs per attribute')
+    s.add_argument('--seed', type=int, default=0,
+                   help='seed of the random objects the captions describe')
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            args.func(args)
-    # bad input: the message, not a traceback
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(f'error: {e}')
+    with torch.no_grad():
+        run_command(args)
 
 
 if __name__ == '__main__':

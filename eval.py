@@ -40,7 +40,7 @@ false one being the true one with an attribute swapped between two objects of th
 fraction of triples whose image scores the true caption above the false one, overall and per
 kind. The false captions are scored against their own image only, never ranked.
 
-Results: a table on stdout and a JSON file (--out) for analysis.py.
+Results: a table on stdout and a JSON file (--out).
     python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time, metrics ==
                                              # one query at a time
 """

@@ -9,13 +9,13 @@
 #
 # Stages, each writing runs/study/<stage>/<run>/ (config.json, log.jsonl with the evaluation):
 #   lr        each pool at each learning rate of LRS, seed 0, evaluated on the VALIDATION split;
-#             analysis.py lr picks each pool's best into runs/study/lr.json
+#             report.py lr picks each pool's best into runs/study/lr.json
 #   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
 #   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 128) and
 #             with up to 5 objects per image instead of 3: does llip gain more where one vector
 #             has to hold more?
 # Seed s of every pool sees the same data in the same order, so pools are compared pair by
-# pair (analysis.py: mean and 95% interval of the paired difference).
+# pair (report.py: mean and 95% interval of the paired difference).
 #
 # Runs are independent processes, JOBS at a time with one thread each (small models use two
 # cores better that way). A finished run is not redone and a killed one resumes from its last
@@ -51,7 +51,7 @@ choose_lr() {   # $@: pools
     for pool in "$@"; do for lr in $LRS; do
         echo "$OUT/lr/pool=$pool,lr=$lr,seed=0 --pool=$pool --lr=$lr --seed=0 --eval_split=val"
     done; done | run_all
-    python analysis.py lr "$OUT"/lr/*/ --metrics=$SELECT --out="$OUT/lr.json" --table="$OUT/lr.md"
+    python report.py lr "$OUT"/lr/*/ --metrics=$SELECT --out="$OUT/lr.json" --table=runs/lr.md
 }
 
 python -c "import synthetic; synthetic.make_synthetic('data/synthetic')"   # once, before the parallel runs
@@ -60,7 +60,7 @@ choose_lr cls llip
 for seed in 0 1 2 3 4; do for pool in cls llip; do
     echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
 done; done | run_all
-python analysis.py ablation "$OUT"/ladder/pool=cls,*/ "$OUT"/ladder/pool=llip,*/ --baseline=cls \
+python report.py ablation "$OUT"/ladder/pool=cls,*/ "$OUT"/ladder/pool=llip,*/ --baseline=cls \
     --metrics=$SHOW --out=runs/headline.png --table=runs/headline.md
 [ "$WHAT" = headline ] && exit 0
 
@@ -78,15 +78,16 @@ for seed in 0 1 2; do for pool in cls llip; do
          "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
 done; done | run_all
 
-python analysis.py ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$SHOW --out=runs/ablation.png --table=runs/ablation.md
-python analysis.py pressure "$OUT"/pressure/*embed_dim*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
+python report.py ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$SHOW --out=runs/ablation.png --table=runs/ablation.md
+python report.py pressure "$OUT"/pressure/*embed_dim*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
     "$OUT"/ladder/pool=llip,seed=[012]/ --by=embed_dim --baseline=cls --pool=llip \
     --metrics=retrieval/i2t_map,retrieval/binding --out=runs/pressure_dim.png --table=runs/pressure_dim.md
-python analysis.py pressure "$OUT"/pressure/*objects*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
+python report.py pressure "$OUT"/pressure/*objects*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
     "$OUT"/ladder/pool=llip,seed=[012]/ --by=synthetic_objects --baseline=cls --pool=llip \
     --metrics=retrieval/i2t_map,retrieval/binding --out=runs/pressure_objects.png --table=runs/pressure_objects.md
-python analysis.py curves "$OUT"/ladder/*,seed=0/ --out=runs/curves.png
+python report.py curves "$OUT"/ladder/*,seed=0/ --out=runs/curves.png
 python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg,seed=0 \
     "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/spectrum.png
 python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/mixing.png
 python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/attention.png
+python analysis.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md

@@ -15,3 +15,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def is_png():
+    """A check that a file is a PNG, by its 8-byte signature: what the plotting commands write."""
+    def check(path):
+        with open(path, 'rb') as f:
+            return f.read(8) == b'\x89PNG\r\n\x1a\n'
+    return check

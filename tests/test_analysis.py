@@ -1,4 +1,5 @@
-"""What this proves about analysis.py (run: python -m pytest tests/test_analysis.py):
+"""What this proves about analysis.py, the diagnostics of trained checkpoints
+(run: python -m pytest tests/test_analysis.py):
 - the spectrum is the covariance's singular values, descending and divided by the largest:
   exact on data built to have a known covariance; the features are the K mixture tokens of
   each image along the batch axis for the mixer pools, the first token for cls;
@@ -7,23 +8,16 @@
   model's own contextualised similarity; a checkpoint that is not pool=llip is refused;
 - the attention maps, recomputed from the last block's input, have rows summing to 1 and,
   applied to the values, give exactly what the block's attention produced;
-- runs are grouped with the right mean and sample std over seeds, in the ablation ladder's
-  order, from logs with a resumed (repeated) step and a torn last line; a run without
-  evaluation is skipped; the markdown table shows them;
+- the caption pairs differ in exactly the attribute named, as the synthetic grammar reads
+  them, and cover its values; their cosine is the plain dot product of the two captions
+  encoded one at a time; a text tower that maps every caption to one vector gives 1.000; the
+  model at init is exactly the one train.py started from (its seed, from config.json);
 - every subcommand writes a PNG from a checkpoint in train.py's format and a tiny synthetic
-  dataset, and the ablation / sweep tables go to --table; curves leaves out metrics no log has;
-- runs group by a key of config.json's top level (lr, synthetic_objects, ...) as well as by a
-  model_config field; a run from before synthetic_objects / eval_split existed has their old
-  values (3, 'test');
-- the Student t quantiles, computed without scipy, match the tables (12.706, 4.303, 2.776, ...)
-  and the closed forms of df 1 and 2; the paired interval of a set of differences is the one
-  computed by hand here, with a * exactly where it excludes zero, and none for one seed;
-- pairing uses only the seeds both pools have, and says which it left out;
-- lr picks each pool's best mean over seeds of the average of --metrics, a tie going to the
-  smaller lr whatever the order of the runs, writes {pool: lr} and warns about test-split runs;
-- ablation and pressure write a PNG and markdown that holds those paired numbers.
+  dataset; captions writes its table to --table.
 """
 import dataclasses
+import functools
+import itertools
 import json
 import math
 
@@ -35,10 +29,10 @@ from einops import einsum, rearrange
 import analysis
 import data
 import loss
+import synthetic
 from model import PRESETS, Llip
 from synthetic import make_synthetic
 
-METRICS = ['zeroshot/color/top1', 'retrieval/i2t_r1']
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
@@ -166,74 +160,112 @@ def test_attention_is_what_the_block_computed(files, images_and_captions, pool):
     torch.testing.assert_close(out, seen['out'][:, :T], atol=1e-5, rtol=1e-4)
 
 
-# ----------------------------------------------------------------------------- runs
-def fake_run(root, name, pool, seed, metrics, num_mixture=4, extra_lines=(), top=None, model=None):
-    """A run directory as train.py writes it; top: more of config.json's top level (train.py's
-    flags), model: more model_config fields."""
+# ----------------------------------------------------------------------------- captions
+def run_dir(root, name, pool, seed, collapse=False):
+    """A run directory as train.py leaves it, ckpt.pt and config.json; collapse: the text
+    tower's last LayerNorm gives its bias whatever its input, so every caption has one
+    embedding."""
     run = root / name
-    run.mkdir(parents=True)
-    model_config = {'pool': pool, 'num_mixture': num_mixture, 'tau': 5.0, **(model or {})}
-    config = {'seed': seed, **(top or {}), 'model_config': model_config}
-    (run / 'config.json').write_text(json.dumps(config))
-    lines = [json.dumps({'step': 10, 'loss': 3.0})]
-    if metrics is not None:
-        lines.append(json.dumps({'step': 20, 'loss': 2.0, **metrics}))
-    lines += extra_lines
-    (run / 'log.jsonl').write_text('\n'.join(lines) + '\n')
+    run.mkdir()
+    save_checkpoint(run / 'ckpt.pt', pool, seed)
+    if collapse:
+        ckpt = torch.load(run / 'ckpt.pt', weights_only=False)
+        ckpt['model']['text.ln_final.weight'].zero_()
+        ckpt['model']['text.ln_final.bias'].normal_()
+        torch.save(ckpt, run / 'ckpt.pt')
+    (run / 'config.json').write_text(json.dumps({'seed': seed, 'model_config': {'pool': pool}}))
     return str(run)
 
 
-@pytest.fixture
-def runs(tmp_path):
-    out = [fake_run(tmp_path, f'llip{s}', 'llip', s, {METRICS[0]: v, METRICS[1]: 0.1 * s})
-           for s, v in enumerate([0.5, 0.6, 0.7])]
-    # a resumed run: step 20 logged twice, the later record wins; the last line was torn
-    out.append(fake_run(tmp_path, 'cls0', 'cls', 0, {METRICS[0]: 0.9, METRICS[1]: 0.9},
-                        extra_lines=[json.dumps({'step': 20, 'loss': 2.5,
-                                                 METRICS[0]: 0.3, METRICS[1]: 0.2}),
-                                     json.dumps({'step': 30, 'loss': 1.0})[:-1]]))
-    out.append(fake_run(tmp_path, 'avg0', 'avg', 0, None))   # no evaluation yet: skipped
-    return out
+@functools.cache
+def grammar():
+    """{caption: [every object it could be said of]}, over all objects of the synthetic data."""
+    said_of = {}
+    for shape, color, size, place in itertools.product(
+            synthetic.SHAPES, synthetic.COLORS, synthetic.SIZES, synthetic.PLACES):
+        o = {'shape': shape, 'color': color, 'size': size, 'place': place}
+        for kind in ('color', 'place', 'size'):
+            said_of.setdefault(synthetic._say(kind, o), []).append(o)
+    return said_of
 
 
-def test_read_log_keeps_the_later_record_of_a_step(runs):
-    records = analysis.read_log(runs[3])
-    assert [r['step'] for r in records] == [10, 20]
-    assert records[1][METRICS[0]] == 0.3 and records[1]['loss'] == 2.5
+def said(caption):
+    """What a caption says of its object: {attribute: value} for each attribute on which all
+    the objects it could be said of agree ('a red circle': colour and shape, not size, place)."""
+    objects = grammar()[caption]
+    return {k: v for k, v in objects[0].items() if all(o[k] == v for o in objects)}
 
 
-def test_grouping_mean_and_std_over_seeds(runs, capsys):
-    groups = analysis.group_runs(analysis.load_runs(runs), 'pool', METRICS)
-    # ladder order, avg skipped
-    assert [(value, n) for value, n, _ in groups] == [('cls', 1), ('llip', 3)]
-    cls, llip = groups[0][2], groups[1][2]
-    assert cls[METRICS[0]] == (0.3, 0.0) and cls[METRICS[1]] == (0.2, 0.0)
-    assert llip[METRICS[0]] == pytest.approx((0.6, 0.1))        # sample std, n - 1
-    assert llip[METRICS[1]] == pytest.approx((0.1, 0.1))
-    table = analysis.markdown_table(groups, 'pool', METRICS)
-    assert '| llip | 3 | 60.0 ± 10.0 | 10.0 ± 10.0 |' in table
-    assert '| cls | 1 | 30.0 ± 0.0 | 20.0 ± 0.0 |' in table
-    assert 'avg0' in capsys.readouterr().err
+@pytest.mark.parametrize('attribute, values', [('color', synthetic.COLORS),
+                                               ('shape', synthetic.SHAPES),
+                                               ('size', synthetic.SIZES),
+                                               ('place', synthetic.PLACES)])
+def test_caption_pairs_differ_in_exactly_that_attribute(attribute, values):
+    pairs = analysis.caption_pairs(attribute, 200, seed=0)
+    assert len(pairs) == 200
+    for a, b in pairs:
+        x, y = said(a), said(b)
+        assert attribute in x and x.keys() == y.keys(), (a, b)
+        assert {k for k in x if x[k] != y[k]} == {attribute}, (a, b)
+    # every value turns up on both sides; the seed fixes the pairs
+    assert {said(a)[attribute] for a, _ in pairs} == set(values)
+    assert {said(b)[attribute] for _, b in pairs} == set(values)
+    assert analysis.caption_pairs(attribute, 200, seed=0) == pairs
+    assert analysis.caption_pairs(attribute, 200, seed=1) != pairs
 
 
-def test_sweep_groups_numerically_and_warns_about_mixed_groups(tmp_path, capsys):
-    runs = [fake_run(tmp_path, f'k{k}s{s}', 'llip', s, {METRICS[0]: k / 100 + s / 1000},
-                     num_mixture=k) for k in (16, 4, 64) for s in range(2)]
-    runs.append(fake_run(tmp_path, 'avg16', 'avg', 0, {METRICS[0]: 0.0}, num_mixture=16))
-    groups = analysis.group_runs(analysis.load_runs(runs), 'num_mixture', METRICS[:1])
-    assert [value for value, _, _ in groups] == [4, 16, 64]
-    assert groups[0][2][METRICS[0]] == pytest.approx((0.0405, math.sqrt(0.001 ** 2 / 2)))
-    assert 'num_mixture=16 also differ in pool' in capsys.readouterr().err
+@pytest.mark.parametrize('pool', ['llip', 'cls'])
+def test_caption_cosine_is_the_dot_product_of_each_pair(files, pool):
+    model = analysis.load_model(files[pool])
+    c = model.config
+    cosines = analysis.attribute_cosines(model, n=6, seed=2)
+    for attribute, pairs in ((a, analysis.caption_pairs(a, 6, seed=2)) for a in cosines):
+        with torch.no_grad():                                       # each caption alone
+            one = [[model.encode_text(data.tokenize([t], c.context_length, c.tokenizer)).emb[0]
+                    for t in pair] for pair in pairs]
+        expected = sum(float(a @ b) for a, b in one) / len(one)
+        assert cosines[attribute] == pytest.approx(expected, abs=1e-5), attribute
+        assert cosines[attribute] < 0.999                          # a random model tells them apart
+
+
+def table_row(text, run, weights):
+    """The cosines of one row of the captions table, in ATTRIBUTES order."""
+    row = next(line for line in text.splitlines() if line.startswith(f'| {run} | {weights} |'))
+    return [float(cell) for cell in row.split('|')[3:-1]]
+
+
+def test_captions_of_a_collapsed_text_tower_are_one(tmp_path, is_png):
+    run = run_dir(tmp_path, 'collapsed', 'llip', seed=0, collapse=True)
+    model = analysis.load_model(run)
+    assert analysis.attribute_cosines(model, n=10) == pytest.approx(
+        dict.fromkeys(analysis.ATTRIBUTES, 1.0), abs=1e-6)
+    table = tmp_path / 'captions.md'
+    analysis.main(['captions', run, '--pairs=10', f'--table={table}',
+                   f"--out={tmp_path / 'captions.png'}"])
+    assert is_png(tmp_path / 'captions.png')
+    text = table.read_text()
+    assert table_row(text, 'collapsed', 'trained') == [1.0] * 4
+    assert max(table_row(text, 'collapsed', 'at init')) < 0.999   # before the weights were zeroed
+
+
+def test_the_model_at_init_is_the_one_train_py_started_from(tmp_path):
+    run = run_dir(tmp_path, 'cls3', 'cls', seed=3)                 # saved right after its init
+    assert analysis.run_seed(run) == 3
+    assert analysis.run_seed(tmp_path) == 0                        # no config.json: seed 0
+    saved = analysis.load_model(run)
+    rng = torch.get_rng_state()
+    init = analysis.initial_model(saved.config, analysis.run_seed(run))
+    assert torch.equal(torch.get_rng_state(), rng)                 # the caller's draws go on
+    for name, value in saved.state_dict().items():
+        assert torch.equal(init.state_dict()[name], value), name
+    other = analysis.initial_model(saved.config, 0)
+    assert not torch.equal(other.text_proj, saved.text_proj)       # so the seed did matter
 
 
 # ----------------------------------------------------------------------------- every command
-def is_png(path):
-    with open(path, 'rb') as f:
-        return f.read(8) == b'\x89PNG\r\n\x1a\n'
-
-
-def test_every_subcommand_writes_a_png(files, runs, tmp_path):
+def test_every_subcommand_writes_a_png(files, tmp_path, is_png):
     d = f"--data={files['data']}"
+    runs = [run_dir(tmp_path, name, name, seed) for seed, name in enumerate(('cls', 'llip'))]
     commands = {
         'spectrum': ['spectrum', files['llip'], files['cls'], d, '--images=6'],
         'spectrum_values': ['spectrum', files['llip'], files['cls'], d, '--features=values',
@@ -241,205 +273,15 @@ def test_every_subcommand_writes_a_png(files, runs, tmp_path):
         'mixing': ['mixing', files['llip'], d, '--index=2', '--unrelated=3'],
         'attention': ['attention', files['llip'], d, '--index=1', '--head=0'],
         'attention_cls': ['attention', files['cls'], d],
-        'curves': ['curves', *runs],
-        'ablation': ['ablation', *runs, f"--table={tmp_path / 'ablation.md'}"],
-        'sweep': ['sweep', *runs[:3], '--by=num_mixture', f"--metrics={METRICS[0]}"],
-        'sweep_paired': ['sweep', *runs, '--by=pool', '--baseline=cls'],
-        'pressure': ['pressure', *runs, '--by=num_mixture'],   # one seed paired: no interval
+        'captions': ['captions', *runs, '--pairs=8', f"--table={tmp_path / 'captions.md'}"],
     }
     for name, argv in commands.items():
         analysis.main([*argv, f'--out={tmp_path / name}.png'])
         assert is_png(tmp_path / f'{name}.png'), name
-    assert '60.0 ± 10.0' in (tmp_path / 'ablation.md').read_text()
+    text = (tmp_path / 'captions.md').read_text()
+    # at init and trained alike: these checkpoints are their runs' initial weights (W_Q of llip
+    # aside, which the text embedding does not use)
+    for run in ('cls', 'llip'):
+        assert table_row(text, run, 'trained') == table_row(text, run, 'at init')
     with pytest.raises(SystemExit, match='--index=99'):
         analysis.main(['attention', files['llip'], d, '--index=99', f"--out={tmp_path / 'x.png'}"])
-
-
-def test_curves_leaves_out_metrics_no_log_has(runs, tmp_path, capsys):
-    analysis.main(['curves', *runs, f'--metrics={METRICS[0]},zeroshot/nothing/top1',
-                   f"--out={tmp_path / 'curves.png'}"])
-    assert is_png(tmp_path / 'curves.png')
-    assert 'left out: zeroshot/nothing/top1' in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------- config keys
-def test_group_by_top_level_keys_and_old_runs(tmp_path, capsys):
-    new = dict(top={'lr': 3e-3, 'synthetic_objects': 5, 'eval_split': 'val'},
-               model={'embed_dim': 64})
-    runs = [fake_run(tmp_path, 'old', 'llip', 0, {METRICS[0]: 0.5}),   # before these flags existed
-            fake_run(tmp_path, 'new', 'llip', 0, {METRICS[0]: 0.7}, **new),
-            fake_run(tmp_path, 'new1', 'llip', 1, {METRICS[0]: 0.9}, **new)]
-    loaded = analysis.load_runs(runs)
-    groups = analysis.group_runs(loaded, 'synthetic_objects', METRICS[:1])
-    assert [(value, n) for value, n, _ in groups] == [(3, 1), (5, 2)]
-    assert groups[1][2][METRICS[0]][0] == pytest.approx(0.8)
-    assert [r['config']['eval_split'] for r in loaded] == ['test', 'val', 'val']
-    groups = analysis.group_runs(loaded, 'lr', METRICS[:1])          # the old run has no lr
-    assert [(value, n) for value, n, _ in groups] == [(3e-3, 2)]
-    assert 'no lr in the config.json of old' in capsys.readouterr().err
-    assert [v for v, _, _ in analysis.group_runs(loaded, 'embed_dim', METRICS[:1])] == [64]
-    with pytest.raises(ValueError, match='nothing'):
-        analysis.group_runs(loaded, 'nothing', METRICS[:1])
-
-
-# ----------------------------------------------------------------------------- paired differences
-@pytest.mark.parametrize('df, expected', [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),
-                                          (5, 2.571), (9, 2.262), (30, 2.042)])
-def test_t_quantile_matches_the_tables(df, expected):
-    assert analysis.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
-    assert analysis.t_quantile(0.025, df) == -analysis.t_quantile(0.975, df)
-
-
-def test_t_quantile_closed_forms():
-    for p in (0.6, 0.9, 0.975, 0.995):
-        # df = 1 is the Cauchy distribution; df = 2 has t_p = (2p - 1) / sqrt(2 p (1 - p))
-        assert analysis.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
-        df2 = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-        assert analysis.t_quantile(p, 2) == pytest.approx(df2, rel=1e-9)
-    # many degrees of freedom: the normal's 1.95996, approached from above
-    assert 0 < analysis.t_quantile(0.975, 10000) - 1.959964 < 3e-4
-    with pytest.raises(ValueError):
-        analysis.t_quantile(0.975, 0)
-
-
-def test_paired_difference_by_hand():
-    llip = {0: 0.60, 1: 0.80, 2: 0.75, 4: 0.90}
-    cls = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.40}
-    d = [0.10, 0.20, 0.05]                                   # seeds 0, 1, 2; 3 and 4 are unpaired
-    mean = sum(d) / 3
-    std = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
-    half = 4.302653 * std / math.sqrt(3)                     # t_{0.975, 2}
-    p = analysis.paired_difference(llip, cls)
-    assert (p.n, p.seeds, p.unpaired) == (3, [0, 1, 2], [3, 4])
-    assert (p.mean, p.std) == (pytest.approx(mean), pytest.approx(std))
-    assert p.lo == pytest.approx(mean - half, rel=1e-6)
-    assert p.hi == pytest.approx(mean + half, rel=1e-6)
-    assert not p.excludes_zero and p.cell() == '+11.7 [-7.3, +30.6]'
-    # a smaller spread: the interval [0.085, 0.135] excludes zero, and the cell says so
-    p = analysis.paired_difference({0: 0.2, 1: 0.32, 2: 0.41}, {0: 0.1, 1: 0.2, 2: 0.3})
-    assert p.excludes_zero and p.cell() == '+11.0 [+8.5, +13.5] *'
-    p = analysis.paired_difference({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.2, 1: 0.3, 2: 0.41})
-    assert p.excludes_zero and p.hi < 0                      # below zero counts too
-    # one seed: a difference but no interval; none in common: nothing
-    p = analysis.paired_difference({0: 0.5, 1: 0.6}, {0: 0.3})
-    assert (p.n, p.lo, p.hi, p.unpaired) == (1, None, None, [1]) and not p.excludes_zero
-    assert p.cell() == '+20.0 (1 seed: no interval)'
-    assert analysis.paired_difference({1: 0.5}, {0: 0.3}).cell() == '– (no seed in common)'
-
-
-@pytest.fixture
-def paired_runs(tmp_path):
-    """cls seeds 0-3, llip seeds 0-2 and 4 (so seeds 0-2 pair), avg seed 0; the differences
-    llip - cls are those of test_paired_difference_by_hand."""
-    values = {'cls': {0: (0.50, 0.1), 1: (0.60, 0.2), 2: (0.70, 0.3), 3: (0.40, 0.0)},
-              'llip': {0: (0.60, 0.2), 1: (0.80, 0.32), 2: (0.75, 0.41), 4: (0.90, 0.5)},
-              'avg': {0: (0.30, 0.3)}}
-    return [fake_run(tmp_path / 'runs', f'pool={pool},seed={seed}', pool, seed,
-                     dict(zip(METRICS, v)))
-            for pool, by_seed in values.items() for seed, v in by_seed.items()]
-
-
-def test_pairing_uses_the_seeds_both_pools_have(paired_runs, capsys):
-    grouped = analysis.split_runs(analysis.load_runs(paired_runs), 'pool')
-    rows = dict(analysis.paired_rows(grouped, 'cls', METRICS, 'pool'))
-    assert list(rows) == ['avg', 'llip']                                     # ladder order, no cls
-    assert rows['llip'][METRICS[0]].seeds == [0, 1, 2]
-    assert rows['llip'][METRICS[0]].unpaired == [3, 4]
-    assert rows['avg'][METRICS[0]].n == 1 and rows['avg'][METRICS[0]].unpaired == [1, 2, 3]
-    err = capsys.readouterr().err
-    assert 'pool=llip − cls: seed 3, 4 only on one side' in err
-    assert 'pool=avg − cls: seed 1, 2, 3 only on one side' in err
-    table = analysis.paired_table(list(rows.items()), 'pool', 'cls', METRICS)
-    assert ('Left out of the pairing, on one side only: pool=avg: seed 1, 2, 3; '
-            'pool=llip: seed 3, 4.') in table
-    # two runs with one seed in one pool: which would pair is unknown, so that seed is left out
-    twice = analysis.read_run(paired_runs[4])                                 # llip, seed 0
-    members = [twice, *grouped[-1][1]]
-    assert analysis.seed_values(members, METRICS[:1]) == {1: 0.80, 2: 0.75, 4: 0.90}
-    analysis.warn_if_mixed(members, 'pool=llip')
-    assert 'seed 0 more than once' in capsys.readouterr().err
-
-
-def test_ablation_writes_the_paired_table(paired_runs, tmp_path):
-    table = tmp_path / 'ablation.md'
-    analysis.main(['ablation', *paired_runs, f'--table={table}',
-                   f"--out={tmp_path / 'ablation.png'}"])
-    assert is_png(tmp_path / 'ablation.png')
-    text = table.read_text()
-    # every metric by default; the per-pool table, then pool - cls paired by seed
-    assert f'| pool | runs | {METRICS[0]} | {METRICS[1]} |' in text
-    assert '| cls | 4 | 55.0 ± 12.9 | 15.0 ± 12.9 |' in text
-    assert f'| pool − cls | seeds | {METRICS[0]} | {METRICS[1]} |' in text
-    assert '| llip | 3 | +11.7 [-7.3, +30.6] | +11.0 [+8.5, +13.5] * |' in text
-    assert '| avg | 1 | -20.0 (1 seed: no interval) | +20.0 (1 seed: no interval) |' in text
-    # --metrics picks the columns; a baseline without runs: no paired table, no crash
-    analysis.main(['ablation', *paired_runs, f'--metrics={METRICS[1]}', '--baseline=learned',
-                   f'--table={table}', f"--out={tmp_path / 'ablation.png'}"])
-    text = table.read_text()
-    assert METRICS[0] not in text and METRICS[1] in text and '−' not in text
-
-
-# ----------------------------------------------------------------------------- lr and pressure
-def lr_runs(root, order=1):
-    """Two seeds per (pool, lr); with both metrics llip is best at lr 3e-3, with the first alone
-    at 1e-2; cls ties between 1e-3 and 3e-3. order=-1 writes them in the reverse order."""
-    scores = {('llip', 1e-3): [(0.4, 0.2), (0.5, 0.3)], ('llip', 3e-3): [(0.6, 0.4), (0.7, 0.5)],
-              ('llip', 1e-2): [(0.9, 0.0), (0.9, 0.0)],
-              ('cls', 1e-3): [(0.5, 0.5), (0.6, 0.6)], ('cls', 3e-3): [(0.6, 0.6), (0.5, 0.5)]}
-    return [fake_run(root, f'{pool},lr={lr:g},seed={seed}', pool, seed, dict(zip(METRICS, v)),
-                     top={'lr': lr, 'eval_split': 'val'})
-            for (pool, lr), by_seed in list(scores.items())[::order]
-            for seed, v in enumerate(by_seed)]
-
-
-def test_lr_picks_the_best_mean_and_breaks_ties_the_same_way(tmp_path, capsys):
-    for order in (1, -1):
-        runs = lr_runs(tmp_path / str(order), order)
-        out, table = tmp_path / f'lr{order}.json', tmp_path / f'lr{order}.md'
-        analysis.main(['lr', *runs, f"--metrics={','.join(METRICS)}", f'--out={out}',
-                       f'--table={table}'])
-        assert json.loads(out.read_text()) == {'cls': 1e-3, 'llip': 3e-3}
-        assert '| llip | 35.0 (2) | **55.0 (2)** | 45.0 (2) | 0.003 |' in table.read_text()
-        analysis.main(['lr', *runs, f'--metrics={METRICS[0]}', f'--out={out}'])
-        assert json.loads(out.read_text()) == {'cls': 1e-3, 'llip': 1e-2}
-    assert 'test split' not in capsys.readouterr().err
-    # a tie up to rounding goes to the smaller lr, whatever the order of the dict
-    assert analysis.pick_lr({3e-3: [0.3], 1e-3: [0.1 + 0.2], 1e-2: [0.2]}) == 1e-3
-    assert analysis.pick_lr({1e-3: [0.2, 0.2], 3e-3: [0.1, 0.4]}) == 3e-3
-
-
-def test_lr_warns_about_test_split_runs(tmp_path, capsys):
-    # 'old' has no eval_split: from before the flag, when runs evaluated on the test split
-    runs = [fake_run(tmp_path, name, 'llip', seed, {METRICS[0]: 0.5},
-                     top={'lr': 1e-3, **({'eval_split': split} if split else {})})
-            for seed, (name, split) in enumerate([('old', None), ('test', 'test'), ('val', 'val')])]
-    analysis.main(['lr', *runs, f'--metrics={METRICS[0]}', f"--out={tmp_path / 'lr.json'}"])
-    err = capsys.readouterr().err
-    assert 'test split' in err and 'val runs: old, test\n' in err    # old and test, not val
-
-
-@pytest.mark.parametrize('by', ['embed_dim', 'synthetic_objects'])
-def test_pressure_writes_paired_numbers(tmp_path, by):
-    """llip - cls at two values of a model_config field (embed_dim) or of a top-level flag
-    (synthetic_objects, whose old runs lack it: 3 objects)."""
-    diffs = {0: [(0.60, 0.50), (0.80, 0.60), (0.75, 0.70)],        # llip, cls at seeds 0, 1, 2
-             1: [(0.20, 0.10), (0.32, 0.20), (0.41, 0.30)]}
-    values = {'embed_dim': (16, 64), 'synthetic_objects': (None, 5)}[by]
-    runs = []
-    for value, pairs in zip(values, diffs.values()):
-        for seed, pair in enumerate(pairs):
-            for pool, v in zip(('llip', 'cls'), pair):
-                place = 'model' if by == 'embed_dim' else 'top'
-                where = {} if value is None else {place: {by: value}}
-                runs.append(fake_run(tmp_path, f'{pool},{by}={value},seed={seed}', pool, seed,
-                                     {METRICS[0]: v}, **where))
-    table, png = tmp_path / 'pressure.md', tmp_path / 'pressure.png'
-    analysis.main(['pressure', *runs, f'--by={by}', f'--metrics={METRICS[0]}', '--baseline=cls',
-                   '--pool=llip', f'--out={png}', f'--table={table}'])
-    assert is_png(png)
-    text = table.read_text()
-    first, second = (16, 64) if by == 'embed_dim' else (3, 5)
-    m = METRICS[0]
-    assert f'| {by} | seeds | {m}: llip | {m}: cls | {m}: llip − cls |' in text
-    assert f'| {first} | 3 | 71.7 ± 10.4 | 60.0 ± 10.0 | +11.7 [-7.3, +30.6] |' in text
-    assert f'| {second} | 3 | 31.0 ± 10.5 | 20.0 ± 10.0 | +11.0 [+8.5, +13.5] * |' in text
