@@ -69,12 +69,13 @@ for seed in 0 1 2; do for pool in registers avg learned; do
     echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
 done; done | run_all
 
+# D first: it needs no new data; the objects arm comes last (it writes data/synthetic-5objects)
+for seed in 0 1 2; do for pool in cls llip; do   # the tiny preset's D = 128 is the ladder's run
+    echo "$OUT/pressure/pool=$pool,embed_dim=32,seed=$seed --pool=$pool --embed_dim=32 --seed=$seed --lr=$(lr_of $pool)"
+done; done | run_all
 python -c "import synthetic; synthetic.make_synthetic('data/synthetic-5objects', max_objects=5)"
-for seed in 0 1 2; do for pool in cls llip; do
-    lr=$(lr_of $pool)
-    # the tiny preset's D = 128 and 1-3 objects are the ladder's runs
-    echo "$OUT/pressure/pool=$pool,embed_dim=32,seed=$seed --pool=$pool --embed_dim=32 --seed=$seed --lr=$lr"
-    echo "$OUT/pressure/pool=$pool,objects=5,seed=$seed --pool=$pool --seed=$seed --lr=$lr" \
+for seed in 0 1 2; do for pool in cls llip; do   # 1-3 objects are the ladder's runs
+    echo "$OUT/pressure/pool=$pool,objects=5,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)" \
          "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
 done; done | run_all
 
