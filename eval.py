@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 import data
 from loss import PAIRS_PER_CHUNK
+from metrics import binding_metrics, ranking_metrics
 from model import Llip, LlipConfig, TextFeatures, load_official
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -314,71 +315,6 @@ def _captioned_batches(source, image_size, batch_size, skipped, max_images=None)
             images, truths = [], []
     if images:
         yield torch.stack(images), truths
-
-
-# Queries ranked at once by ranking_metrics: bounds its (queries, candidates) temporaries, which
-# for COCO's 25k captions against 5k images would otherwise take gigabytes.
-RANKED_PER_CHUNK = 2 ** 22
-
-
-def _ranked_hits(scores, truth):
-    """Truth (Q, C) reordered along each row by descending score, a true candidate tied with
-    false ones placed after them: the pessimistic rank. Two stable sorts: false before true,
-    then by score, which keeps the false-first order inside each group of equal scores."""
-    by_truth = truth.to(torch.uint8).argsort(dim=1, stable=True)                      # (Q, C)
-    by_score = scores.gather(1, by_truth).argsort(dim=1, descending=True, stable=True)   # (Q, C)
-    return truth.gather(1, by_truth.gather(1, by_score))                              # (Q, C)
-
-
-def _recall_and_ap(scores, truth, ks):
-    """Per query (row): whether a true candidate is among the k best, for each k, and the
-    average precision: ({k: (Q,) bool}, (Q,) float64)."""
-    n_queries, n_cand = scores.shape
-    per_chunk = max(1, RANKED_PER_CHUNK // n_cand)
-    rank = torch.arange(1, n_cand + 1, device=scores.device)                               # (C,)
-    hits_at, ap = {k: [] for k in ks}, []
-    for s in range(0, n_queries, per_chunk):
-        hits = _ranked_hits(scores[s:s + per_chunk], truth[s:s + per_chunk])           # (q, C)
-        found = hits.cumsum(dim=1)                          # true candidates at or above each rank
-        for k in ks:
-            hits_at[k].append(found[:, min(k, n_cand) - 1] > 0)
-        precision = found.double() / rank                                                   # (q, C)
-        ap.append((precision * hits).sum(dim=1) / hits.sum(dim=1))                          # (q,)
-    return {k: torch.cat(v) for k, v in hits_at.items()}, torch.cat(ap)
-
-
-def ranking_metrics(scores, truth, ks=(1, 5, 10)):
-    """Recall@k and mean average precision both ways from scores (N_img, N_str) of each image
-    against each distinct candidate string, and truth (N_img, N_str): string s is true of image i.
-    image->text: for each image, its strings ranked; R@k is the fraction of images with a true
-    string among the k best; AP the mean over its true strings of the precision at their ranks.
-    text->image: the same for each string over the images. Ties are counted pessimistically: a
-    true item tied with false ones ranks after them (so a constant score gets no credit).
-    Returns {'i2t_r1', .., 'i2t_map', 't2i_r1', .., 't2i_map'}. Every image and every string
-    must have a true match, as in retrieval(): an image's own captions are candidates, and
-    each candidate is some image's caption."""
-    truth = truth.to(scores.device)
-    if not (truth.any(dim=1).all() and truth.any(dim=0).all()):
-        raise ValueError("ranking_metrics: an image or a string has no true match")
-    out = {}
-    for way, (s, t) in {'i2t': (scores, truth), 't2i': (scores.T, truth.T)}.items():
-        hits_at, ap = _recall_and_ap(s, t, ks)
-        out |= {f'{way}_r{k}': hits_at[k].double().mean().item() for k in ks}
-        out[f'{way}_map'] = ap.mean().item()
-    return out
-
-
-def binding_metrics(true_scores, false_scores, kinds):
-    """How often an image scores its true caption above the same words with an attribute
-    swapped between two of its objects: true_scores, false_scores (N_pairs,) of the image
-    against each caption, kinds (N_pairs,) str. A tie is a miss. {'binding': fraction of all
-    pairs, 'binding_<kind>': fraction for each kind}."""
-    hit = true_scores > false_scores                                                  # (N_pairs,)
-    out = {'binding': hit.double().mean().item()}
-    for kind in sorted(set(kinds)):
-        of_kind = torch.tensor([k == kind for k in kinds], device=hit.device)
-        out[f'binding_{kind}'] = hit[of_kind].double().mean().item()
-    return out
 
 
 def _strings_to_score(truths):

@@ -33,6 +33,7 @@ from PIL import Image
 import data
 from synthetic import make_synthetic
 import eval as llip_eval
+import metrics as llip_metrics
 from model import PRESETS, Llip, TextFeatures
 
 NAMES = ['cat', 'dog', 'car', 'sun', 'red', 'box', 'sky', 'tree', 'fish', 'moon', 'rock', 'leaf']
@@ -126,21 +127,21 @@ def reference_metrics(scores, truth, true_first=False):
 
 @pytest.mark.parametrize('seed,per_chunk', [(0, 2 ** 22), (1, 2 ** 22), (2, 20), (3, 1)])
 def test_ranking_metrics_match_a_loop_on_random_scores_with_ties(seed, per_chunk, monkeypatch):
-    monkeypatch.setattr(llip_eval, 'RANKED_PER_CHUNK', per_chunk)   # 20: one query per chunk
+    monkeypatch.setattr(llip_metrics, 'RANKED_PER_CHUNK', per_chunk)   # 20: one query per chunk
     g = torch.Generator().manual_seed(seed)
     n_img, n_str = 13, 17
     scores = torch.randint(0, 4, (n_img, n_str), generator=g).float()   # 4 values: ties everywhere
     truth = torch.rand(n_img, n_str, generator=g) < 0.2                        # (N_img, N_str)
     truth[torch.arange(n_img), torch.randint(0, n_str, (n_img,), generator=g)] = True
     truth[torch.randint(0, n_img, (n_str,), generator=g), torch.arange(n_str)] = True
-    got = llip_eval.ranking_metrics(scores, truth)
+    got = llip_metrics.ranking_metrics(scores, truth)
     assert got == pytest.approx(reference_metrics(scores.tolist(), truth.tolist()))
     assert 0 < got['i2t_map'] < 1 and 0 < got['t2i_map'] < 1
     optimistic = reference_metrics(scores.tolist(), truth.tolist(), true_first=True)
     assert optimistic['i2t_map'] > got['i2t_map'] and optimistic['t2i_map'] > got['t2i_map']
     # the rule decides ties, not the candidates' order
     perm = torch.randperm(n_str, generator=g)
-    assert llip_eval.ranking_metrics(scores[:, perm], truth[:, perm]) == pytest.approx(got)
+    assert llip_metrics.ranking_metrics(scores[:, perm], truth[:, perm]) == pytest.approx(got)
 
 
 def test_ties_count_against_the_true_item():
@@ -148,7 +149,7 @@ def test_ties_count_against_the_true_item():
                            [0., 1., 1.]])
     truth = torch.tensor([[False, True, False],
                           [True, False, True]])
-    got = llip_eval.ranking_metrics(scores, truth)
+    got = llip_metrics.ranking_metrics(scores, truth)
     # image 0: its true string ties with a false one for the best score, so it is second: AP 1/2;
     # image 1: true strings third and second: AP (1/2 + 2/3) / 2. A tie at the top is no R@1.
     assert got['i2t_r1'] == 0 and got['i2t_r5'] == 1
@@ -156,14 +157,14 @@ def test_ties_count_against_the_true_item():
     # string 0: its image is second; string 1: tied with a false image, second; string 2: first
     assert got['t2i_r1'] == pytest.approx(1 / 3) and got['t2i_map'] == pytest.approx(2 / 3)
     # constant scores: every true item comes after every false one
-    flat = llip_eval.ranking_metrics(torch.zeros(2, 3), truth)
+    flat = llip_metrics.ranking_metrics(torch.zeros(2, 3), truth)
     assert flat['i2t_r1'] == 0 and flat['t2i_r1'] == 0 and flat['t2i_map'] == pytest.approx(1 / 2)
     # binding: a tie is a miss
-    assert llip_eval.binding_metrics(torch.tensor([1., 2., 3.]), torch.tensor([1., 1., 4.]),
+    assert llip_metrics.binding_metrics(torch.tensor([1., 2., 3.]), torch.tensor([1., 1., 4.]),
                                      ['color', 'size', 'color']) == pytest.approx(
         {'binding': 1 / 3, 'binding_color': 0, 'binding_size': 1})
     with pytest.raises(ValueError, match='no true match'):
-        llip_eval.ranking_metrics(scores, torch.tensor([[True, True, False]] * 2))
+        llip_metrics.ranking_metrics(scores, torch.tensor([[True, True, False]] * 2))
 
 
 PHRASES = ['a red box', 'a blue box', 'a red cat', 'one shape', 'two shapes', 'a big cat',
