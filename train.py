@@ -52,7 +52,9 @@ p.add_argument('--batch_size', type=int, default=64, help='images (and captions)
 p.add_argument('--grad_accum', type=int, default=1,
                help='micro-steps per optimizer step. Note: each micro-step is its own contrastive batch, '
                     'so accumulation does not add negatives; it only averages gradients')
-p.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (paper: 5e-4 for B, 4e-4 for L/H/G)')
+p.add_argument('--lr', type=float, default=3e-4,
+               help='peak learning rate (3e-4: what runs/study.sh picks for the tiny preset, pool=llip, on '
+                    'the validation split; paper: 5e-4 for B, 4e-4 for L/H/G)')
 p.add_argument('--min_lr_ratio', type=float, default=0.1, help='the cosine decays to lr * min_lr_ratio')
 p.add_argument('--warmup', type=int, default=50, help='linear warmup steps (paper: 2000)')
 p.add_argument('--weight_decay', type=float, default=0.2, help='AdamW decay on matrices; none on biases, norms, logit scale/bias')
