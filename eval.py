@@ -61,7 +61,7 @@ from tqdm import tqdm
 import data
 from loss import PAIRS_PER_CHUNK
 from metrics import binding_metrics, ranking_metrics
-from model import Llip, LlipConfig, TextFeatures, load_official
+from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_official, load_weights
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 SHIPPED = Path(__file__).resolve().parent / 'data'   # data/zeroshot-classnames.json, -templates.json
@@ -417,7 +417,9 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
 def load_checkpoint(path):
     """A Llip from a train.py checkpoint: {'model': state dict, 'config': {'model_config': {...}}}."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own files: configs are plain dicts
+        ckpt = load_weights(path)   # train.py writes only tensors and plain containers
+    except UnsafeCheckpointError as e:
+        raise ValueError(f"--ckpt={path}: {e}") from None
     except Exception as e:
         raise ValueError(f"--ckpt={path}: not a checkpoint torch.load can read ({type(e).__name__}: {e})") from None
     if not (isinstance(ckpt, dict) and 'model' in ckpt and isinstance(ckpt.get('config'), dict)):

@@ -21,11 +21,13 @@ Try it:
 print(m(torch.randn(4, 3, 32, 32), torch.randint(1, 49408, (4, 16))))"
 """
 import math
+import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,6 +68,11 @@ class LlipConfig:
     init_logit_bias: float = -10.0
 
     def __post_init__(self):
+        # sizes and the temperature must be positive: 0 would divide by zero below or in the
+        # mixer, and a negative one would silently build a broken model
+        for name in ('num_mixture', 'mixer_heads', 'tau'):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}: expected one of {', '.join(POOLS)}")
         if self.image_size % self.patch_size:
@@ -348,11 +355,38 @@ def config_from_official(sd):
     return c
 
 
+class UnsafeCheckpointError(ValueError):
+    """A .pt file holds pickled objects other than tensors and plain containers."""
+
+
+# Checkpoints from train.py before it stored the numpy RNG state as a tensor hold the numpy
+# array of np.random.get_state(): allowed, so that those runs still load. Rebuilding an array
+# calls none of the file's choosing (an object array's items go through the same checks).
+NUMPY_ARRAY = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype,   # [0]: _reconstruct
+               type(np.dtype(np.uint32))]                           # the state's dtype
+
+
+def load_weights(path):
+    """torch.load with weights_only=True: a .pt file is a pickle, and unpickling an arbitrary
+    object can run arbitrary code, so only tensors and plain containers (dict, list, tuple,
+    str, numbers) are accepted. Anything else raises UnsafeCheckpointError, before it runs."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page of advice; keep the part that names the refused object
+        what = re.search(r"GLOBAL [\w.]+|got <class '[^']+'>", str(e))
+        raise UnsafeCheckpointError(
+            f"refusing to unpickle {path}: it holds objects other than tensors and plain "
+            f"containers, which torch.load(weights_only=True) rejects because loading them can "
+            f"run code ({what.group(0) if what else 'unsupported content'})") from None
+
+
 def load_official(path_or_state_dict, **overrides):
     """Build a Llip from the authors' released checkpoint (llip_b16_k32.pt, llip_G14_k64.pt)."""
     sd = path_or_state_dict
     if not isinstance(sd, dict):
-        sd = torch.load(sd, map_location='cpu', weights_only=False)
+        sd = load_weights(sd)   # their files are plain tensor dicts: no allow-list needed
     sd = sd.get('state_dict', sd)
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}
     required = ['visual.conv1.weight', 'visual.class_embedding', 'visual.positional_embedding',

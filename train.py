@@ -16,7 +16,6 @@ overridden (--num_mixture=64 --tau=8 ...).
 """
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from model import PRESETS, Llip, LlipConfig
+from model import PRESETS, Llip, LlipConfig, UnsafeCheckpointError, load_weights
 
 # ----------------------------------------------------------------------------- flags
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,20 +79,72 @@ p.add_argument('--eval_split', default='test', choices=['test', 'val'],
                help="which synthetic evaluation splits: 'val' to choose settings (e.g. the learning rate), "
                     "'test' for the numbers that are reported")
 p.add_argument('--save_every', type=int, default=250, help='steps between checkpoints (and one at the end)')
-p.add_argument('--keep', type=int, default=3, help='how many of the newest checkpoints to keep')
+p.add_argument('--keep', type=int, default=3,
+               help='how many of the newest checkpoints to keep (at least 1)')
 p.add_argument('--resume', default='auto',
                help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
                     "a path: from that file; 'never': start afresh")
+
+
+def boolean(text):
+    """A bool flag's value. Anything but these words is an error: 'on' or a typo must not
+    quietly turn a feature off."""
+    words = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected one of true/false/1/0/yes/no')
+    return words[text.lower()]
+
+
 config_fields = [f for f in dataclasses.fields(LlipConfig)]
 for f in config_fields:   # every model field can override the preset, e.g. --pool=avg --num_mixture=64
-    kind = (lambda s: s.lower() in ('1', 'true', 'yes')) if f.type in (bool, 'bool') else \
+    kind = boolean if f.type in (bool, 'bool') else \
         {int: int, 'int': int, float: float, 'float': float}.get(f.type, str)
     p.add_argument(f'--{f.name}', type=kind, default=None, help=f'model: override the preset\'s {f.name}')
+
+# flags whose value must be at least 1; 0 or less would loop zero times, divide by zero or (for
+# --keep) delete every checkpoint right after writing it. The model's own fields (num_mixture,
+# mixer_heads, tau) are checked by LlipConfig.
+AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep')
+
+
+def check_flags(args):
+    """A one-line error naming the first flag with a value out of range, before any work."""
+    for name in AT_LEAST_ONE:
+        if getattr(args, name) < 1:
+            sys.exit(f'error: --{name}={getattr(args, name)}: must be an integer >= 1')
+
+
+CHECKPOINT = re.compile(r'ckpt_(\d+)\.pt')   # what save_checkpoint writes: ckpt_<step>.pt
+
+
+def checkpoint_paths(out_dir):
+    """train.py's checkpoints in out_dir, newest (highest step) first. Only ckpt_<digits>.pt:
+    a user's ckpt_best.pt is neither resumed from nor deleted by the rotation."""
+    steps = {int(m.group(1)): os.path.join(out_dir, name) for name in os.listdir(out_dir)
+             if (m := CHECKPOINT.fullmatch(name))}
+    return [steps[s] for s in sorted(steps, reverse=True)]
+
+
+def numpy_rng_state():
+    """np.random's state as a tensor and plain values: torch.load(weights_only=True) refuses the
+    numpy array inside np.random.get_state()."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {'kind': str(kind), 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)}
+
+
+def set_numpy_rng_state(state):
+    if isinstance(state, tuple):   # a checkpoint from before numpy_rng_state: get_state() as is
+        return np.random.set_state(state)
+    np.random.set_state((state['kind'], state['keys'].numpy().astype(np.uint32), state['pos'],
+                         state['has_gauss'], state['cached_gaussian']))
+
 
 def main():
     # everything runs here, not at import: spawned processes (DataLoader workers on macOS and
     # Windows) import this file as __mp_main__ and must not start a second training run
     args = p.parse_args()
+    check_flags(args)
 
     # ----------------------------------------------------------------------------- distributed, device, precision
     ddp = 'RANK' in os.environ
@@ -125,14 +176,11 @@ def main():
     overrides = {f.name: getattr(args, f.name) for f in config_fields if getattr(args, f.name) is not None}
     try:
         config = dataclasses.replace(PRESETS[args.model], **overrides)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
+    except ValueError as e:   # LlipConfig's messages start with the field's name: the flag's
+        sys.exit(f'error: --{e}')
     os.makedirs(args.out_dir, exist_ok=True)
     run_config = {**vars(args), 'world_size': world, 'model_config': dataclasses.asdict(config)}
     log('config:', json.dumps(run_config, indent=1))
-    if master:
-        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
-            json.dump(run_config, f, indent=1)
 
     # ----------------------------------------------------------------------------- model and optimizer
     torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -175,11 +223,6 @@ def main():
 
 
     # ----------------------------------------------------------------------------- checkpoints
-    def checkpoint_paths():
-        """Checkpoints in out_dir, newest first."""
-        return sorted(glob.glob(os.path.join(args.out_dir, 'ckpt_*.pt')), reverse=True)
-
-
     def save_checkpoint(step):
         """Every rank contributes its loader position; rank 0 writes atomically (temp file, rename)."""
         positions = [None] * world
@@ -192,7 +235,7 @@ def main():
         state = {'model': raw_model.state_dict(),   # the plain module: no DDP 'module.' or compile '_orig_mod.'
                  'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
                  'config': run_config, 'loader': positions,
-                 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}}
+                 'rng': {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state()}}
         path = os.path.join(args.out_dir, f'ckpt_{step:07d}.pt')
         with open(path + '.tmp', 'wb') as f:
             torch.save(state, f)
@@ -204,7 +247,7 @@ def main():
             os.remove(latest + '.tmp')
         os.link(path, latest + '.tmp')
         os.replace(latest + '.tmp', latest)
-        for old in checkpoint_paths()[args.keep:]:
+        for old in checkpoint_paths(args.out_dir)[args.keep:]:
             os.remove(old)
 
 
@@ -212,13 +255,16 @@ def main():
         """The newest checkpoint that loads, or None. A truncated or corrupt file is skipped."""
         if args.resume == 'never':
             return None
-        candidates = checkpoint_paths() if args.resume == 'auto' else [args.resume]
+        candidates = checkpoint_paths(args.out_dir) if args.resume == 'auto' else [args.resume]
         for path in candidates:
-            try:
-                state = torch.load(path, map_location='cpu', weights_only=False)
+            try:   # weights_only: a checkpoint holds tensors and plain containers, never code
+                state = load_weights(path)
                 state['model'], state['step']
             except Exception as e:
-                log(f'warning: skipping checkpoint {path}: {type(e).__name__}: {e}')
+                why = str(e) if isinstance(e, UnsafeCheckpointError) else f'{type(e).__name__}: {e}'
+                if args.resume != 'auto':   # the file asked for: an error, not a fallback
+                    sys.exit(f'error: --resume={path}: {why}')
+                log(f'warning: skipping checkpoint {path}: {why}')
                 continue
             theirs = state['config']['model_config']
             mine = dataclasses.asdict(config)
@@ -240,13 +286,16 @@ def main():
         optimizer.load_state_dict(state['optimizer'])
         scaler.load_state_dict(state['scaler'])
         torch.set_rng_state(state['rng']['torch'])
-        np.random.set_state(state['rng']['numpy'])
+        set_numpy_rng_state(state['rng']['numpy'])
         if len(state['loader']) != world:
             log(f'warning: the checkpoint was written by {len(state["loader"])} ranks, this run has {world}: '
                 'the data order starts afresh from its epoch')
         loader.load_state_dict(state['loader'][rank % len(state['loader'])])
         start_step = state['step']
         del state
+    if master:   # only now that the run is accepted: a refused resume leaves the old config.json
+        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
+            json.dump(run_config, f, indent=1)
 
     raw_model = model
     if args.compile:

@@ -32,7 +32,8 @@ common="--steps=$STEPS --batch_size=$BATCH --save_every=200 --keep=1 --log_every
 # what the learning rate is chosen on: every attribute's zero-shot accuracy and both retrievals
 SELECT=zeroshot/shape/top1,zeroshot/color/top1,zeroshot/size/top1,zeroshot/place/top1,zeroshot/count/top1,retrieval/i2t_map,retrieval/t2i_map
 # what the tables show
-SHOW=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding,zeroshot/color/top1,zeroshot/shape/top1,zeroshot/size/top1,zeroshot/place/top1,zeroshot/count/top1
+RETRIEVAL=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding,retrieval/binding_color,retrieval/binding_size,retrieval/binding_place
+ZEROSHOT=zeroshot/color/top1,zeroshot/shape/top1,zeroshot/size/top1,zeroshot/place/top1,zeroshot/count/top1
 
 run_all() {   # lines of "OUT_DIR FLAGS..." on stdin; runs JOBS at a time, skips finished ones
     # shellcheck disable=SC2016
@@ -60,8 +61,11 @@ choose_lr cls llip
 for seed in 0 1 2 3 4; do for pool in cls llip; do
     echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
 done; done | run_all
-python report.py ablation "$OUT"/ladder/pool=cls,*/ "$OUT"/ladder/pool=llip,*/ --baseline=cls \
-    --metrics=$SHOW --out=runs/headline.png --table=runs/headline.md
+for what in retrieval zeroshot; do
+    metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT
+    python report.py ablation "$OUT"/ladder/pool=cls,*/ "$OUT"/ladder/pool=llip,*/ --baseline=cls \
+        --metrics=$metrics --out=runs/headline_$what.png --table=runs/headline_$what.md
+done
 [ "$WHAT" = headline ] && exit 0
 
 choose_lr registers avg learned
@@ -79,13 +83,17 @@ for seed in 0 1 2; do for pool in cls llip; do   # 1-3 objects are the ladder's 
          "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
 done; done | run_all
 
-python report.py ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$SHOW --out=runs/ablation.png --table=runs/ablation.md
+for what in retrieval zeroshot; do
+    metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT
+    python report.py ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$metrics \
+        --out=runs/ablation_$what.png --table=runs/ablation_$what.md
+done
 python report.py pressure "$OUT"/pressure/*embed_dim*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
     "$OUT"/ladder/pool=llip,seed=[012]/ --by=embed_dim --baseline=cls --pool=llip \
-    --metrics=retrieval/i2t_map,retrieval/binding --out=runs/pressure_dim.png --table=runs/pressure_dim.md
+    --metrics=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding --out=runs/pressure_dim.png --table=runs/pressure_dim.md
 python report.py pressure "$OUT"/pressure/*objects*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
     "$OUT"/ladder/pool=llip,seed=[012]/ --by=synthetic_objects --baseline=cls --pool=llip \
-    --metrics=retrieval/i2t_map,retrieval/binding --out=runs/pressure_objects.png --table=runs/pressure_objects.md
+    --metrics=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding --out=runs/pressure_objects.png --table=runs/pressure_objects.md
 python report.py curves "$OUT"/ladder/*,seed=0/ --out=runs/curves.png
 python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg,seed=0 \
     "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/spectrum.png

@@ -3,11 +3,19 @@ small model and the built-in synthetic data, CPU only:
 - a run writes its config, a JSONL log and checkpoints, and resuming continues to the same
   final weights as an uninterrupted run — after a clean stop, after SIGTERM (which saves and
   exits 0) and after SIGKILL mid-run;
+- checkpoints hold only tensors and plain containers (they load with weights_only=True), the
+  numpy RNG state included, and it is restored exactly;
 - a truncated newest checkpoint is skipped in favour of the previous one;
-- a checkpoint from another model config is refused with a clear error;
+- only ckpt_<digits>.pt files are resumed from (newest by step) and rotated: a user's
+  ckpt_best.pt is left alone;
+- a checkpoint from another model config is refused with a clear error, and the refused launch
+  leaves the run's config.json as it was;
+- flag values out of range (--keep=0, --steps=0, --tau=0, --qkv_norm=on, ...) stop train.py
+  with a one-line error naming the flag, before anything is written;
 - a NaN loss stops the run with a clear message and leaves the last checkpoint intact;
 - two ranks under torchrun (gloo) and two "nodes" on localhost (--nnodes=2) train and agree.
 """
+import importlib
 import json
 import os
 import signal
@@ -16,6 +24,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +55,7 @@ def train(out_dir, synthetic, *flags, check=True, **popen):
 
 
 def weights(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['model']
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
 
 
 def log_lines(out_dir):
@@ -75,7 +84,7 @@ def test_run_writes_log_config_checkpoints(uninterrupted):
     assert all(r['loss'] > 0 for r in lines if 'loss' in r)
     final = lines[-1]
     assert any(k.startswith('zeroshot') for k in final) and any(k.startswith('retrieval') for k in final)
-    ckpt = torch.load(os.path.join(uninterrupted, 'ckpt.pt'), weights_only=False)
+    ckpt = torch.load(os.path.join(uninterrupted, 'ckpt.pt'), weights_only=True)
     assert ckpt['step'] == 12 and ckpt['config']['model_config']['num_mixture'] == 4
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
 
@@ -106,7 +115,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupt
     train(out, synthetic, '--steps=12', '--save_every=4')
     assert_same_weights(weights(out), weights(uninterrupted))
     steps = [r['step'] for r in log_lines(out) if 'loss' in r]
-    resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=False)['step']
+    resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=True)['step']
     assert resumed_at == 12 and max(steps) == 12
 
 
@@ -121,12 +130,60 @@ def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
     assert 'skipping checkpoint' in text and 'ckpt_0000002.pt at step 2' in text
 
 
+def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    train_py = importlib.import_module('train')
+    np.random.seed(3)
+    np.random.randn()   # leaves a cached Gaussian: has_gauss=1 and its value are part of the state
+    torch.save({'numpy': train_py.numpy_rng_state()}, tmp_path / 'rng.pt')
+    expected = np.random.randn(5)
+    np.random.seed(99)
+    train_py.set_numpy_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True)['numpy'])
+    np.testing.assert_array_equal(np.random.randn(5), expected)
+
+
+def test_only_numbered_checkpoints_are_resumed_and_rotated(tmp_path, synthetic):
+    out = str(tmp_path)
+    train(out, synthetic, '--steps=4', '--save_every=2')
+    best = os.path.join(out, 'ckpt_best.pt')   # a user's copy of step 2: by name it sorts last
+    with open(os.path.join(out, 'ckpt_0000002.pt'), 'rb') as src, open(best, 'wb') as dst:
+        dst.write(src.read())
+    result = train(out, synthetic, '--steps=6', '--save_every=2', '--keep=2')
+    assert 'ckpt_0000004.pt at step 4' in result.stdout + result.stderr
+    assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == \
+        ['ckpt_0000004.pt', 'ckpt_0000006.pt', 'ckpt_best.pt']
+
+
 def test_other_model_config_is_refused(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=2')
+    with open(os.path.join(out, 'config.json')) as f:
+        config = f.read()
     result = train(out, synthetic, '--steps=4', '--num_mixture=8', check=False)
     assert result.returncode != 0
     assert 'different model config' in result.stderr and 'num_mixture' in result.stderr
+    with open(os.path.join(out, 'config.json')) as f:
+        assert f.read() == config, 'the refused launch overwrote config.json'
+
+
+@pytest.mark.parametrize('flag', ['--keep=0', '--keep=-1', '--steps=0', '--grad_accum=0',
+                                  '--log_every=0', '--save_every=-5', '--tau=0', '--tau=-1',
+                                  '--num_mixture=0', '--mixer_heads=0', '--qkv_norm=on',
+                                  '--quick_gelu=ture'])
+def test_bad_flag_values_are_refused_before_any_work(tmp_path, synthetic, monkeypatch, capsys,
+                                                     flag):
+    # in-process, for speed: main() must exit before building anything (--steps=1 keeps short a
+    # run that wrongly starts)
+    out = tmp_path / 'out'
+    train_py = importlib.import_module('train')
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={out}',
+                                      f'--synthetic_dir={synthetic}', *SMALL, '--steps=1', flag])
+    with pytest.raises(SystemExit) as stop:
+        train_py.main()
+    code = stop.value.code   # sys.exit('error: ...') carries the message; argparse prints it
+    message = code if isinstance(code, str) else capsys.readouterr().err
+    last = message.strip().splitlines()[-1]
+    assert 'error' in last and flag.split('=')[0] in last, message   # the flag, e.g. '--tau'
+    assert not out.exists(), 'out_dir was written before the flags were checked'
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
@@ -156,7 +213,7 @@ def test_two_ranks_with_torchrun(tmp_path, synthetic):
                    f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL, '--steps=3', '--save_every=3')
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['config']['world_size'] == 2 and len(ckpt['loader']) == 2
     assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2, 3]
 
@@ -170,5 +227,5 @@ def test_two_nodes_on_localhost(tmp_path, synthetic):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), '\n'.join(o[-2000:] for o in outputs)
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['config']['world_size'] == 2 and ckpt['step'] == 3

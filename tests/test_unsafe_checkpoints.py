@@ -1,0 +1,68 @@
+"""What this proves (run: python -m pytest tests/test_unsafe_checkpoints.py): a .pt file is a
+pickle, and unpickling can run code. A crafted file whose unpickling would create a marker
+directory is refused by every place that loads a .pt file — eval.load_checkpoint,
+model.load_official, train.py --resume=<that file> and train.py --resume=auto (where it is
+skipped with a warning, like a truncated file, and the previous checkpoint is resumed) — the
+marker never appears, and the message says why (weights_only).
+"""
+import os
+
+import pytest
+import torch
+
+import eval as llip_eval
+from model import load_official
+from test_train import synthetic, train   # noqa: F401 (synthetic: the module's data fixture)
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): a stand-in for any command an attacker picks."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def crafted(path, marker, layout):
+    """A file shaped like a checkpoint (so that only the payload can make loading fail)."""
+    torch.save(layout(Payload(marker)), path)
+    return str(path)
+
+
+def our_layout(payload):
+    return {'model': {}, 'step': 20, 'config': payload}
+
+
+@pytest.mark.parametrize('entry', ['eval.load_checkpoint', 'model.load_official'])
+def test_library_loaders_refuse_a_crafted_pickle(tmp_path, entry):
+    marker = tmp_path / 'MARKER'
+    if entry == 'eval.load_checkpoint':
+        path = crafted(tmp_path / 'evil.pt', marker, our_layout)
+        load = llip_eval.load_checkpoint
+    else:   # the authors' layout: {'state_dict': {name: tensor}}
+        layout = lambda payload: {'state_dict': {'logit_scale': torch.zeros(()), 'x': payload}}
+        path = crafted(tmp_path / 'evil.pt', marker, layout)
+        load = load_official
+    with pytest.raises(ValueError, match=r'refusing to unpickle .*weights_only'):
+        load(path)
+    assert not marker.exists(), 'the payload ran'
+
+
+def test_train_resume_refuses_a_crafted_pickle(tmp_path, synthetic):   # noqa: F811
+    out, marker = tmp_path / 'out', tmp_path / 'MARKER'
+    train(str(out), synthetic, '--steps=2', '--save_every=2')
+    # an explicit --resume=<file>: an error that says why
+    path = crafted(tmp_path / 'evil.pt', marker, our_layout)
+    result = train(str(out), synthetic, '--steps=4', f'--resume={path}', check=False)
+    assert result.returncode != 0 and not marker.exists()
+    assert 'refusing to unpickle' in result.stderr, result.stderr
+    assert 'weights_only' in result.stderr, result.stderr
+    # --resume=auto: the crafted file, named as the newest checkpoint, is skipped with a warning
+    crafted(out / 'ckpt_0000020.pt', marker, our_layout)
+    result = train(str(out), synthetic, '--steps=4', '--save_every=2')
+    text = result.stdout + result.stderr
+    assert not marker.exists(), 'the payload ran'
+    assert 'skipping checkpoint' in text and 'refusing to unpickle' in text
+    assert 'ckpt_0000002.pt at step 2' in text
