@@ -3,8 +3,8 @@
 # one resumable command. Every run has the same budget (steps, batch, data, the seed's init and
 # data order); only the pool and the learning rate picked for it differ.
 #
-#     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~20 min)
-#     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~60 min)
+#     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~26 min)
+#     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~75 min)
 #     JOBS=1 STEPS=100 bash runs/study.sh headline    # a quick look, one run at a time
 #
 # Stages, each writing runs/study/<stage>/<run>/ (config.json, log.jsonl with the evaluation):
