@@ -2,7 +2,7 @@ r"""
 Plots and tables of finished (or running) trainings of the miniature Llip reproduction
 (arXiv 2405.00740), from their run directories alone: no model is loaded.
 
-    # training loss and eval metrics against step, one line per run
+    # loss, lr, gradient norm, throughput and eval metrics against step, one line per run
     python report.py curves runs/ablation/*/ --out=curves.png
     # Figure 3: runs grouped by pool, mean +- std over seeds, and each pool minus cls paired by
     # seed, mean [95% t interval], * where the interval excludes zero (default: every metric)
@@ -47,22 +47,34 @@ from results import (LEVEL, group_stats, load_runs, markdown_table, metric_stats
                      read_log, report_unpaired, seed_values, seeds_cell, split_runs,
                      unpaired_notes, warn_if_mixed)
 
-METRICS = ['zeroshot/color/top1', 'zeroshot/shape/top1', 'retrieval/i2t_r1', 'retrieval/t2i_r1']
+METRICS = ['zeroshot/color/top1', 'zeroshot/shape/top1', 'retrieval/i2t_map', 'retrieval/t2i_map',
+           'retrieval/binding']
 
 
 # ----------------------------------------------------------------------------- commands on runs
+# what train.py logs every --log_every steps, plotted before the eval metrics
+TRAINING = {'loss': 'training loss', 'lr': 'learning rate', 'grad_norm': 'gradient norm',
+            'images_per_s': 'images / s (throughput)'}
+
+
+def curve_panels(logs, metrics):
+    """The keys that get a panel: the training ones, then metrics, each only if some log holds
+    it (an old run's metric, a typo or a log without throughput gets no empty axes)."""
+    wanted = [*TRAINING, *metrics]
+    keys = [k for k in wanted if any(k in r for _, records in logs for r in records)]
+    missing = [k for k in wanted if k not in keys and k not in TRAINING]
+    if missing:
+        print(f"warning: in no log, left out: {', '.join(missing)}", file=sys.stderr)
+    if not keys:
+        raise ValueError('these logs hold neither training records nor any of --metrics')
+    return keys
+
+
 def cmd_curves(args):
     metrics = args.metrics.split(',')
     logs = [(Path(path).name if Path(path).is_dir() else Path(path).parent.name, read_log(path))
             for path in args.runs]
-    # a panel only for what some log holds: an old run's metric, a typo, leave no empty axes
-    wanted = ['loss', *metrics]
-    keys = [k for k in wanted if any(k in r for _, records in logs for r in records)]
-    if len(keys) < len(wanted):
-        print(f"warning: in no log, left out: {', '.join(k for k in wanted if k not in keys)}",
-              file=sys.stderr)
-    if not keys:
-        raise ValueError('these logs hold neither a training loss nor any of --metrics')
+    keys = curve_panels(logs, metrics)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, layout='constrained', figsize=(4 * cols, 3.2 * rows),
@@ -73,8 +85,10 @@ def cmd_curves(args):
             points = [r for r in records if key in r]
             if points:   # eval metrics are sparse: markers show where they were taken
                 ax.plot([r['step'] for r in points], [r[key] for r in points],
-                        marker=None if key == 'loss' else 'o', label=name)
-        ax.set_title('training loss' if key == 'loss' else key, fontsize=9)
+                        marker=None if key in TRAINING else 'o', label=name)
+        ax.set_title(TRAINING.get(key, key), fontsize=9)
+        if key == 'lr':
+            ax.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
         ax.set_xlabel('step')
     for ax in axes[len(keys):]:
         ax.axis('off')
@@ -348,8 +362,8 @@ def run_command(args):
 
 def parser():
     p, sub = subcommands(__doc__)
-    s = add_command(sub, 'curves', cmd_curves,
-                    'training loss and eval metrics against step, one line per run', 'curves.png')
+    s = add_command(sub, 'curves', cmd_curves, 'training loss, learning rate, gradient norm, '
+                    'throughput and eval metrics against step, one line per run', 'curves.png')
     s.add_argument('runs', nargs='+',
                    help="run directories (train.py's --out_dir) or log.jsonl files")
     s.add_argument('--metrics', default=','.join(METRICS),

@@ -4,8 +4,8 @@
   order, from logs with a resumed (repeated) step and a torn last line; a run without
   evaluation is skipped; the markdown table shows them;
 - every subcommand (curves, ablation, sweep, pressure) writes a PNG from run directories as
-  train.py writes them, and the ablation table goes to --table; curves leaves out metrics no
-  log has;
+  train.py writes them, and the ablation table goes to --table; curves plots the learning rate,
+  gradient norm and throughput where the logs have them and leaves out what no log has;
 - runs group by a key of config.json's top level (lr, synthetic_objects, ...) as well as by a
   model_config field; a run from before synthetic_objects / eval_split existed has their old
   values (3, 'test');
@@ -108,6 +108,17 @@ def test_curves_leaves_out_metrics_no_log_has(runs, tmp_path, capsys, is_png):
                    f"--out={tmp_path / 'curves.png'}"])
     assert is_png(tmp_path / 'curves.png')
     assert 'left out: zeroshot/nothing/top1' in capsys.readouterr().err
+
+
+def test_curves_panels_for_lr_grad_norm_and_throughput(tmp_path):
+    full = {'step': 10, 'loss': 3.0, 'lr': 1e-4, 'grad_norm': 2.0, 'images_per_s': 300.0}
+    logs = [('a', [full, {'step': 20, METRICS[0]: 0.5}]), ('b', [{'step': 10, 'loss': 2.0}])]
+    assert report.curve_panels(logs, METRICS) == ['loss', 'lr', 'grad_norm', 'images_per_s',
+                                                  METRICS[0]]
+    # a log with the loss only: no empty lr, gradient or throughput panels
+    assert report.curve_panels(logs[1:], METRICS[:1]) == ['loss']
+    with pytest.raises(ValueError, match='neither'):
+        report.curve_panels([('c', [{'step': 10}])], METRICS)
 
 
 # ----------------------------------------------------------------------------- config keys
