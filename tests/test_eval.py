@@ -15,6 +15,8 @@
   ignored with a warning, a malformed field is an error naming the key;
 - template averaging: one template is plain evaluation of its prompts; two templates give
   the mean of the queries and the normalised mean of the normalised embeddings;
+- the best-prompt protocol equals scoring each image with each prompt alone and taking each
+  class's best, and differs from the averaged protocol on the same model;
 - image folders: classes matched by name or by sorted order, bad layouts refused with clear
   messages, undecodable images skipped with a warning;
 - a file that is not a checkpoint is refused, and a train.py checkpoint loads.
@@ -99,6 +101,31 @@ def test_zeroshot_matches_one_pair_at_a_time(pool, monkeypatch):
     assert got[m.config.tau] == pytest.approx({'top1': 4 / 14, 'top5': 8 / 14})
     if pool == 'llip':   # tau matters for Llip, so the second tau was really evaluated with its own value
         assert not torch.equal(reference[None].argsort(dim=1), reference[1.0].argsort(dim=1))
+
+
+@pytest.mark.parametrize('pool', ['llip', 'cls'])
+@torch.no_grad()
+def test_best_prompt_matches_one_prompt_at_a_time(pool, monkeypatch):
+    m = random_model(seed=1, pool=pool)   # a seed where the two protocols disagree on 3+ images
+    images = 3 * torch.randn(10, 3, 16, 16, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(2))
+    names, taus = NAMES[:5], (None, 1.0)
+    prompts = [[encode_one_text(m, t.format(name)) for t in TEMPLATES] for name in names]
+    best = {}
+    for tau in taus:   # class c's score: its best prompt's, each image and prompt alone
+        best[tau] = torch.tensor([[max(m.similarity(m.encode_image(x[None]), p, tau=tau).item()
+                                       for p in per_class) for per_class in prompts]
+                                  for x in images]).argmax(dim=1)
+    labels = best[None].clone()
+    labels[:4] = (labels[:4] + 1) % len(names)   # 4 of 10 wrong: the expected top-1 is 0.6
+    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 8)
+    got = llip_eval.zeroshot_best_prompt(m, images, labels, names, TEMPLATES, taus, batch_size=3)
+    for tau in taus:
+        key = float(m.config.tau if tau is None else tau)
+        assert got[key]['top1_best'] == pytest.approx((best[tau] == labels).double().mean().item())
+    assert got[m.config.tau]['top1_best'] == pytest.approx(0.6)
+    averaged = brute_force_scores(m, images, names, TEMPLATES, (None,))[None].argmax(dim=1)
+    assert not torch.equal(averaged, best[None])   # a different protocol, not a renamed one
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -447,7 +474,7 @@ def test_evaluate_synthetic(synthetic):
     m = random_model(seed=9, image_size=32)
     metrics = llip_eval.evaluate_synthetic(m, synthetic)
     splits = [p.name for p in (synthetic / 'zeroshot').iterdir()]
-    expected = {f'zeroshot/{split}/{k}' for split in splits for k in ('top1', 'top5')}
+    expected = {f'zeroshot/{split}/{k}' for split in splits for k in ('top1', 'top5', 'top1_best')}
     expected |= {f'retrieval/{way}_{k}' for way in ('i2t', 't2i')
                  for k in ('r1', 'r5', 'r10', 'map')}
     expected.add('retrieval/binding')
