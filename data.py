@@ -7,8 +7,11 @@ is synthetic.py; it writes shards in the format read here.)
     python bench_data.py                                      # loader speed vs the webdataset library
 
 Shards are what img2dataset writes: tar files whose members KEY.jpg|jpeg|png|webp and KEY.txt
-(and optionally KEY.json) belong together; a .txt may hold several captions, one per line, and
-each time a sample is read one of them is drawn. Shards are named by a brace pattern
+(and optionally KEY.json) belong together. The caption is KEY.txt, or without one the "caption"
+field of KEY.json (caption_key). For training, the whole text is one caption (a web caption may
+hold a newline), except in the built-in synthetic data, whose .txt holds several captions, one
+per line, one of them drawn each time a sample is read (caption_lines; evaluation reads one
+caption per line, as COCO-style retrieval sets hold several per image). Shards are named by a brace pattern
 'dir/{00000..09999}.tar', a list, a directory (every *.tar in it) or 'pipe:COMMAND' (the tar
 comes from the command's stdout, e.g. 'pipe:aws s3 cp s3://bucket/00001.tar -').
 
@@ -30,13 +33,17 @@ How ShardLoader orders samples, and why a resumed run continues exactly:
   resample=False the rest of the epoch still arrives exactly once, interleaved maybe otherwise).
   Resuming costs at most one shard read per worker: the buffer is emptied at each shard's end.
 
-Bad input never stops a run: a corrupt or truncated image, a sample without image, caption or
-with an empty one, an image of an unknown extension (.gif, ...), a truncated tar (its samples
-before the damage are kept) and a shard that cannot be opened are skipped and counted in
-ShardLoader.skipped, with one DataWarning per kind and a summary at the end of each epoch. A
-pattern that names no file, and shards that give no valid sample in a whole epoch, raise an
-error that quotes the pattern. (A tar cut exactly between two members looks complete.)
+Bad input never stops a run: a corrupt or truncated image, an image beyond the pixel budget
+(MAX_PIXELS; a larger JPEG is decoded at reduced size instead), a sample without image, caption
+or with an empty one, a caption that is not UTF-8, an image of an unknown extension (.gif, ...),
+a truncated tar (also one cut inside a header; its samples before the damage are kept) and a
+shard that cannot be opened (empty, not a tar) are skipped and counted in ShardLoader.skipped,
+with one DataWarning per kind and a summary at the end of each epoch. A worker whose share of an
+epoch is all bad goes on to the next epoch. A pattern that names no file, and a dataset with no
+valid sample in a whole epoch, raise an error that quotes the pattern and the first problem of
+each kind. (A tar cut exactly between two members looks complete.)
 """
+import functools
 import glob
 import gzip
 import html
@@ -51,7 +58,6 @@ import subprocess
 import tarfile
 import unicodedata
 import warnings
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -189,7 +195,7 @@ class ClipTokenizer:
         return _pack([self.encode(t) for t in texts], context_length, self.sot, self.eot)
 
 
-@lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def get_tokenizer(name):
     """'byte' or 'clip' (the values of LlipConfig.tokenizer) -> a shared tokenizer instance."""
     if name == 'byte':
@@ -225,6 +231,41 @@ def to_rgb(image):
         white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert('RGB')
     return image.convert('RGB')   # L, 1, CMYK, YCbCr, RGBX, ...
+
+
+# The decoded-size budget: an image of more pixels is refused (skipped and counted as 'image too
+# large') before it is decoded, except a JPEG, which is decoded at 1/2, 1/4 or 1/8 size until it
+# fits. Memory then stays below about 12 bytes x MAX_PIXELS per image being decoded (200 MB for
+# a 16-bit greyscale PNG, which passes through int32 and float32 on its way to 8 bits), where
+# PIL alone allows 179 million pixels (2 GiB). 4096 x 4096 holds any ImageNet or COCO image.
+MAX_PIXELS = 4096 * 4096
+
+
+class ImageTooLarge(ValueError):
+    """An image beyond MAX_PIXELS (or beyond PIL's own decompression-bomb limit)."""
+
+
+def open_image(file, max_pixels=None):
+    """Image.open (a path or a binary file object) within the pixel budget: the image, lazily
+    decoded as PIL's always is, or ImageTooLarge. Only the header has been read when it raises.
+    max_pixels: default MAX_PIXELS, read at call time."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():   # PIL warns from 89 million pixels; we refuse well before
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            image = Image.open(file)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from None
+    width, height = image.size
+    if width * height > max_pixels and image.format == 'JPEG':
+        scale = 2 ** math.ceil(math.log2(math.sqrt(width * height / max_pixels)))   # 2, 4, 8, ...
+        if scale <= 8:
+            image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    if image.size[0] * image.size[1] > max_pixels:
+        image.close()
+        raise ImageTooLarge(f'{width} x {height} pixels, more than the budget of {max_pixels} '
+                            f'(data.MAX_PIXELS)')
+    return image
 
 
 _SCALE = 1 / (255 * torch.tensor(STD).view(3, 1, 1))   # (x / 255 - mean) / std == x * _SCALE + _SHIFT
@@ -331,7 +372,8 @@ def expand_urls(urls):
         pattern, paths = str(list(urls)), [os.fspath(u) for u in urls]
     local = [p for p in paths if not p.startswith('pipe:')]
     if not paths or (local and not any(os.path.isfile(p) for p in local)):
-        raise ValueError(f"shards {pattern!r} match no file")
+        raise ValueError(f"shards {pattern!r} match no file (no such file or directory: "
+                         f"{paths[0] if paths else pattern})")
     return paths
 
 
@@ -356,63 +398,108 @@ def _tar_groups(tar):
                 yield key, group
             key, group = os.path.join(folder, stem), {}
         group[ext.lower()] = tar.extractfile(member).read()   # raises on a truncated tar
+    # tarfile ends the archive in silence where the next 512-byte header is cut short; the
+    # stream then stands between 1 and 511 bytes past that header's start (0: cut between two
+    # members, which looks complete; 512: the end-of-archive block). The group in progress
+    # may have lost members, so it is not yielded.
+    if 0 < tar.fileobj.tell() - tar.offset < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f'cut inside the header at byte {tar.offset}')
     if group:
         yield key, group
 
 
-def _shard_items(url, with_json=False):
+def _shard_items(url, with_json=False, check=None):
     """Everything a shard holds, undecoded and in tar order, as items (problem, key, image
     bytes, captions): problem is None for a usable sample, else (kind, detail) for a sample
     or a shard that will be skipped and counted. Shard problems are items too, so they are
     counted where they happen in the stream, once, also after a resume. with_json: a fifth
-    element, the bytes of KEY.json or None (evaluation reads ground truth from it)."""
+    element, the bytes of KEY.json or None (evaluation reads ground truth from it).
+    check(url, key, group) makes an item of a sample (default: _check, one caption per line)."""
+    check = check or _check
     stream = tar = None
     try:
         stream = _open(url)
         tar = tarfile.open(fileobj=stream, mode='r|*')
         for key, group in _tar_groups(tar):
-            item = _check(url, key, group)
+            item = check(url, key, group)
             yield (*item, group.get('json')) if with_json else item
     except (OSError, EOFError, tarfile.TarError) as e:   # a truncated tar loses the group in progress
-        problem = ('truncated tar' if tar is not None else 'unreadable shard', f'{url}: {e}')
+        if tar is not None:
+            problem = ('truncated tar', f'{url}: {e}')
+        elif not url.startswith('pipe:') and os.path.isfile(url) and os.path.getsize(url) == 0:
+            problem = ('unreadable shard', f'{url}: an empty file (0 bytes)')
+        elif isinstance(e, tarfile.ReadError):
+            problem = ('unreadable shard', f'{url}: not a tar file ({e})')
+        else:
+            problem = ('unreadable shard', f'{url}: {e}')
         yield (problem, None, None, None) + ((None,) if with_json else ())
     finally:
         if stream is not None:
             stream.close()
 
 
-def _check(url, key, group):
+def _captions(url, key, group, caption_lines=True, caption_key='caption'):
+    """(problem or None, [captions]) of one sample. The text is KEY.txt, or where there is none
+    the field caption_key of KEY.json (img2dataset writes both; some tools only the .json): a
+    string, or a list of strings that are several captions. caption_lines=True: each line of
+    the text is a caption of its own (the synthetic data, COCO-style caption files), one of
+    which is drawn each time; False: the whole text is one caption (web captions may hold a
+    newline). Text that is not UTF-8 is a problem, not a caption full of U+FFFD."""
+    if 'txt' in group:
+        try:
+            texts = [group['txt'].decode('utf-8')]
+        except UnicodeDecodeError as e:
+            return ('caption not UTF-8', f'{url}: {key}.txt: {e}'), None
+    elif 'json' in group and caption_key:
+        try:
+            meta = json.loads(group['json'])
+        except UnicodeDecodeError as e:
+            return ('caption not UTF-8', f'{url}: {key}.json: {e}'), None
+        except ValueError as e:
+            return ('no caption', f'{url}: {key}: no {key}.txt, and {key}.json does not parse ({e})'), None
+        texts = meta.get(caption_key) if isinstance(meta, dict) else None
+        texts = [texts] if isinstance(texts, str) else texts
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+            return ('no caption', f'{url}: {key}: no {key}.txt, and {key}.json has no string '
+                                  f'{caption_key!r}'), None
+    else:
+        return ('no caption', f'{url}: {key}: no {key}.txt' + (' or .json' if caption_key else '')), None
+    if caption_lines:
+        texts = [line for text in texts for line in text.splitlines()]
+    captions = [t.strip() for t in texts if t.strip()]
+    if not captions:
+        return ('empty caption', f'{url}: {key}: the caption has no text'), None
+    return None, captions
+
+
+def _check(url, key, group, caption_lines=True, caption_key='caption'):
     """The cheap checks, made before any image is decoded."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
     if ext is None:
-        unknown = sorted(e for e in group if e not in ('txt', 'json'))
+        unknown = sorted(e for e in group if e not in ('txt', 'json', 'cls'))
         kind = 'unknown extension' if unknown else 'no image'
         return (kind, f'{url}: {key}: members {sorted(group)}'), key, None, None
-    if 'txt' not in group:
-        return ('no caption', f'{url}: {key}: no {key}.txt'), key, None, None
-    captions = [c.strip() for c in group['txt'].decode('utf-8', errors='replace').splitlines() if c.strip()]
-    if not captions:
-        return ('empty caption', f'{url}: {key}.txt has no text'), key, None, None
+    problem, captions = _captions(url, key, group, caption_lines, caption_key)
+    if problem is not None:
+        return problem, key, None, None
     return None, key, group[ext], captions
 
 
-def read_shards(urls, with_json=False):
+def read_shards(urls, with_json=False, caption_lines=True, caption_key='caption'):
     """Every sample with an image and a caption, in shard order, for evaluation: (key, PIL RGB
-    image or None if it does not decode, [captions]). What was skipped is warned about at the end.
+    image or None if it does not decode or is too large, [captions]). What was skipped is warned
+    about at the end. One caption per line by default (retrieval sets such as COCO give an image
+    several); caption_lines, caption_key as in ShardLoader.
     with_json=True: a fourth element, KEY.json parsed, or None when the sample has none or it
     does not parse (those are counted and warned about, the sample is still yielded)."""
     skipped, bad_json = {}, []
     for url in expand_urls(urls):
-        for problem, key, image_bytes, captions, *raw_json in _shard_items(url, with_json):
+        check = functools.partial(_check, caption_lines=caption_lines, caption_key=caption_key)
+        for problem, key, image_bytes, captions, *raw_json in _shard_items(url, with_json, check):
             if problem is not None:
                 skipped[problem[0]] = skipped.get(problem[0], 0) + 1
                 continue
-            try:
-                with Image.open(io.BytesIO(image_bytes)) as im:
-                    image = to_rgb(im)
-                    image.load()
-            except Exception:   # PIL raises many kinds of errors on a broken file
-                image = None
+            image = _decode(image_bytes)
             if not with_json:
                 yield key, image, captions
                 continue
@@ -428,6 +515,44 @@ def read_shards(urls, with_json=False):
     if bad_json:
         warnings.warn(f"shards {urls!r}: ignored {len(bad_json)} KEY.json that do not parse, "
                       f"e.g. {bad_json[:3]}", DataWarning)
+
+
+def _decode(image_bytes):
+    """PIL RGB image, or None when it does not decode or is beyond the pixel budget."""
+    try:
+        with open_image(io.BytesIO(image_bytes)) as im:
+            image = to_rgb(im)
+            image.load()
+        return image
+    except Exception:   # PIL raises many kinds of errors on a broken file
+        return None
+
+
+def _check_cls(url, key, group):
+    """_check for clip_benchmark's zero-shot shards: (problem, key, image bytes, class index)."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+    if ext is None:
+        return ('no image', f'{url}: {key}: members {sorted(group)}'), key, None, None
+    try:
+        return None, key, group[ext], int(group['cls'].decode('ascii').strip())
+    except (KeyError, UnicodeDecodeError, ValueError):
+        return ('no class index', f'{url}: {key}: no {key}.cls holding an integer'), key, None, None
+
+
+def read_labelled_shards(urls):
+    """clip_benchmark's WebDataset zero-shot format: (key, PIL RGB image or None when it does
+    not decode, class index) for each sample KEY.jpg|png|webp + KEY.cls (the index as text), in
+    shard order. Samples without an image or a class index, and unreadable shards, are
+    skipped and warned about at the end."""
+    skipped = {}
+    for url in expand_urls(urls):
+        for problem, key, image_bytes, label in _shard_items(url, check=_check_cls):
+            if problem is not None:
+                skipped[problem[0]] = skipped.get(problem[0], 0) + 1
+                continue
+            yield key, _decode(image_bytes), label
+    if skipped:
+        warnings.warn(f"shards {urls!r}: skipped {skipped}", DataWarning)
 
 
 class DataWarning(UserWarning):
@@ -452,12 +577,18 @@ def _shuffled(items, size, rng):
 
 class _ShardStream(torch.utils.data.IterableDataset):
     """One rank's sample stream, run inside each DataLoader worker; it yields whole batches
-    (images (B, 3, S, S), tokens (B, L), info) where info = {'role', 'position', 'problems'}.
-    ShardLoader sets .start (per role: epoch, shard index, sample index) and .first_role."""
+    (images (B, 3, S, S), tokens (B, L), info) where info = {'role', 'position', 'problems',
+    'empty_epoch'}. ShardLoader sets .start (per role: epoch, shard index, sample index) and
+    .first_role. A worker whose share of an epoch holds no valid sample (a zero-byte shard where
+    there are about as many shards as workers) yields an empty batch (images None) with
+    empty_epoch = that epoch, and goes on: the DataLoader takes the workers' batches in turn and
+    would wait for it forever. Whether the whole dataset is empty, ShardLoader decides."""
 
     def __init__(self, urls, pattern, batch_size, image_size, context_length, tokenizer, rank,
-                 world_size, roles, seed, shuffle_buffer, resample, train):
+                 world_size, roles, seed, shuffle_buffer, resample, train, caption_lines=True,
+                 caption_key='caption'):
         super().__init__()
+        self.caption_lines, self.caption_key = caption_lines, caption_key
         self.urls, self.pattern, self.batch_size, self.context_length = urls, pattern, batch_size, context_length
         self.tokenizer, self.rank, self.world_size, self.roles, self.seed = tokenizer, rank, world_size, roles, seed
         self.shuffle_buffer, self.resample, self.train, self.image_size = shuffle_buffer, resample, train, image_size
@@ -476,7 +607,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def items(self, epoch, g, s, keep):
         n = self.world_size * self.roles
-        items = (item for j, item in enumerate(_shard_items(self.urls[s])) if keep is None or j % n == keep)
+        check = functools.partial(_check, caption_lines=self.caption_lines, caption_key=self.caption_key)
+        items = (item for j, item in enumerate(_shard_items(self.urls[s], check=check))
+                 if keep is None or j % n == keep)
         if self.train and self.shuffle_buffer > 1:
             items = _shuffled(items, self.shuffle_buffer, random.Random(f'{self.seed}/buffer/{epoch}/{s}/{g}'))
         return items
@@ -488,8 +621,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
             rng = random.Random(f'{self.seed}/{epoch}/{s}/{key}')   # this sample's caption and crop
             try:
                 caption = rng.choice(captions) if self.train else captions[0]
-                with Image.open(io.BytesIO(image_bytes)) as im:
+                with open_image(io.BytesIO(image_bytes)) as im:
                     return self.transform(im, rng), caption
+            except ImageTooLarge as e:
+                problem = ('image too large', f'{self.urls[s]}: {key}: {e}')
             except Exception as e:   # PIL raises many kinds; one bad JPEG must not end a multi-day run
                 problem = ('corrupt image', f'{self.urls[s]}: {key}: {type(e).__name__}: {e}')
         kind, detail = problem
@@ -497,11 +632,12 @@ class _ShardStream(torch.utils.data.IterableDataset):
         problems[kind] = (count + 1, first)
         return None
 
-    def batch(self, samples, role, position, problems):
+    def batch(self, samples, role, position, problems, empty_epoch=None):
         # default_collate stacks into shared memory when in a worker: no copy on the way to the trainer
         images = torch.utils.data.default_collate([x for x, _ in samples]) if samples else None       # (B, 3, S, S)
         tokens = tokenize([c for _, c in samples], self.context_length, self.tokenizer) if samples else None  # (B, L)
-        return images, tokens, {'role': role, 'position': position, 'problems': problems}
+        return images, tokens, {'role': role, 'position': position, 'problems': problems,
+                                'empty_epoch': empty_epoch}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -528,14 +664,25 @@ class _ShardStream(torch.utils.data.IterableDataset):
                         samples, problems = [], {}
             if not self.resample:
                 break
-            if valid == 0 and (k0, n0) == (0, 0):   # never spin forever on shards with nothing usable
-                raise RuntimeError(
-                    f"shards {self.pattern!r}: rank {self.rank} worker {role} found no valid sample in epoch "
-                    f"{epoch} in its {len(shards)} of {len(self.urls)} shards ({self.world_size} ranks x "
-                    f"{self.roles} workers); problems: {problems or 'no samples at all'}")
+            # a whole epoch with nothing to deliver: say so, and take the next one (the rest of
+            # an epoch after a resume gave batches before the interruption, so it says nothing)
+            if valid == 0 and not samples and (k0, n0) == (0, 0):
+                yield self.batch([], role, (epoch + 1, 0, 0), problems, epoch)
+                problems = {}
             epoch, k0, n0 = epoch + 1, 0, 0
         if samples or problems:   # resample=False: the rest, and the count of what was skipped
             yield self.batch(samples, role, (epoch, len(shards), 0), problems)
+
+
+# Epochs in a row in which a rank's workers find no valid sample before a rank of several that
+# has never had a batch gives up (with one rank, one such epoch means an empty dataset).
+EMPTY_EPOCHS = 10
+
+
+def _is_synthetic(urls):
+    """Whether the shards are the built-in synthetic data's training shards (one caption per line)."""
+    parents = {os.path.dirname(os.path.dirname(os.path.abspath(u))) for u in urls if not u.startswith('pipe:')}
+    return len(parents) == 1 and os.path.isfile(os.path.join(parents.pop(), '.complete'))
 
 
 class ShardLoader:
@@ -547,10 +694,16 @@ class ShardLoader:
     process, the same batches as 1). resample=True repeats epochs forever (training);
     False gives one epoch per `for` loop, the last batch of each worker possibly short.
     train=False: eval transform, first caption, shards in the given order, no shuffling.
-    Skipped samples are counted by kind in .skipped; each kind warns once (DataWarning)."""
+    Skipped samples are counted by kind in .skipped; each kind warns once (DataWarning).
+    caption_lines: True, each line of KEY.txt is a caption (one is drawn each time); False, the
+    whole text is one caption; None (default): True for the built-in synthetic data (shards in
+    DIR/train/ beside synthetic.py's DIR/.complete marker), False otherwise, since web captions
+    (img2dataset) may hold newlines. caption_key: the field of KEY.json read as the caption
+    when a sample has no KEY.txt (None: never)."""
 
     def __init__(self, urls, batch_size, image_size, context_length, tokenizer='byte', rank=0, world_size=1,
-                 workers=2, seed=0, shuffle_buffer=1000, resample=True, train=True):
+                 workers=2, seed=0, shuffle_buffer=1000, resample=True, train=True, caption_lines=None,
+                 caption_key='caption'):
         for name, value, low in (('batch_size', batch_size, 1), ('image_size', image_size, 1),
                                  ('world_size', world_size, 1), ('workers', workers, 0), ('rank', rank, 0),
                                  ('shuffle_buffer', shuffle_buffer, 0)):
@@ -562,10 +715,14 @@ class ShardLoader:
         self.urls = expand_urls(urls)
         self.pattern = urls if isinstance(urls, str) else str(urls)
         self.workers, self.roles = workers, max(workers, 1)
+        self.caption_lines = _is_synthetic(self.urls) if caption_lines is None else caption_lines
         self.stream = _ShardStream(self.urls, self.pattern, batch_size, image_size, context_length, tokenizer,
-                                   rank, world_size, self.roles, seed, shuffle_buffer, resample, train)
+                                   rank, world_size, self.roles, seed, shuffle_buffer, resample, train,
+                                   self.caption_lines, caption_key)
         self.positions = [(0, 0, 0)] * self.roles   # per role: (epoch, shard index, sample index) delivered
         self.next_role, self.batches, self.skipped, self._warned = 0, 0, {}, set()
+        self._empty = {}   # epoch -> the roles that found no valid sample in all of it
+        self._examples = {}   # kind -> the first skipped item's detail, for the error messages
 
     def _identity(self):
         s = self.stream
@@ -589,10 +746,30 @@ class ShardLoader:
                       f"exact resume is impossible, restarting epoch {epoch} from its beginning", DataWarning)
         self.positions, self.next_role = [(epoch, 0, 0)] * self.roles, 0
 
+    def _check_empty(self, role, epoch):
+        """A worker found no valid sample in an epoch. One rank alone: every worker in the same
+        epoch means the whole dataset, an error. Several ranks: the rank's share was empty, as
+        may be by chance with about as many shards as workers; only a rank that has never had a
+        batch, after EMPTY_EPOCHS such epochs, stops (the dataset has too few valid samples)."""
+        self._empty.setdefault(epoch, set()).add(role)
+        empty_epochs = sum(len(roles) == self.roles for roles in self._empty.values())
+        world = self.stream.world_size
+        if empty_epochs and (world == 1 or (self.batches == 0 and empty_epochs >= EMPTY_EPOCHS)):
+            where = '' if world == 1 else (f" in the share of rank {self.stream.rank} of {world} "
+                                           f"({EMPTY_EPOCHS} epochs)")
+            raise ValueError(f"shards {self.pattern!r}: no valid sample in epoch {epoch}{where} "
+                             f"({self._what_was_skipped()})")
+
+    def _what_was_skipped(self):
+        examples = '; '.join(f'{kind}: {detail}' for kind, detail in self._examples.items())
+        return f"skipped: {self.skipped}; first of each kind: {examples}" if self.skipped else 'nothing readable'
+
+
     def _count(self, problems):
         for kind, (count, first) in problems.items():
             if kind not in self._warned:
                 self._warned.add(kind)
+                self._examples[kind] = first
                 warnings.warn(f"shards {self.pattern!r}: skipping a sample: {kind}: {first} "
                               f"(further ones are counted in ShardLoader.skipped)", DataWarning)
             self.skipped[kind] = self.skipped.get(kind, 0) + count
@@ -605,10 +782,14 @@ class ShardLoader:
         epoch, delivered = min(p[0] for p in self.positions), 0
         for images, tokens, info in loader:
             self._count(info['problems'])
-            if images is None:
-                continue
+            if images is None and info['empty_epoch'] is None:
+                continue   # the count of what was skipped at the end of a one-epoch pass
             self.positions[info['role']] = tuple(info['position'])
             self.next_role = (info['role'] + 1) % self.roles
+            if images is None:
+                self._check_empty(info['role'], info['empty_epoch'])
+                continue
+            self._empty.clear()
             self.batches += 1
             delivered += len(images)
             if min(p[0] for p in self.positions) > epoch and self.skipped:   # every role is past `epoch`
@@ -619,7 +800,7 @@ class ShardLoader:
         # only with resample=False: the epoch is over
         if delivered == 0 and fresh:
             raise ValueError(f"shards {self.pattern!r}: no valid sample in epoch {epoch} "
-                             f"(skipped: {self.skipped or 'nothing readable'})")
+                             f"({self._what_was_skipped()})")
         if self.skipped:
             warnings.warn(f"shards {self.pattern!r}: epoch {epoch} done; skipped so far: {self.skipped}", DataWarning)
         self.positions, self.next_role = [(epoch + 1, 0, 0)] * self.roles, 0

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import tarfile
 import warnings
@@ -337,7 +338,7 @@ def test_epochs_are_reshuffled_and_resample_goes_on(tmp_path):
 
 def test_eval_mode_reads_in_order_with_first_caption(tmp_path):
     path = write_tar(tmp_path / 'a.tar', [(f'k{i}', {'jpg': png(i, 12, 'JPEG'), 'txt': f'k{i}\nother'}) for i in range(6)])
-    batches = list(loader([path], workers=0, train=False, resample=False, image_size=8))
+    batches = list(loader([path], workers=0, train=False, resample=False, image_size=8, caption_lines=True))
     assert [k for _, t in batches for k in keys_of(t)] == [f'k{i}' for i in range(6)]
     assert batches[-1][0].shape == (2, 3, 8, 8)                # the epoch's last batch is short
 
@@ -425,3 +426,151 @@ def test_read_shards(tmp_path):
     assert captions == ['good1'] and image.mode == 'RGB' and image.size == (16, 16)
     assert samples[1][1] is None and samples[2][1] is None              # did not decode
     assert len(caught) == 1 and "'truncated tar': 1" in str(caught[0].message)
+
+
+# ----------------------------------------------------------------------------- bad shards, big images, captions
+def quietly(make, *args):
+    """list(make(*args)) without the DataWarnings a test of bad input expects."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return list(make(*args))
+
+
+@pytest.mark.parametrize('workers', [2, 0])
+def test_one_unreadable_shard_among_few_does_not_stop_training(tmp_path, workers):
+    """Two shards for two workers, one of them zero bytes: in each epoch one worker's share is
+    empty. It is skipped and counted; the run goes on and resumes exactly."""
+    good = make_shards(tmp_path, 1, 6)
+    (tmp_path / 'zero.tar').write_bytes(b'')
+    paths = good + [str(tmp_path / 'zero.tar')]
+    ld = loader(paths, workers=workers, batch_size=2)
+    full = quietly(take, iter(ld), 12)                        # 4 epochs of the good shard
+    assert sorted(k for _, t in full for k in keys_of(t)) == sorted([f's0_{i:03d}' for i in range(6)] * 4)
+    assert ld.skipped['unreadable shard'] >= 3
+    first = loader(paths, workers=workers, batch_size=2)
+    it = iter(first)
+    quietly(take, it, 5)
+    resumed = loader(paths, workers=workers, batch_size=2)
+    resumed.load_state_dict(first.state_dict())
+    assert_same_batches(quietly(take, iter(resumed), 7), full[5:])
+
+
+def test_a_rank_whose_share_stays_empty_stops_after_some_epochs(tmp_path, monkeypatch):
+    """One shard with one good sample, two ranks: rank 1 keeps the samples j % 2 == 1 of it,
+    never a valid one. It stops with the pattern named instead of spinning forever; rank 0 runs."""
+    monkeypatch.setattr(data, 'EMPTY_EPOCHS', 3)
+    path = write_tar(tmp_path / 'one.tar', [('a', {'png': png(0), 'txt': 'a'}), ('b', {'png': png(1)})])
+    assert quietly(take, iter(loader([path], workers=0, batch_size=1, rank=0, world_size=2)), 3)
+    with pytest.raises(ValueError, match=r'one\.tar.*rank 1 of 2'):
+        quietly(take, iter(loader([path], workers=0, batch_size=1, rank=1, world_size=2)), 1)
+
+
+def big_png(width, height):
+    """A greyscale PNG of width x height black pixels whose bytes are few: what a decompression
+    bomb looks like. Written by hand, row by row, so the test never holds the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+    packer, row = zlib.compressobj(9), b'\0' * (width + 1)      # filter byte 0, then the pixels
+    pixels = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
+            + chunk(b'IDAT', pixels) + chunk(b'IEND', b''))
+
+
+def test_images_beyond_the_pixel_budget_are_skipped_and_counted(tmp_path, monkeypatch):
+    huge = big_png(6000, 6000)                                 # 36 Mpx, 35 KB: above MAX_PIXELS
+    assert len(huge) < 100_000 and 6000 * 6000 > data.MAX_PIXELS
+    with pytest.raises(data.ImageTooLarge, match='6000 x 6000'):
+        data.open_image(io.BytesIO(huge))
+    monkeypatch.setattr(data, 'MAX_PIXELS', 24 * 24)            # small images stand in for big ones
+    path = write_tar(tmp_path / 'big.tar', [
+        ('small', {'png': png(0, 16), 'txt': 'small'}),
+        ('bigpng', {'png': png(1, 32), 'txt': 'bigpng'}),        # refused
+        ('bigjpeg', {'jpg': png(2, 64, 'JPEG'), 'txt': 'bigjpeg'}),   # decoded at 1/4 size: 16 x 16
+        ('huge', {'png': huge, 'txt': 'huge'})])
+    ld = loader([path], workers=0, batch_size=1, resample=False)
+    with pytest.warns(data.DataWarning, match='image too large'):
+        assert sorted(k for _, t in ld for k in keys_of(t)) == ['bigjpeg', 'small']
+    assert ld.skipped == {'image too large': 2}
+    with data.open_image(io.BytesIO(png(2, 64, 'JPEG'))) as im:
+        assert im.size == (16, 16)
+    sizes = {k: image and image.size for k, image, _ in data.read_shards(path)}   # eval counts None
+    assert sizes == {'small': (16, 16), 'bigpng': None, 'bigjpeg': (16, 16), 'huge': None}
+
+
+def test_bomb_beyond_pils_limit_is_too_large(tmp_path):
+    bomb = big_png(14000, 14000)                               # PIL itself refuses > 179 Mpx
+    with pytest.raises(data.ImageTooLarge):
+        data.open_image(io.BytesIO(bomb))
+
+
+def test_caption_not_utf8_and_header_cut_are_counted(tmp_path):
+    latin = write_tar(tmp_path / 'latin.tar', [('ok', {'png': png(0), 'txt': 'ok'}),
+                                               ('latin', {'png': png(1), 'txt': 'caf\xe9'.encode('latin-1')})])
+    whole = write_tar(tmp_path / 'cut.tar', [(f'k{i}', {'png': png(i), 'txt': f'k{i}'}) for i in range(3)])
+    with tarfile.open(whole) as tar:
+        header = next(m for m in tar.getmembers() if m.name == 'k2.txt').offset
+    with open(whole, 'r+b') as f:
+        f.truncate(header + 100)                                 # inside k2.txt's 512-byte header
+    ld = loader([latin, whole], workers=0, batch_size=1, resample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert sorted(k for _, t in ld for k in keys_of(t)) == ['k0', 'k1', 'ok']
+    assert ld.skipped == {'caption not UTF-8': 1, 'truncated tar': 1}
+    assert any('latin.txt' in str(w.message) for w in caught)
+    assert any('cut inside the header' in str(w.message) for w in caught)
+
+
+def test_empty_and_non_tar_shards_say_what_they_are(tmp_path):
+    good = make_shards(tmp_path, 1, 2)
+    (tmp_path / 'zero.tar').write_bytes(b'')
+    (tmp_path / 'text.tar').write_text('this is not a tar file\n' * 40)
+    for bad, says in (('zero.tar', 'an empty file (0 bytes)'), ('text.tar', 'not a tar file')):
+        detail = f'unreadable shard: .*{bad}: {re.escape(says)}'
+        with pytest.warns(data.DataWarning, match=detail):   # among good shards: skipped
+            list(loader(good + [str(tmp_path / bad)], workers=0, resample=False))
+        with pytest.raises(ValueError, match=f'no valid sample.*{detail}'):   # alone: an error
+            quietly(lambda: loader(str(tmp_path / bad), workers=0, resample=False))
+
+
+def test_captions_from_json_and_whole_text_by_default(tmp_path):
+    path = write_tar(tmp_path / 'a.tar', [
+        ('txt', {'jpg': png(0, fmt='JPEG'), 'txt': 'first line\nsecond line', 'json': '{"caption": "no"}'}),
+        ('json', {'jpg': png(1, fmt='JPEG'), 'json': '{"caption": "from the json", "url": "x"}'}),
+        ('list', {'jpg': png(2, fmt='JPEG'), 'json': '{"caption": ["one", "two"]}'}),
+        ('other', {'jpg': png(3, fmt='JPEG'), 'json': '{"alt": "other key"}'})])
+    def captions(**kw):
+        ld = loader([path], workers=0, batch_size=1, resample=False, train=False, context_length=32, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return [keys_of(t)[0] for _, t in ld], ld.skipped
+    # img2dataset's caption with a newline stays one caption; .json when there is no .txt
+    assert captions() == (['first line second line', 'from the json', 'one'], {'no caption': 1})
+    assert captions(caption_lines=True) == (['first line', 'from the json', 'one'], {'no caption': 1})
+    assert captions(caption_key='alt')[0] == ['first line second line', 'other key']
+    assert captions(caption_key=None) == (['first line second line'], {'no caption': 3})
+    # the training draws among a list's captions
+    train = loader([path], workers=0, batch_size=1, resample=True, shuffle_buffer=0)
+    drawn = {keys_of(t)[0] for _, t in quietly(take, iter(train), 40)}
+    assert {'one', 'two'} <= drawn
+
+
+def test_synthetic_shards_keep_one_caption_per_line(tmp_path):
+    from synthetic import make_synthetic
+    root = make_synthetic(tmp_path / 'syn', train=4, retrieval=1, zeroshot=1, shard_size=4)
+    ld = loader(os.path.join(root, 'train'), workers=0, batch_size=4, resample=False, train=False,
+                context_length=64)
+    assert ld.caption_lines is True
+    (lines,) = [keys_of(t) for _, t in ld]
+    with tarfile.open(os.path.join(root, 'train', '00000.tar')) as tar:
+        first = [tar.extractfile(m).read().decode().splitlines()[0] for m in tar if m.name.endswith('.txt')]
+    assert lines == first                       # one line of each, not the whole text
+    assert loader(make_shards(tmp_path, 1, 1), workers=0).caption_lines is False
+
+
+def test_a_missing_data_path_is_named(tmp_path):
+    for missing in (tmp_path / 'nowhere', tmp_path / 'nowhere' / '{000..003}.tar'):
+        with pytest.raises(ValueError, match=re.escape(f"shards '{missing}' match no file (no such file")):
+            loader(str(missing))
