@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -396,7 +397,24 @@ def print_table(results):
             print(f'{name:<28} tau {tau:<5g} {cells}')
 
 
-def main():
+def default_out(weights, task, data_arg):
+    """eval_<task>_<data>.json next to the weights: each dataset keeps its own results. <data>
+    is --data with every run of other characters than letters and digits made one '_' (its
+    last 80 characters). Two datasets whose names collide refuse to replace each other."""
+    name = re.sub(r'[^A-Za-z0-9]+', '_', data_arg).strip('_')[-80:].strip('_') or 'data'
+    out = Path(weights).with_name(f'eval_{task}_{name}.json')
+    if out.is_file():
+        try:
+            earlier = json.loads(out.read_text()).get('data')
+        except (ValueError, AttributeError):
+            earlier = None
+        if earlier != data_arg:
+            raise ValueError(f"{out} holds the results of --data={earlier}, not of --data={data_arg}; "
+                             f"name another file with --out")
+    return str(out)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--ckpt', help='a checkpoint written by train.py, e.g. out/ckpt.pt')
@@ -414,8 +432,9 @@ def main():
     p.add_argument('--batch_size', type=int, default=256, help='images (and captions) per batch')
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    p.add_argument('--out', help='JSON file of results (default: eval_<task>.json next to the weights)')
-    args = p.parse_args()
+    p.add_argument('--out', help='JSON file of results (default: eval_<task>_<data>.json next to the weights, '
+                                 '<data> being --data made a file name)')
+    args = p.parse_args(argv)
     try:
         run(args)
     except (FileNotFoundError, ValueError, KeyError) as e:   # bad input: the message, not a traceback
@@ -423,6 +442,7 @@ def main():
 
 
 def run(args):
+    out = args.out or default_out(args.official or args.ckpt, args.task, args.data)   # refused before the work
     model = load_official(args.official) if args.official else load_checkpoint(args.ckpt)
     model = model.to(args.device).eval()
     # bf16 on GPUs that support it; the scores are cosines, far from bf16's range limits
@@ -445,7 +465,6 @@ def run(args):
                                                                      args.device, args.batch_size, args.workers,
                                                                      progress=True)}
     print_table(results)
-    out = args.out or str(Path(args.official or args.ckpt).with_name(f'eval_{args.task}.json'))
     with open(out, 'w') as f:
         json.dump({'weights': args.official or args.ckpt, 'task': args.task, 'data': args.data,
                    'results': {name: {f'{t:g}': m for t, m in by_tau.items()} for name, by_tau in results.items()}},

@@ -486,3 +486,34 @@ def test_evaluate_synthetic(synthetic):
     assert len(several) == 2 * len(metrics)
     with pytest.raises(FileNotFoundError, match='synthetic.py'):
         llip_eval.evaluate_synthetic(m, synthetic / 'zeroshot' / 'shape')
+
+
+# ----------------------------------------------------------------------------- the command line
+def save_checkpoint(path, **overrides):
+    torch.manual_seed(0)
+    c = tiny(**overrides)
+    torch.save({'model': Llip(c).state_dict(), 'config': {'model_config': dataclasses.asdict(c)}}, path)
+    return str(path)
+
+
+def test_results_of_a_second_dataset_do_not_replace_the_first(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pt')
+    for name in ('pets', 'cars'):
+        folder = write_folder(tmp_path / name, ['cat', 'dog'] if name == 'pets' else ['car', 'bus'], 1)
+        llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={folder}', '--workers=0'])
+    written = sorted(p.name for p in tmp_path.glob('eval_*.json'))
+    assert len(written) == 2 and all(n.startswith('eval_zeroshot_') for n in written)
+    assert {json.loads((tmp_path / n).read_text())['data'] for n in written} == {
+        str(tmp_path / 'pets'), str(tmp_path / 'cars')}
+    # the same data again replaces its own file; another whose name collides is refused
+    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets"}', '--workers=0'])
+    assert sorted(p.name for p in tmp_path.glob('eval_*.json')) == written
+    (tmp_path / 'pets_').mkdir()
+    for item in (tmp_path / 'pets').iterdir():
+        item.rename(tmp_path / 'pets_' / item.name)
+    with pytest.raises(SystemExit, match='name another file with --out'):
+        llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets_"}', '--workers=0'])
+    out = tmp_path / 'mine.json'
+    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets_"}', f'--out={out}',
+                    '--workers=0'])
+    assert json.loads(out.read_text())['data'] == str(tmp_path / 'pets_')
