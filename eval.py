@@ -60,7 +60,8 @@ from einops import rearrange, reduce
 from tqdm import tqdm
 
 import data
-from eval_data import ImageFolder, caption_folder, collate_skipping, image_folder, load_names
+from eval_data import (ImageFolder, caption_folder, class_names, collate_skipping, image_folder,  # noqa: F401
+                       load_names)
 from loss import PAIRS_PER_CHUNK
 from metrics import binding_metrics, ranking_metrics
 from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_official, load_weights
@@ -133,7 +134,8 @@ def _labelled_batches(source, batch_size, workers, skipped):
 
 def _warn_skipped(source, skipped):
     if skipped:
-        warnings.warn(f"{source}: skipped {len(skipped)} images that failed to decode, e.g. {skipped[:3]}")
+        warnings.warn(f"{source}: skipped {len(skipped)} images that failed to decode or were beyond the "
+                      f"pixel budget (data.MAX_PIXELS), e.g. {skipped[:3]}")
 
 
 def load_image_folder(root, classnames, image_size):
@@ -154,12 +156,14 @@ def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', b
              workers=0, progress=False):
     """Top-1 and top-5 accuracy: {tau: {'top1': .., 'top5': ..}}.
     images: a folder with one subfolder per class, or a pair (images (N, 3, S, S), labels (N,)).
+    classnames: a list, or a dict {folder: name} / {"0": name} (eval_data.py: which folder is which class).
     Each chunk of images is encoded once and scored against every class for every tau."""
     if not classnames or not templates:
         raise ValueError(f"zero-shot needs class names and templates, got {len(classnames)} and {len(templates)}")
     source = images if isinstance(images, (str, Path)) else 'images'
     if isinstance(images, (str, Path)):   # check the folder before the text tower runs
         images = ImageFolder(image_folder(images, classnames), data.eval_transform(model.config.image_size))
+    classnames = class_names(classnames)   # a {folder: name} dict -> the names in label order
     classes = class_prototypes(model, classnames, templates, device, batch_size, progress)
     taus = _taus(model, taus)
     top1, top5, n, skipped = dict.fromkeys(taus, 0), dict.fromkeys(taus, 0), 0, []

@@ -1,15 +1,26 @@
 """
 Evaluation data on disk, read for eval.py: class folders for zero-shot classification (which
-folder is which class), caption folders for retrieval, and the class names and templates.
+folder is which class), clip_benchmark's WebDataset zero-shot shards, caption folders for
+retrieval, and the class names and templates.
 
-    python -m pytest tests/test_eval.py -k "folder or classnames"
+Which folder is which class (image_folder), in this order:
+- classnames as a dict {folder: name} says it outright (ImageNet's {"n01440764": "tench"});
+- a dict {"0": name, "1": name, ...} or a list gives the names of classes 0, 1, ...;
+- folders named after the classes are matched by name, ignoring case, '_' and spaces
+  ("Golden_Retriever" is "golden retriever");
+- folders named by numbers are class indices (ImageNetV2: folder "10" is class 10, whatever
+  the string order says);
+- otherwise, folders that match no name at all (ImageNet's n01440764, ...): the i-th folder in
+  sorted order is class i, and a line says so; folders that match some names but not all are
+  refused, since a sorted order would then mislabel in silence.
+
+    python -m pytest tests/test_eval.py -k "folder or classnames or clip_benchmark"
 """
 import json
 import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import data
 
@@ -18,40 +29,89 @@ SHIPPED = Path(__file__).resolve().parent / 'data'   # data/zeroshot-classnames.
 
 
 # ----------------------------------------------------------------------------- zero-shot: class folders
+def class_names(classnames):
+    """The class names in label order from a list, a {"0": name, ...} dict (ordered by the
+    number) or a {folder: name} dict (in its order)."""
+    if not isinstance(classnames, dict):
+        return list(classnames)
+    if all(k.isdecimal() for k in classnames):
+        by_index = {int(k): name for k, name in classnames.items()}
+        if sorted(by_index) != list(range(len(classnames))):
+            raise ValueError(f"class names {{index: name}}: the indices are not 0..{len(classnames) - 1}")
+        return [by_index[i] for i in range(len(by_index))]
+    return list(classnames.values())
+
+
+def _plain(name):
+    """What a name match compares: lower case, '_' as a space, single spaces."""
+    return ' '.join(name.replace('_', ' ').split()).lower()
+
+
+def folder_labels(root, folders, classnames):
+    """{folder name: class index} by the rules in the module docstring."""
+    names = class_names(classnames)
+    if isinstance(classnames, dict) and not all(k.isdecimal() for k in classnames):   # {folder: name}
+        unknown = [f for f in folders if f not in classnames]
+        if unknown:
+            raise ValueError(f"{root}: folders missing from the {{folder: name}} class names: {unknown[:10]}")
+        index = {k: i for i, k in enumerate(classnames)}
+        return {f: index[f] for f in folders}
+    if all(f.isdecimal() for f in folders):   # ImageNetV2: folder "10" is class 10
+        beyond = [f for f in folders if int(f) >= len(names)]
+        if beyond:
+            raise ValueError(f"{root}: numbered folders {beyond[:5]} but only {len(names)} class names")
+        return {f: int(f) for f in folders}
+    plain = {}
+    for i, name in enumerate(names):
+        plain.setdefault(_plain(name), []).append(i)
+    matched = [f for f in folders if _plain(f) in plain]
+    if matched:   # folders named after the classes: all of them must match, one class each
+        unknown = [f for f in folders if _plain(f) not in plain]
+        missing = [n for n in names if _plain(n) not in {_plain(f) for f in folders}]
+        if unknown or missing:
+            raise ValueError(f"{root}: class folders and class names differ (compared ignoring case, '_' and "
+                             f"spaces), and a sorted order would mislabel. Folders not in the names: "
+                             f"{unknown[:10]}; names without a folder: {missing[:10]}. Give classnames.json "
+                             f"as {{folder: name}} to say which folder is which class")
+        twice = [f for f in folders if len(plain[_plain(f)]) > 1 or
+                 sum(_plain(g) == _plain(f) for g in folders) > 1]
+        if twice:
+            raise ValueError(f"{root}: folders {twice[:10]} match the same class name; give classnames.json "
+                             f"as {{folder: name}}")
+        return {f: plain[_plain(f)][0] for f in folders}
+    if len(folders) != len(names):   # folders named by id (n01440764, ...)
+        raise ValueError(f"{root}: {len(folders)} class folders but {len(names)} class names, and "
+                         f"no folder is named after a class (first folders: {folders[:5]})")
+    pairs = ', '.join(f'{f} -> {n}' for f, n in list(zip(folders, names))[:3])
+    print(f"{root}: no folder is named after a class: the i-th folder in sorted order is class i "
+          f"({pairs}, ...); give classnames.json as {{folder: name}} if that is not so")
+    return {f: i for i, f in enumerate(folders)}
+
+
 def image_folder(root, classnames):
-    """[(path, label)] for root/<class>/<image>, checked against the class names."""
+    """[(path, label)] for root/<class>/<image>, checked against the class names (a list or a
+    dict, see class_names); label indexes class_names(classnames)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (expected one subfolder of images per class)")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
     if not folders:
         raise ValueError(f"{root}: no class subfolders (expected {root}/<class name>/<image>.jpg)")
-    names = [f.name for f in folders]
-    if set(names) & set(classnames):   # folders named after the classes: match by name
-        unknown = [n for n in names if n not in classnames]
-        missing = [c for c in classnames if c not in names]
-        if unknown or missing:
-            raise ValueError(f"{root}: class folders and class names differ. Folders not in the names: "
-                             f"{unknown[:10]}; names without a folder: {missing[:10]}")
-        labels = [classnames.index(n) for n in names]
-    else:                              # folders named by id (n01440764, ...): sorted folder i is class i
-        if len(folders) != len(classnames):
-            raise ValueError(f"{root}: {len(folders)} class folders but {len(classnames)} class names, and "
-                             f"no folder is named after a class (first folders: {names[:5]})")
-        labels = list(range(len(folders)))
+    labels = folder_labels(root, [f.name for f in folders], classnames)
     samples = []
-    for folder, label in zip(folders, labels):
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    for folder in folders:
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         if not files:
             warnings.warn(f"{folder}: no images in this class folder")
-        samples += [(str(f), label) for f in files]
+        samples += [(str(f), labels[folder.name]) for f in files]
     if not samples:
         raise ValueError(f"{root}: the class folders hold no images ({' '.join(IMAGE_EXTENSIONS)})")
     return samples
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Decodes one image; an image that fails to decode comes back as its path, to be skipped."""
+    """Decodes one image; an image that fails to decode or is too large (data.open_image) comes
+    back as a string, its path and why, to be skipped and counted."""
 
     def __init__(self, samples, transform):
         self.samples, self.transform = samples, transform
@@ -62,10 +122,10 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
+            with data.open_image(path) as im:   # within data.MAX_PIXELS
                 return self.transform(im), label
-        except (OSError, ValueError):   # PIL's UnidentifiedImageError and truncated files are OSErrors
-            return path
+        except Exception as e:   # PIL raises many kinds: corrupt, truncated, a decompression bomb
+            return f'{path} ({type(e).__name__})'
 
 
 def collate_skipping(batch):
@@ -77,19 +137,25 @@ def collate_skipping(batch):
 
 # ----------------------------------------------------------------------------- retrieval: caption folders
 def caption_folder(root, with_json=False):
-    """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt;
+    """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt
+    (UTF-8, one caption per line; an image whose .txt is not UTF-8 is skipped and counted);
     with_json=True: and a fourth element, root/KEY.json parsed, or None when there is none or
     it does not parse (those are counted in one warning)."""
     bad_json = []
+    bad_text = []
     for path in sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
         text = path.with_suffix('.txt')
-        lines = text.read_text().splitlines() if text.exists() else []
+        try:
+            lines = text.read_bytes().decode('utf-8').splitlines() if text.exists() else []
+        except UnicodeDecodeError:   # skipped and counted, as in shards
+            bad_text.append(text.name)
+            continue
         captions = [line.strip() for line in lines if line.strip()]
         try:
-            with Image.open(path) as im:
+            with data.open_image(path) as im:   # within data.MAX_PIXELS
                 image = data.to_rgb(im)
                 image.load()
-        except (OSError, ValueError):
+        except Exception:   # corrupt, truncated, a decompression bomb: counted by the caller
             image = None
         if not with_json:
             yield path.stem, image, captions
@@ -104,19 +170,28 @@ def caption_folder(root, with_json=False):
     if bad_json:
         warnings.warn(f"{root}: ignored {len(bad_json)} KEY.json that do not parse, "
                       f"e.g. {bad_json[:3]}")
+    if bad_text:
+        warnings.warn(f"{root}: skipped {len(bad_text)} images whose KEY.txt is not UTF-8: {bad_text[:3]}",
+                      data.DataWarning)
 
 
 
 # ----------------------------------------------------------------------------- class names and templates
 def load_names(value, kind, folder):
-    """--classnames / --templates: a JSON file holding a list of strings, or a key of the shipped
-    data/zeroshot-<kind>.json; without the flag, <folder>/<kind>.json if it exists, else None."""
+    """--classnames / --templates: a JSON file (a list of strings; for class names also a dict
+    {folder: name} or {"0": name}), a text file with one per line (clip_benchmark's
+    classnames.txt), or a key of the shipped data/zeroshot-<kind>.json; without the flag,
+    <folder>/<kind>.json if it exists, else None."""
     if value is None:
         local = Path(folder) / f'{kind}.json'
-        return json.loads(local.read_text()) if local.is_file() else None
+        if not local.is_file():
+            return None
+        value = str(local)
     if Path(value).is_file():
         try:
-            items = json.loads(Path(value).read_text())
+            text = Path(value).read_bytes().decode('utf-8')
+            items = ([line.strip() for line in text.splitlines() if line.strip()]
+                     if value.endswith('.txt') else json.loads(text))
         except ValueError as e:   # not UTF-8 or not JSON
             raise SystemExit(f"error: --{kind}={value}: not a JSON file ({e})")
     else:
@@ -126,6 +201,14 @@ def load_names(value, kind, folder):
             raise SystemExit(f"error: --{kind}={value}: neither a file nor a key of {shipped} "
                              f"(keys: {', '.join(sorted(table)) or 'none, the file is missing'})")
         items = table[value]
-    if not (isinstance(items, list) and items and all(isinstance(s, str) for s in items)):
-        raise SystemExit(f"error: --{kind}={value}: expected a non-empty JSON list of strings")
+    strings = lambda xs: bool(xs) and all(isinstance(x, str) for x in xs)   # noqa: E731
+    if kind == 'classnames' and isinstance(items, dict) and strings(list(items.values())):
+        try:
+            class_names(items)
+        except ValueError as e:
+            raise SystemExit(f"error: --{kind}={value}: {e}")
+        return items
+    if not (isinstance(items, list) and strings(items)):
+        raise SystemExit(f"error: --{kind}={value}: expected a non-empty JSON list of strings"
+                         + (' or a {folder: name} dict' if kind == 'classnames' else ''))
     return items
