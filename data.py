@@ -384,6 +384,12 @@ def _open(url):
     return open(url, 'rb')
 
 
+def _key(member_name):
+    """A sample's KEY: the member's path up to the first dot of its file name."""
+    folder, name = os.path.split(member_name)
+    return os.path.join(folder, name.partition('.')[0])
+
+
 def _tar_groups(tar):
     """Consecutive members with the same KEY (path up to the first dot of the file name) ->
     (key, {extension: bytes}), as img2dataset writes them and webdataset reads them."""
@@ -391,12 +397,11 @@ def _tar_groups(tar):
     for member in tar:
         if not member.isfile():
             continue
-        folder, name = os.path.split(member.name)
-        stem, _, ext = name.partition('.')
-        if os.path.join(folder, stem) != key:
+        ext = os.path.basename(member.name).partition('.')[2]
+        if _key(member.name) != key:
             if group:
                 yield key, group
-            key, group = os.path.join(folder, stem), {}
+            key, group = _key(member.name), {}
         group[ext.lower()] = tar.extractfile(member).read()   # raises on a truncated tar
     # tarfile ends the archive in silence where the next 512-byte header is cut short; the
     # stream then stands between 1 and 511 bytes past that header's start (0: cut between two
@@ -526,6 +531,23 @@ def _decode(image_bytes):
         return image
     except Exception:   # PIL raises many kinds of errors on a broken file
         return None
+
+
+def count_samples(urls):
+    """How many samples with an image the shards hold, from their tar headers alone (a local
+    uncompressed tar is read by seeking from header to header), or None where that is unknown
+    (a pipe:, a shard that does not open). For the totals of evaluation progress bars."""
+    n = 0
+    for url in urls:
+        if url.startswith('pipe:'):
+            return None
+        try:
+            with tarfile.open(url) as tar:
+                n += len({_key(m.name) for m in tar if m.isfile() and
+                          m.name.rpartition('.')[2].lower() in IMAGE_EXTENSIONS})
+        except (OSError, EOFError, tarfile.TarError):
+            return None
+    return n
 
 
 def _check_cls(url, key, group):

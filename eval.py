@@ -14,13 +14,18 @@ evaluation: model.similarity reduces to one matrix product.
         --classnames=imagenet --templates=imagenet --tau 1 3 5 8 10
     python eval.py --official=llip_b16_k32.pt --task=retrieval --data='/datasets/coco/{00000..00004}.tar'
 
-Zero-shot data is an image folder with one subfolder per class. Class folders named after
-the classes are matched by name; otherwise (ImageNet's n01440764, ...) the i-th folder in
-sorted order is class i. Class names and templates come from --classnames / --templates (a
-JSON file holding a list, or a key of data/zeroshot-*.json: the CLIP protocol's names and
-templates), else from classnames.json / templates.json inside --data. Retrieval data is
-WebDataset shards, or a folder of KEY.jpg + KEY.txt with one caption per line; either may have
-a KEY.json with ground truth (below).
+Zero-shot data is an image folder with one subfolder per class (eval_data.py says which folder
+is which class: by a {folder: name} classnames.json, by name ignoring case and '_', numbered
+folders as class indices, else sorted order, which is printed), or clip_benchmark's WebDataset
+zero-shot layout (ROOT/classnames.txt, ROOT/test/N.tar of KEY.webp + KEY.cls), or shards of
+KEY.jpg + KEY.cls with --classnames. Class names and templates come from --classnames /
+--templates (a JSON list or {folder: name} file, a .txt with one per line, or a key of
+data/zeroshot-*.json: the CLIP protocol's names and templates), else from classnames.json /
+templates.json inside --data (or clip_benchmark's .txt files). Zero-shot reports top1, top5
+(n/a below 5 classes) and mean_per_class_recall. Retrieval data is WebDataset shards, or a
+folder of KEY.jpg + KEY.txt with one caption per line; either may have a KEY.json with ground
+truth (below). An image that does not decode or is beyond data.MAX_PIXELS is skipped and
+counted, in every format.
 
 Retrieval is measured over distinct caption strings, each scored once: the candidates are the
 distinct lines of the evaluated images' .txt files, and string s is a match of image i when s
@@ -40,7 +45,10 @@ false one being the true one with an attribute swapped between two objects of th
 fraction of triples whose image scores the true caption above the false one, overall and per
 kind. The false captions are scored against their own image only, never ranked.
 
-Results: a table on stdout and a JSON file (--out). The readers of class folders, caption
+Results: a table on stdout and a JSON file (--out; default eval_<task>_<data>.json beside the
+weights, one per dataset) holding our metrics and the same numbers under clip_benchmark's names
+(acc1, acc5, mean_per_class_recall, image_retrieval_recall@k = t2i_rk, text_retrieval_recall@k
+= i2t_rk). The readers of class folders, caption
 folders and class names are eval_data.py.
     python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time, metrics ==
                                              # one query at a time
@@ -60,10 +68,11 @@ from einops import rearrange, reduce
 from tqdm import tqdm
 
 import data
-from eval_data import (ImageFolder, caption_folder, class_names, collate_skipping, image_folder,  # noqa: F401
-                       load_names)
+from eval_data import (ImageFolder, LabelledShards, Truth, caption_folder, captioned_batches,  # noqa: F401
+                       class_names, clip_benchmark_layout, count_images, image_folder,
+                       labelled_batches, load_names, truth_of)
 from loss import PAIRS_PER_CHUNK
-from metrics import binding_metrics, ranking_metrics
+from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
 from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_official, load_weights
 
 
@@ -117,21 +126,6 @@ def class_prototypes(model, classnames, templates, device='cpu', batch_size=256,
 
 
 # ----------------------------------------------------------------------------- image folders
-def _labelled_batches(source, batch_size, workers, skipped):
-    """(images (B, 3, S, S), labels (B,)) from an ImageFolder, or from an (images, labels) pair of tensors."""
-    if isinstance(source, ImageFolder):
-        loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=workers,
-                                             collate_fn=collate_skipping)
-        for images, labels, bad in loader:
-            skipped += bad
-            if images is not None:
-                yield images, labels
-    else:
-        images, labels = source
-        for s in range(0, len(images), batch_size):
-            yield images[s:s + batch_size], labels[s:s + batch_size]
-
-
 def _warn_skipped(source, skipped):
     if skipped:
         warnings.warn(f"{source}: skipped {len(skipped)} images that failed to decode or were beyond the "
@@ -143,7 +137,7 @@ def load_image_folder(root, classnames, image_size):
     both zero-shot protocols below score the same tensors; unreadable images are skipped."""
     skipped = []
     folder = ImageFolder(image_folder(root, classnames), data.eval_transform(image_size))
-    batches = list(_labelled_batches(folder, 256, 0, skipped))
+    batches = list(labelled_batches(folder, 256, 0, skipped))
     _warn_skipped(root, skipped)
     if not batches:
         raise ValueError(f"{root}: no image could be decoded")
@@ -154,33 +148,54 @@ def load_image_folder(root, classnames, image_size):
 @torch.no_grad()
 def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', batch_size=256,
              workers=0, progress=False):
-    """Top-1 and top-5 accuracy: {tau: {'top1': .., 'top5': ..}}.
-    images: a folder with one subfolder per class, or a pair (images (N, 3, S, S), labels (N,)).
+    """Top-1 and top-5 accuracy and the mean over classes of each class's top-1 recall:
+    {tau: {'top1', 'top5', 'mean_per_class_recall'}}; top5 is None (not applicable) below 5 classes.
+    images: a folder with one subfolder per class, clip_benchmark's WebDataset zero-shot root
+    or shards with KEY.cls, or a pair (images (N, 3, S, S), labels (N,)).
     classnames: a list, or a dict {folder: name} / {"0": name} (eval_data.py: which folder is which class).
     Each chunk of images is encoded once and scored against every class for every tau."""
     if not classnames or not templates:
         raise ValueError(f"zero-shot needs class names and templates, got {len(classnames)} and {len(templates)}")
     source = images if isinstance(images, (str, Path)) else 'images'
-    if isinstance(images, (str, Path)):   # check the folder before the text tower runs
-        images = ImageFolder(image_folder(images, classnames), data.eval_transform(model.config.image_size))
+    transform = data.eval_transform(model.config.image_size)
+    if isinstance(images, (str, Path)) and clip_benchmark_layout(images):   # clip_benchmark's shards
+        images = LabelledShards(clip_benchmark_layout(images)[0], transform, len(class_names(classnames)))
+    elif isinstance(images, (str, Path)) and not Path(images).is_dir():     # shards with KEY.cls
+        images = LabelledShards(data.expand_urls(images), transform, len(class_names(classnames)))
+    elif isinstance(images, (str, Path)):   # check the folder before the text tower runs
+        images = ImageFolder(image_folder(images, classnames), transform)
     classnames = class_names(classnames)   # a {folder: name} dict -> the names in label order
     classes = class_prototypes(model, classnames, templates, device, batch_size, progress)
-    taus = _taus(model, taus)
-    top1, top5, n, skipped = dict.fromkeys(taus, 0), dict.fromkeys(taus, 0), 0, []
-    batches = _labelled_batches(images, batch_size, workers, skipped)
-    for x, labels in tqdm(batches, desc='zero-shot', unit='batch', disable=not progress):
+    taus, C = _taus(model, taus), len(classnames)
+    per_class = torch.zeros(C, dtype=torch.long)                                 # images of each class
+    top1 = {tau: torch.zeros(C, dtype=torch.long) for tau in taus}             # hits of each class
+    top5, skipped = dict.fromkeys(taus, 0), []
+    bar = _progress('zero-shot', count_images(images), progress)
+    for x, labels in labelled_batches(images, batch_size, workers, skipped):
         img = model.encode_image(x.to(device, _dtype(model)))
         labels = labels.to(device)
+        per_class += torch.bincount(labels.cpu(), minlength=C)
         for tau in taus:
-            top = score(model, img, classes, tau).topk(min(5, len(classnames)), dim=1).indices  # (B, 5)
+            top = score(model, img, classes, tau).topk(min(5, C), dim=1).indices  # (B, 5)
             hit = top == labels[:, None]
-            top1[tau] += hit[:, 0].sum().item()
+            top1[tau] += torch.bincount(labels[hit[:, 0]].cpu(), minlength=C)
             top5[tau] += hit.any(dim=1).sum().item()
-        n += len(labels)
+        bar.update(int(per_class.sum()) + len(skipped) - bar.n)   # the skipped images were read too
+    bar.close()
     _warn_skipped(source, skipped)
+    n = per_class.sum().item()
     if n == 0:
         raise ValueError(f"{source}: no image could be decoded")
-    return {tau: {'top1': top1[tau] / n, 'top5': top5[tau] / n} for tau in taus}
+    seen = per_class > 0   # mean per-class recall: over the classes that have images, as clip_benchmark
+    return {tau: {'top1': top1[tau].sum().item() / n,
+                  'top5': top5[tau] / n if C >= 5 else None,   # not applicable: every image is a hit
+                  'mean_per_class_recall': (top1[tau][seen].double() / per_class[seen]).mean().item()}
+            for tau in taus}
+
+
+def _progress(desc, total, progress):
+    """A progress bar counting images: with a total (and so an ETA) where it is known."""
+    return tqdm(total=total, desc=desc, unit='image', disable=not progress, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -208,69 +223,6 @@ def zeroshot_best_prompt(model, images, labels, classnames, templates, taus=(Non
 
 
 # ----------------------------------------------------------------------------- retrieval
-@dataclasses.dataclass
-class Truth:
-    """What retrieval knows of one image besides its pixels."""
-    captions: list                # its caption lines: what it adds to the candidate strings
-    true: set                     # every string true of it: captions + KEY.json's true_captions
-    binding: list = dataclasses.field(default_factory=list)   # (true, false, kind) caption triples
-
-
-def truth_of(captions, meta=None, key='image'):
-    """Truth from an image's caption lines and its parsed KEY.json: None, or a dict whose
-    optional 'true_captions' (strings) and 'binding' ([true, false, kind] triples) are read and
-    whose other keys ('scene', ...) are not. A malformed field is an error that names the key."""
-    meta = meta if isinstance(meta, dict) else {}
-    extra, binding = meta.get('true_captions', []), meta.get('binding', [])
-    if not (isinstance(extra, list) and all(isinstance(c, str) for c in extra)):
-        raise ValueError(f"{key}.json: 'true_captions' is not a list of strings: {extra!r:.200}")
-    if not (isinstance(binding, list) and all(isinstance(t, (list, tuple)) and len(t) == 3 and
-                                              all(isinstance(x, str) for x in t) for t in binding)):
-        raise ValueError(f"{key}.json: 'binding' is not a list of [true, false, kind] strings: "
-                         f"{binding!r:.200}")
-    return Truth(list(captions), set(captions) | set(extra), [tuple(t) for t in binding])
-
-
-def _captioned_batches(source, image_size, batch_size, skipped, max_images=None):
-    """(images (B, 3, S, S), [Truth of each image]) from shards, a caption folder, or a tuple
-    (images (N, 3, S, S), [captions of each image][, [extra true strings of each image or None]
-    [, [binding triples of each image]]]); the first max_images images if given."""
-    if not isinstance(source, (str, Path, list)):
-        images, captions, extra, binding = (*source, None, None)[:4]
-        n = len(images) if max_images is None else min(max_images, len(images))
-        extra, binding = extra or [None] * n, binding or [None] * n
-        if not all(captions[:n]):
-            raise ValueError(f"image {[bool(c) for c in captions].index(False)} has no caption")
-        truths = [Truth(list(captions[i]), set(captions[i]) | set(extra[i] or ()),
-                        [tuple(t) for t in binding[i] or ()]) for i in range(n)]
-        for s in range(0, n, batch_size):
-            yield images[s:min(n, s + batch_size)], truths[s:min(n, s + batch_size)]
-        return
-    is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
-    if is_folder and not any(Path(source).glob('*.tar')):
-        samples = caption_folder(source, with_json=True)
-    else:
-        samples = data.read_shards(source if not is_folder else str(source), with_json=True)
-    transform = data.eval_transform(image_size)
-    images, truths, n = [], [], 0
-    for key, image, caps, meta in samples:
-        if n == max_images:
-            break
-        if not caps:
-            continue   # an image without captions can be neither a query nor a target
-        if image is None:   # did not decode
-            skipped.append(key)
-            continue
-        images.append(transform(image))
-        truths.append(truth_of(caps, meta, key))
-        n += 1
-        if len(images) == batch_size:
-            yield torch.stack(images), truths
-            images, truths = [], []
-    if images:
-        yield torch.stack(images), truths
-
-
 def _strings_to_score(truths):
     """The strings to encode and what their columns mean: (strings, n, truth (N_img, n) bool,
     binding (image, true column, false column, kind) per triple). The first n strings are the
@@ -301,10 +253,13 @@ def retrieval(model, source, taus=(None,), device='cpu', batch_size=256, progres
     each image is encoded once; the scores of every image-string pair are computed one chunk of
     images at a time."""
     features, truths, skipped = [], [], []
-    batches = _captioned_batches(source, model.config.image_size, batch_size, skipped, max_images)
-    for x, batch_truths in tqdm(batches, desc='images', unit='batch', disable=not progress):
+    batches = captioned_batches(source, model.config.image_size, batch_size, skipped, max_images)
+    bar = _progress('images', count_images(source, max_images), progress)
+    for x, batch_truths in batches:
         features.append(model.encode_image(x.to(device, _dtype(model))))
         truths += batch_truths
+        bar.update(len(truths) + len(skipped) - bar.n)   # the skipped images were read too
+    bar.close()
     _warn_skipped(source if isinstance(source, (str, Path)) else 'images', skipped)
     if not truths:
         raise ValueError(f"{source}: no image with captions could be read "
@@ -356,12 +311,13 @@ def synthetic_results(model, root, device='cpu', batch_size=256, taus=(None,), p
 
 
 def flatten(results):
-    """{'name': {tau: {metric: v}}} -> {'name/metric': v}, with a tau level only for several taus."""
+    """{'name': {tau: {metric: v}}} -> {'name/metric': v}, with a tau level only for several taus;
+    metrics that do not apply (None: top5 below 5 classes) are left out."""
     flat = {}
     for name, by_tau in results.items():
         for tau, metrics in by_tau.items():
             prefix = name if len(by_tau) == 1 else f'{name}/tau{tau:g}'
-            flat.update({f'{prefix}/{k}': v for k, v in metrics.items()})
+            flat.update({f'{prefix}/{k}': v for k, v in metrics.items() if v is not None})   # not n/a
     return flat
 
 
@@ -397,7 +353,7 @@ def load_checkpoint(path):
 def print_table(results):
     for name, by_tau in results.items():
         for tau, metrics in by_tau.items():
-            cells = '  '.join(f'{k} {100 * v:6.2f}' for k, v in metrics.items())
+            cells = '  '.join(f'{k} {"n/a" if v is None else f"{100 * v:6.2f}"}' for k, v in metrics.items())
             print(f'{name:<28} tau {tau:<5g} {cells}')
 
 
@@ -458,10 +414,13 @@ def run(args):
         elif args.task == 'retrieval':
             results = {'retrieval': retrieval(model, args.data, args.tau, args.device, args.batch_size, progress=True)}
         else:
+            bench = clip_benchmark_layout(args.data) or (None, None, None)   # its names and templates
             if not Path(args.data).is_dir():
-                raise FileNotFoundError(f"--data={args.data}: no such folder (expected one subfolder per class)")
-            names = load_names(args.classnames, 'classnames', args.data)
-            templates = load_names(args.templates, 'templates', args.data) or ['a photo of a {}.']
+                data.expand_urls(args.data)   # shards with KEY.cls: a pattern that names no file is an error
+                if args.classnames is None:
+                    raise ValueError(f"--data={args.data}: shards with KEY.cls need --classnames")
+            names = load_names(args.classnames, 'classnames', args.data) or bench[1]
+            templates = load_names(args.templates, 'templates', args.data) or bench[2] or ['a photo of a {}.']
             if names is None:   # no names anywhere: the folder names are the class names
                 names = sorted(f.name for f in Path(args.data).iterdir() if f.is_dir())
                 print(f'no --classnames and no {args.data}/classnames.json: using the {len(names)} folder names')
@@ -471,7 +430,9 @@ def run(args):
     print_table(results)
     with open(out, 'w') as f:
         json.dump({'weights': args.official or args.ckpt, 'task': args.task, 'data': args.data,
-                   'results': {name: {f'{t:g}': m for t, m in by_tau.items()} for name, by_tau in results.items()}},
+                   'results': {name: {f'{t:g}': m for t, m in by_tau.items()} for name, by_tau in results.items()},
+                   'clip_benchmark': {name: {f'{t:g}': clip_benchmark_names(m) for t, m in by_tau.items()}
+                                      for name, by_tau in results.items()}},
                   f, indent=1)
     print(f'wrote {out}')
 

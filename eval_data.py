@@ -1,7 +1,8 @@
 """
 Evaluation data on disk, read for eval.py: class folders for zero-shot classification (which
 folder is which class), clip_benchmark's WebDataset zero-shot shards, caption folders for
-retrieval, and the class names and templates.
+retrieval, the class names and templates, and batches of images with their labels or with
+their ground truth (Truth: the captions true of each image, binding triples).
 
 Which folder is which class (image_folder), in this order:
 - classnames as a dict {folder: name} says it outright (ImageNet's {"n01440764": "tench"});
@@ -16,6 +17,8 @@ Which folder is which class (image_folder), in this order:
 
     python -m pytest tests/test_eval.py -k "folder or classnames or clip_benchmark"
 """
+import dataclasses
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -135,6 +138,46 @@ def collate_skipping(batch):
     return images, torch.tensor([b[1] for b in good], dtype=torch.long), [b for b in batch if isinstance(b, str)]
 
 
+# ----------------------------------------------------------------------------- zero-shot: clip_benchmark's shards
+def clip_benchmark_layout(root):
+    """clip_benchmark's WebDataset zero-shot layout (ROOT/classnames.txt, ROOT/test/0.tar ..
+    or ROOT/*.tar, optionally ROOT/zeroshot_classification_templates.txt), or None:
+    (shard paths, class names, templates or None). Their templates' '{c}' becomes '{}'."""
+    root = Path(root)
+    if not (root.is_dir() and (root / 'classnames.txt').is_file()):
+        return None
+    shards = []
+    for folder in (root / 'test', root):
+        shards = sorted(folder.glob('*.tar'), key=lambda p: (not p.stem.isdecimal(), int(p.stem) if
+                                                              p.stem.isdecimal() else 0, p.name))
+        if shards:
+            break
+    if not shards:
+        return None
+    names = load_names(str(root / 'classnames.txt'), 'classnames', root)
+    file = root / 'zeroshot_classification_templates.txt'
+    templates = [t.replace('{c}', '{}') for t in load_names(str(file), 'templates', root)] if file.is_file() else None
+    return [str(p) for p in shards], names, templates
+
+
+class LabelledShards:
+    """Shards of KEY.jpg|png|webp + KEY.cls (data.read_labelled_shards) as eval.py's zero-shot
+    reads them: iterating gives (image (3, S, S), label), or a string (what and why) for an
+    image that is skipped."""
+
+    def __init__(self, urls, transform, n_classes):
+        self.urls, self.transform, self.n_classes = urls, transform, n_classes
+
+    def __iter__(self):
+        for key, image, label in data.read_labelled_shards(self.urls):
+            if image is None:
+                yield f'{key} (does not decode or is beyond data.MAX_PIXELS)'
+            elif label >= self.n_classes:
+                yield f'{key} (class {label}, but {self.n_classes} class names)'
+            else:
+                yield self.transform(image), label
+
+
 # ----------------------------------------------------------------------------- retrieval: caption folders
 def caption_folder(root, with_json=False):
     """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt
@@ -174,6 +217,113 @@ def caption_folder(root, with_json=False):
         warnings.warn(f"{root}: skipped {len(bad_text)} images whose KEY.txt is not UTF-8: {bad_text[:3]}",
                       data.DataWarning)
 
+
+
+# ----------------------------------------------------------------------------- batches for eval.py
+def labelled_batches(source, batch_size, workers, skipped):
+    """(images (B, 3, S, S), labels (B,)) from an ImageFolder, LabelledShards, or an (images,
+    labels) pair of tensors; what is skipped is added to `skipped`."""
+    if isinstance(source, LabelledShards):
+        batch = []
+        for item in itertools.chain(source, [None]):   # None: the end, for the last short batch
+            if isinstance(item, str):
+                skipped.append(item)
+            elif item is not None:
+                batch.append(item)
+            if batch and (len(batch) == batch_size or item is None):
+                yield torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+                batch = []
+    elif isinstance(source, ImageFolder):
+        loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=collate_skipping)
+        for images, labels, bad in loader:
+            skipped += bad
+            if images is not None:
+                yield images, labels
+    else:
+        images, labels = source
+        for s in range(0, len(images), batch_size):
+            yield images[s:s + batch_size], labels[s:s + batch_size]
+
+
+@dataclasses.dataclass
+class Truth:
+    """What retrieval knows of one image besides its pixels."""
+    captions: list                # its caption lines: what it adds to the candidate strings
+    true: set                     # every string true of it: captions + KEY.json's true_captions
+    binding: list = dataclasses.field(default_factory=list)   # (true, false, kind) caption triples
+
+
+def truth_of(captions, meta=None, key='image'):
+    """Truth from an image's caption lines and its parsed KEY.json: None, or a dict whose
+    optional 'true_captions' (strings) and 'binding' ([true, false, kind] triples) are read and
+    whose other keys ('scene', ...) are not. A malformed field is an error that names the key."""
+    meta = meta if isinstance(meta, dict) else {}
+    extra, binding = meta.get('true_captions', []), meta.get('binding', [])
+    if not (isinstance(extra, list) and all(isinstance(c, str) for c in extra)):
+        raise ValueError(f"{key}.json: 'true_captions' is not a list of strings: {extra!r:.200}")
+    if not (isinstance(binding, list) and all(isinstance(t, (list, tuple)) and len(t) == 3 and
+                                              all(isinstance(x, str) for x in t) for t in binding)):
+        raise ValueError(f"{key}.json: 'binding' is not a list of [true, false, kind] strings: "
+                         f"{binding!r:.200}")
+    return Truth(list(captions), set(captions) | set(extra), [tuple(t) for t in binding])
+
+
+def captioned_batches(source, image_size, batch_size, skipped, max_images=None):
+    """(images (B, 3, S, S), [Truth of each image]) from shards, a caption folder, or a tuple
+    (images (N, 3, S, S), [captions of each image][, [extra true strings of each image or None]
+    [, [binding triples of each image]]]); the first max_images images if given."""
+    if not isinstance(source, (str, Path, list)):
+        images, captions, extra, binding = (*source, None, None)[:4]
+        n = len(images) if max_images is None else min(max_images, len(images))
+        extra, binding = extra or [None] * n, binding or [None] * n
+        if not all(captions[:n]):
+            raise ValueError(f"image {[bool(c) for c in captions].index(False)} has no caption")
+        truths = [Truth(list(captions[i]), set(captions[i]) | set(extra[i] or ()),
+                        [tuple(t) for t in binding[i] or ()]) for i in range(n)]
+        for s in range(0, n, batch_size):
+            yield images[s:min(n, s + batch_size)], truths[s:min(n, s + batch_size)]
+        return
+    is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
+    if is_folder and not any(Path(source).glob('*.tar')):
+        samples = caption_folder(source, with_json=True)
+    else:
+        samples = data.read_shards(source if not is_folder else str(source), with_json=True)
+    transform = data.eval_transform(image_size)
+    images, truths, n = [], [], 0
+    for key, image, caps, meta in samples:
+        if n == max_images:
+            break
+        if not caps:
+            continue   # an image without captions can be neither a query nor a target
+        if image is None:   # did not decode
+            skipped.append(key)
+            continue
+        images.append(transform(image))
+        truths.append(truth_of(caps, meta, key))
+        n += 1
+        if len(images) == batch_size:
+            yield torch.stack(images), truths
+            images, truths = [], []
+    if images:
+        yield torch.stack(images), truths
+
+
+def count_images(source, max_images=None):
+    """How many images an evaluation source holds, or None where that is unknown (a pipe)."""
+    if isinstance(source, LabelledShards):
+        n = data.count_samples(source.urls)
+    elif isinstance(source, ImageFolder):
+        n = len(source)
+    elif isinstance(source, (str, Path, list)):   # retrieval shards or a caption folder
+        is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
+        if is_folder and not any(Path(source).glob('*.tar')):
+            n = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(source).iterdir())
+        else:
+            n = data.count_samples(data.expand_urls(source))
+    else:   # tensors
+        n = len(source[0])
+    return n if n is None or max_images is None else min(n, max_images)
 
 
 # ----------------------------------------------------------------------------- class names and templates

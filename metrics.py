@@ -3,6 +3,7 @@ Retrieval metrics against ground truth, from a matrix of scores: what eval.py re
 
     ranking_metrics(scores, truth)       # R@1/5/10 and mAP, image->text and text->image
     binding_metrics(true, false, kinds)  # how often the true caption beats the swapped one
+    clip_benchmark_names(metrics)        # the same numbers under clip_benchmark's names
 
 scores (N_img, N_str) is every image against every distinct caption string; truth (N_img,
 N_str) bool says which strings are true of which image, so a caption that many images share
@@ -10,6 +11,8 @@ is a hit for each of them (eval.py's docstring says which protocol that is on wh
 
     python -m pytest tests/test_eval.py -k "metrics or ties"   # == one query at a time, in loops
 """
+import re
+
 import torch
 
 
@@ -75,4 +78,21 @@ def binding_metrics(true_scores, false_scores, kinds):
     for kind in sorted(set(kinds)):
         of_kind = torch.tensor([k == kind for k in kinds], device=hit.device)
         out[f'binding_{kind}'] = hit[of_kind].double().mean().item()
+    return out
+
+
+def clip_benchmark_names(metrics):
+    """Our metrics under clip_benchmark's names, for those it reports: zero-shot top1 -> acc1,
+    top5 -> acc5 (None below 5 classes, where clip_benchmark writes NaN), mean_per_class_recall;
+    retrieval t2i_rK -> image_retrieval_recall@K (a caption finds its image), i2t_rK ->
+    text_retrieval_recall@K (an image finds one of its captions). Others are left out."""
+    out = {}
+    for name, value in metrics.items():
+        way = re.fullmatch(r'(t2i|i2t)_r(\d+)', name)
+        if way:
+            out[f"{'image' if way[1] == 't2i' else 'text'}_retrieval_recall@{way[2]}"] = value
+        elif name in ('top1', 'top5'):
+            out[f'acc{name[-1]}'] = value
+        elif name == 'mean_per_class_recall':
+            out[name] = value
     return out

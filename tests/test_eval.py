@@ -17,8 +17,13 @@
   the mean of the queries and the normalised mean of the normalised embeddings;
 - the best-prompt protocol equals scoring each image with each prompt alone and taking each
   class's best, and differs from the averaged protocol on the same model;
-- image folders: classes matched by name or by sorted order, bad layouts refused with clear
-  messages, undecodable images skipped with a warning;
+- image folders: classes matched by name (ignoring case and '_'), by number (ImageNetV2), by a
+  {folder: name} or {"0": name} dict (given by flag or inside --data) or by sorted order (said
+  on stdout); half matches and bad layouts refused with clear messages; undecodable images,
+  decompression bombs and images beyond the pixel budget skipped with a warning;
+- mean per-class recall equals a per-class loop; top5 is n/a below 5 classes; clip_benchmark's
+  metric names and its WebDataset zero-shot layout (same numbers as the same images in folders);
+- the command line: one results file per dataset, progress bars with totals;
 - a file that is not a checkpoint is refused, and a train.py checkpoint loads.
 """
 import dataclasses
@@ -96,10 +101,12 @@ def test_zeroshot_matches_one_pair_at_a_time(pool, monkeypatch):
     got = llip_eval.zeroshot(m, (images, labels), NAMES, TEMPLATES, taus=taus, batch_size=3)
     for tau in taus:
         ranks = [rank_of(reference[tau][i], labels[i]) for i in range(14)]
-        expected = {'top1': np.mean([r < 1 for r in ranks]), 'top5': np.mean([r < 5 for r in ranks])}
+        recall = {c: np.mean([r < 1 for r, y in zip(ranks, labels) if y == c]) for c in set(labels.tolist())}
+        expected = {'top1': np.mean([r < 1 for r in ranks]), 'top5': np.mean([r < 5 for r in ranks]),
+                    'mean_per_class_recall': np.mean(list(recall.values()))}   # over the classes with images
         key = float(m.config.tau if tau is None else tau)
         assert got[key] == pytest.approx(expected), (tau, got[key], expected)
-    assert got[m.config.tau] == pytest.approx({'top1': 4 / 14, 'top5': 8 / 14})
+    assert {k: got[m.config.tau][k] for k in ('top1', 'top5')} == pytest.approx({'top1': 4 / 14, 'top5': 8 / 14})
     if pool == 'llip':   # tau matters for Llip, so the second tau was really evaluated with its own value
         assert not torch.equal(reference[None].argsort(dim=1), reference[1.0].argsort(dim=1))
 
@@ -475,7 +482,9 @@ def test_evaluate_synthetic(synthetic):
     m = random_model(seed=9, image_size=32)
     metrics = llip_eval.evaluate_synthetic(m, synthetic)
     splits = [p.name for p in (synthetic / 'zeroshot').iterdir()]
-    expected = {f'zeroshot/{split}/{k}' for split in splits for k in ('top1', 'top5', 'top1_best')}
+    expected = {f'zeroshot/{split}/{k}' for split in splits for k in ('top1', 'top1_best', 'mean_per_class_recall')}
+    expected |= {f'zeroshot/{split}/top5' for split in splits   # not applicable below 5 classes
+                 if len(json.loads((synthetic / 'zeroshot' / split / 'classnames.json').read_text())) >= 5}
     expected |= {f'retrieval/{way}_{k}' for way in ('i2t', 't2i')
                  for k in ('r1', 'r5', 'r10', 'map')}
     expected.add('retrieval/binding')
@@ -606,3 +615,85 @@ def test_caption_folder_with_a_text_that_is_not_utf8(tmp_path):
         (tmp_path / f'{key}.txt').write_bytes(text)
     with pytest.warns(data.DataWarning, match=r"skipped 1 images whose KEY.txt is not UTF-8: \['b.txt'\]"):
         assert [key for key, *_ in llip_eval.caption_folder(tmp_path)] == ['a']
+
+
+# ----------------------------------------------------------------------------- clip_benchmark, progress
+def test_clip_benchmark_names():
+    ours = {'top1': 0.5, 'top5': None, 'mean_per_class_recall': 0.4, 'top1_best': 0.6,
+            'i2t_r1': 0.1, 'i2t_r5': 0.2, 't2i_r1': 0.3, 't2i_r10': 0.4, 'i2t_map': 0.9}
+    assert llip_metrics.clip_benchmark_names(ours) == {
+        'acc1': 0.5, 'acc5': None, 'mean_per_class_recall': 0.4,
+        'text_retrieval_recall@1': 0.1, 'text_retrieval_recall@5': 0.2,      # an image finds a caption
+        'image_retrieval_recall@1': 0.3, 'image_retrieval_recall@10': 0.4}   # a caption finds its image
+
+
+@torch.no_grad()
+def test_top5_is_not_applicable_below_5_classes_and_per_class_recall(capsys):
+    m = random_model(seed=3)
+    images = torch.randn(7, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    scores = brute_force_scores(m, images, NAMES[:3], TEMPLATES, (None,))[None]
+    best = scores.argmax(dim=1)
+    labels = best.clone()
+    labels[0] = (best[0] + 1) % 3                               # one miss
+    got = llip_eval.zeroshot(m, (images, labels), NAMES[:3], TEMPLATES)[m.config.tau]
+    assert got['top5'] is None and got['top1'] == pytest.approx(6 / 7)
+    recall = [np.mean([b == y for b, y in zip(best.tolist(), labels.tolist()) if y == c])
+              for c in sorted(set(labels.tolist()))]
+    assert got['mean_per_class_recall'] == pytest.approx(np.mean(recall)) != pytest.approx(6 / 7)
+    llip_eval.print_table({'zeroshot/x': {5.0: got}})
+    assert 'top5 n/a' in capsys.readouterr().out
+    assert 'zeroshot/x/top5' not in llip_eval.flatten({'zeroshot/x': {5.0: got}})   # train.py logs numbers
+
+
+def write_clip_benchmark(root, classes, per_class, seed=0):
+    """clip_benchmark's WebDataset zero-shot layout: classnames.txt, templates, test/N.tar of KEY.webp + KEY.cls."""
+    rng = np.random.default_rng(seed)
+    (root / 'test').mkdir(parents=True)
+    (root / 'classnames.txt').write_text('\n'.join(classes) + '\n')
+    (root / 'zeroshot_classification_templates.txt').write_text('a {c}\nthe {c}!\n')
+    samples = []
+    for c in range(len(classes)):
+        for i in range(per_class):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, format='WEBP', lossless=True)
+            samples.append((f'{c}_{i}', {'webp': buffer.getvalue(), 'cls': str(c)}))
+    half = len(samples) // 2
+    write_tar(root / 'test' / '0.tar', samples[:half])
+    write_tar(root / 'test' / '1.tar', samples[half:] + [('bad', {'webp': b'not an image', 'cls': '0'})])
+    return root, samples
+
+
+@torch.no_grad()
+def test_clip_benchmark_webdataset_zeroshot(tmp_path, capfd):
+    m = random_model(seed=6)
+    root, samples = write_clip_benchmark(tmp_path / 'wds', ['cat', 'dog', 'car'], per_class=3)
+    layout = llip_eval.clip_benchmark_layout(root)
+    assert layout[1:] == (['cat', 'dog', 'car'], ['a {}', 'the {}!'])
+    # the same images as a class folder give the same numbers
+    for key, files in samples:
+        folder = tmp_path / 'folder' / ['cat', 'dog', 'car'][int(files['cls'])]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'{key}.webp').write_bytes(files['webp'])
+    expected = llip_eval.zeroshot(m, tmp_path / 'folder', layout[1], layout[2], batch_size=4)
+    with pytest.warns(UserWarning, match='skipped 1 images'):
+        assert llip_eval.zeroshot(m, root, layout[1], layout[2], batch_size=4) == expected
+    with pytest.warns(UserWarning, match='skipped 1 images'):
+        assert llip_eval.zeroshot(m, str(root / 'test' / '{0..1}.tar'), layout[1], layout[2], batch_size=4) == expected
+    # from the command line, class names and templates come from the layout; progress bars have totals
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pt')
+    capfd.readouterr()
+    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={root}', '--workers=0', '--batch_size=4'])
+    err = capfd.readouterr().err
+    assert '10/10' in err and 'image' in err                       # 9 images and the broken one
+    written = json.loads((tmp_path / f'eval_zeroshot_{llip_eval.re.sub("[^A-Za-z0-9]+", "_", str(root)).strip("_")[-80:]}.json').read_text())
+    assert written['clip_benchmark']['zeroshot/wds']['5'].keys() == {'acc1', 'acc5', 'mean_per_class_recall'}
+
+
+def test_progress_bars_have_totals(tmp_path, capfd):
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pt')
+    shard = write_tar(tmp_path / 'r.tar', [(f'k{i}', {'png': png_bytes(i), 'txt': f'caption {i}'}) for i in range(5)])
+    assert data.count_samples([shard]) == 5
+    llip_eval.main([f'--ckpt={ckpt}', '--task=retrieval', f'--data={shard}', '--batch_size=2',
+                    f'--out={tmp_path / "r.json"}'])
+    err = capfd.readouterr().err
+    assert 'images: 100%' in err and '5/5' in err
