@@ -12,6 +12,13 @@ small tar files each test writes itself:
   workers and with fewer; epochs are reshuffled; resample=True goes on past an epoch;
 - every kind of bad input is skipped, counted and warned about once, and a shard list with
   no valid sample is an error naming the pattern rather than a hang;
+- one unreadable shard among as many shards as workers is skipped (and the run resumes
+  exactly); a rank whose share never holds a valid sample stops instead of spinning;
+- images beyond the pixel budget (and PIL's bombs) are refused from their header, a larger
+  JPEG decodes at reduced size; a caption that is not UTF-8 and a tar cut inside a header are
+  counted as such; empty and non-tar shards say so;
+- captions: KEY.json's when there is no KEY.txt, the whole text as one caption by default, one
+  per line for the synthetic data; a missing --data path is an error naming it.
 """
 import gzip
 import io
@@ -338,7 +345,8 @@ def test_epochs_are_reshuffled_and_resample_goes_on(tmp_path):
 
 def test_eval_mode_reads_in_order_with_first_caption(tmp_path):
     path = write_tar(tmp_path / 'a.tar', [(f'k{i}', {'jpg': png(i, 12, 'JPEG'), 'txt': f'k{i}\nother'}) for i in range(6)])
-    batches = list(loader([path], workers=0, train=False, resample=False, image_size=8, caption_lines=True))
+    batches = list(loader([path], workers=0, train=False, resample=False, image_size=8,
+                          caption_lines=True))
     assert [k for _, t in batches for k in keys_of(t)] == [f'k{i}' for i in range(6)]
     assert batches[-1][0].shape == (2, 3, 8, 8)                # the epoch's last batch is short
 
