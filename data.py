@@ -61,7 +61,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLIP_BPE = os.path.join(HERE, 'data', 'bpe_simple_vocab_16e6.txt.gz')
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIP's per-channel statistics, RGB
 STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')   # image folders
+SHARD_IMAGE_KEYS = IMAGE_EXTENSIONS[:4]   # shard members: img2dataset's and open_clip's
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -383,7 +384,7 @@ def _shard_items(url, with_json=False):
 
 def _check(url, key, group):
     """The cheap checks, made before any image is decoded."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+    ext = next((e for e in SHARD_IMAGE_KEYS if e in group), None)
     if ext is None:
         unknown = sorted(e for e in group if e not in ('txt', 'json'))
         kind = 'unknown extension' if unknown else 'no image'

@@ -59,22 +59,17 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from loss import PAIRS_PER_CHUNK
 from metrics import binding_metrics, ranking_metrics
 from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_official, load_weights
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 SHIPPED = Path(__file__).resolve().parent / 'data'   # data/zeroshot-classnames.json, -templates.json
 
 
 # ----------------------------------------------------------------------------- scoring
 def score(model, image_features, text_features, tau=None):
     """cos(z_ij, z'_j) of a chunk of images against all captions or classes: (N_img, N_txt).
-    model.similarity walks the captions in chunks sized so that one chunk holds about
-    PAIRS_PER_CHUNK pairs of z_ij, whatever the number of images."""
-    n_images = len(image_features.emb if image_features.emb is not None else image_features.keys)
-    return model.similarity(image_features, text_features, tau=tau,
-                            chunk_size=max(1, PAIRS_PER_CHUNK // max(1, n_images)))
+    model.similarity sizes its chunks of images for the form it runs (loss.default_chunk)."""
+    return model.similarity(image_features, text_features, tau=tau)
 
 
 def _dtype(model):
@@ -139,12 +134,14 @@ def image_folder(root, classnames):
         labels = list(range(len(folders)))
     samples = []
     for folder, label in zip(folders, labels):
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(f for f in folder.iterdir()
+                       if f.suffix.lower()[1:] in data.IMAGE_EXTENSIONS)
         if not files:
             warnings.warn(f"{folder}: no images in this class folder")
         samples += [(str(f), label) for f in files]
     if not samples:
-        raise ValueError(f"{root}: the class folders hold no images ({' '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{root}: the class folders hold no images "
+                         f"({' '.join(data.IMAGE_EXTENSIONS)})")
     return samples
 
 
@@ -288,7 +285,8 @@ def caption_folder(root, with_json=False):
     with_json=True: and a fourth element, root/KEY.json parsed, or None when there is none or
     it does not parse (those are counted in one warning)."""
     bad_json = []
-    for path in sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    images = (p for p in Path(root).iterdir() if p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS)
+    for path in sorted(images):
         text = path.with_suffix('.txt')
         lines = text.read_text().splitlines() if text.exists() else []
         captions = [line.strip() for line in lines if line.strip()]

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loss import clip_loss, llip_loss, siglip_loss
 from test_model import batch, tiny
-from model import Llip
+from model import ImageFeatures, Llip, TextFeatures
 
 N, WORLD = 6, 2
 
@@ -31,7 +31,8 @@ def feature_inputs():
 
 def feature_losses(x, out_proj, a, b):
     """The three losses on the given slices; returns {name: loss}."""
-    return {'llip': llip_loss(x['keys'], x['values'], x['queries'], x['text_emb'], out_proj, a, b, 2.0, chunk_size=2),
+    image, text = ImageFeatures(keys=x['keys'], values=x['values']), TextFeatures(x['queries'], x['text_emb'])
+    return {'llip': llip_loss(image, text, out_proj, 2.0, a, b, chunk_size=2),
             'siglip': siglip_loss(x['image_emb'], x['text_emb'], a, b),
             'clip': clip_loss(x['image_emb'], x['text_emb'], a)}
 
