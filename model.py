@@ -320,7 +320,9 @@ class Llip(nn.Module):
         return pairwise_cosine(image_features, text_features, self.out_proj, tau, chunk_size)
 
     def forward(self, images, tokens, chunk_size=None):
-        """The training loss (eq. 3) of this rank's images against every rank's captions."""
+        """The training loss (eq. 3) of this rank's images against every rank's captions. For
+        pool=llip it is the sigmoid loss on cos(z_ij, z'_j), z_ij as in `contextualize`, which
+        loss.llip_loss computes a chunk of images at a time."""
         img, txt = self.encode_image(images), self.encode_text(tokens)
         a = self.logit_scale.exp()
         if img.emb is not None:                    # one vector per image: SigLIP's loss
