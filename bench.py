@@ -87,9 +87,10 @@ def bench_loss(args):
     print(f"$ python bench.py {' '.join(sys.argv[1:])}")
     print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, D={D}, K={K}, M={M}, "
           f"best of {args.repeats}")
-    print("naive: materialise all z_ij (llip_loss_reference); plain: chunks of images, autograd,\n"
-          "each chunk recomputed in backward (torch.utils.checkpoint); gram: W_O off the pair axis,\n"
-          "gradients by hand in the same pass (loss_gram.py); MAC/pair from the shapes (fwd, fwd+bwd)")
+    print("naive: materialise all z_ij (llip_loss_reference); plain: chunks of images,\n"
+          "autograd, each chunk recomputed in backward (torch.utils.checkpoint); gram: W_O off\n"
+          "the pair axis, gradients by hand in the same pass (loss_gram.py);\n"
+          "MAC/pair from the shapes (fwd, fwd+bwd)")
     print(f"{'N':>6} {'impl':>6} {'chunk':>6} {'seconds':>9} {'peak MiB':>10} {'kMAC fwd':>9} {'kMAC f+b':>9}"
           f" {'time/naive':>11} {'mem/naive':>10}")
     for n in args.n:
@@ -232,7 +233,8 @@ if __name__ == '__main__':
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
     p.add_argument('--heads', type=int, default=8, help='mixer heads M')
-    p.add_argument('--chunk', type=int, default=0, help='chunk_size of llip_loss and Llip.similarity: images per chunk (0: the default)')
+    p.add_argument('--chunk', type=int, default=0,
+                   help='chunk_size of llip_loss and similarity: images per chunk (0: the default)')
     p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram'], help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
