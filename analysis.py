@@ -37,6 +37,7 @@ from einops import einsum, rearrange
 import data
 import eval as llip_eval
 import synthetic
+from loss import mixing_weights
 from model import Llip
 from report import add_command, run_command, save, subcommands, write_table
 
@@ -149,12 +150,6 @@ def cmd_spectrum(args):
 
 
 # ------------------------------------------------------------------------- mixing weights (eq. 1)
-def mixing_weights(queries, keys, tau):
-    """Phi_ij^{mk} = softmax over k of Q_j^m . K_i^{mk} / tau, what loss.mix averages the values
-    with. queries (T, M, d), keys (I, M, K, d) -> (I, T, M, K)."""
-    return (einsum(queries, keys, 't m d, i m k d -> i t m k') / tau).softmax(dim=-1)
-
-
 @torch.no_grad()
 def caption_mixing(model, image, captions, tau=None):
     """Phi of one image (3, S, S) for each caption: (T, M, K)."""
@@ -166,7 +161,7 @@ def caption_mixing(model, image, captions, tau=None):
     keys = model.encode_image(image[None]).keys                                      # (1, M, K, d)
     tokens = data.tokenize(captions, c.context_length, c.tokenizer)
     queries = model.encode_text(tokens).queries                                       # (T, M, d)
-    return mixing_weights(queries, keys, c.tau if tau is None else tau)[0]
+    return mixing_weights(queries, keys, c.tau if tau is None else tau)[0]          # eq. 1
 
 
 def cmd_mixing(args):

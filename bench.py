@@ -13,11 +13,14 @@ memory it held before the call is the extra memory of that call alone.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def rss_kib(field):
@@ -25,25 +28,33 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
 
 
-def one_loss_run(impl, n, dim, k, heads, chunk, repeats):
-    """Time and extra peak memory of one llip_loss forward+backward (run in its own process)."""
+def one_loss_run(impl, n, dim, k, heads, chunk, repeats, threads):
+    """Time and extra peak memory of one llip_loss forward+backward. bench_loss runs it in a
+    process of its own, so that the process's peak memory is this call's."""
     from loss import default_chunk, llip_loss, llip_loss_reference
+    from model import ImageFeatures, TextFeatures
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     d = dim // heads
     leaf = lambda *s: torch.randn(*s).requires_grad_()
-    keys, values, queries = leaf(n, heads, k, d), leaf(n, heads, k, d), leaf(n, heads, d)
-    text = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1).requires_grad_()
+    image = ImageFeatures(keys=leaf(n, heads, k, d), values=leaf(n, heads, k, d))
+    text_emb = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1).requires_grad_()
+    text = TextFeatures(queries=leaf(n, heads, d), emb=text_emb)
     out_proj = leaf(dim, dim)
     a, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
-    args = (keys, values, queries, text, out_proj, a, b, 5.0)
+    args = (image, text, out_proj, 5.0, a, b)
     before = rss_kib('VmRSS')
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        loss = llip_loss_reference(*args) if impl == 'naive' else llip_loss(*args, chunk_size=chunk, form=impl)
+        if impl == 'naive':
+            loss = llip_loss_reference(*args)
+        else:
+            loss = llip_loss(*args, chunk_size=chunk, form=impl)
         loss.backward()
         times.append(time.perf_counter() - start)
-    used = n if impl == 'naive' else chunk or default_chunk(impl, n, n, heads, k)
+    used = n if impl == 'naive' else chunk or default_chunk(impl, n, image.keys)
     return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024, 'chunk': used}
 
 
@@ -76,8 +87,10 @@ def bench_loss(args):
     print(f"$ python bench.py {' '.join(sys.argv[1:])}")
     print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, D={D}, K={K}, M={M}, "
           f"best of {args.repeats}")
-    print("naive: materialise all z_ij (llip_loss_reference); plain: chunked, autograd, recomputed in backward;\n"
-          "gram: W_O off the pair axis, gradients by hand in the same pass; MAC/pair from the shapes (fwd, fwd+bwd)")
+    print("naive: materialise all z_ij (llip_loss_reference); plain: chunks of images,\n"
+          "autograd, each chunk recomputed in backward (torch.utils.checkpoint); gram: W_O off\n"
+          "the pair axis, gradients by hand in the same pass (loss_gram.py);\n"
+          "MAC/pair from the shapes (fwd, fwd+bwd)")
     print(f"{'N':>6} {'impl':>6} {'chunk':>6} {'seconds':>9} {'peak MiB':>10} {'kMAC fwd':>9} {'kMAC f+b':>9}"
           f" {'time/naive':>11} {'mem/naive':>10}")
     for n in args.n:
@@ -87,10 +100,10 @@ def bench_loss(args):
                 print(f"{n:>6} {impl:>6}  skipped: needs ~{naive_bytes(n, D) / 2 ** 30:.0f} GiB, "
                       f"{available_bytes() / 2 ** 30:.0f} GiB available")
                 continue
-            cmd = [sys.executable, __file__, '_loss_run', f'--impl={impl}', f'--n={n}', f'--dim={D}',
-                   f'--k={K}', f'--heads={M}', f'--chunk={args.chunk}', f'--repeats={args.repeats}',
-                   f'--threads={args.threads}']
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            call = (f"bench.one_loss_run({impl!r}, {n}, {D}, {K}, {M}, {args.chunk or None}, "
+                    f"{args.repeats}, {args.threads})")
+            cmd = [sys.executable, '-c', f"import json, bench; print(json.dumps({call}))"]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
             if out.returncode:
                 print(f"{n:>6} {impl:>6}  failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
                 continue
@@ -215,18 +228,18 @@ def bench_zeroshot(args):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['loss', 'step', 'zeroshot', '_loss_run'], help='which benchmark to run')
+    p.add_argument('what', choices=['loss', 'step', 'zeroshot'], help='which benchmark to run')
     p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
     p.add_argument('--heads', type=int, default=8, help='mixer heads M')
-    p.add_argument('--chunk', type=int, default=0, help='chunk_size of llip_loss (0: its default)')
+    p.add_argument('--chunk', type=int, default=0,
+                   help='chunk_size of llip_loss and similarity: images per chunk (0: the default)')
     p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram'], help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--repeats', type=int, default=None,
                    help='timed repeats (default 2; step: 10, and the median is reported; others: the fastest)')
-    p.add_argument('--impl', default='gram', help=argparse.SUPPRESS)
     args = p.parse_args()
     args.repeats = args.repeats or (10 if args.what == 'step' else 2)
     if args.threads:
@@ -235,8 +248,5 @@ if __name__ == '__main__':
         bench_loss(args)
     elif args.what == 'step':
         bench_step(args)
-    elif args.what == 'zeroshot':
-        bench_zeroshot(args)
     else:
-        print(json.dumps(one_loss_run(args.impl, args.n[0], args.dim, args.k, args.heads,
-                                      args.chunk or None, args.repeats)))
+        bench_zeroshot(args)

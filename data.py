@@ -65,7 +65,8 @@ from tokenizer import CLIP_BPE, ByteTokenizer, ClipTokenizer, get_tokenizer, tok
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIP's per-channel statistics, RGB
 STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')   # image folders
+SHARD_IMAGE_KEYS = IMAGE_EXTENSIONS[:4]   # shard members: img2dataset's and open_clip's
 
 
 # ----------------------------------------------------------------------------- image transforms
@@ -335,7 +336,7 @@ def _captions(url, key, group, caption_lines=True, caption_key='caption'):
 
 def _check(url, key, group, caption_lines=True, caption_key='caption'):
     """The cheap checks, made before any image is decoded."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+    ext = next((e for e in SHARD_IMAGE_KEYS if e in group), None)
     if ext is None:
         unknown = sorted(e for e in group if e not in ('txt', 'json', 'cls'))
         kind = 'unknown extension' if unknown else 'no image'

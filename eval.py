@@ -71,7 +71,6 @@ import data
 from eval_data import (ImageFolder, LabelledShards, Truth, caption_folder, captioned_batches,  # noqa: F401
                        class_names, clip_benchmark_layout, count_images, image_folder,
                        labelled_batches, load_names, truth_of)
-from loss import PAIRS_PER_CHUNK
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
 from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_official, load_weights
 
@@ -80,11 +79,8 @@ from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_of
 # ----------------------------------------------------------------------------- scoring
 def score(model, image_features, text_features, tau=None):
     """cos(z_ij, z'_j) of a chunk of images against all captions or classes: (N_img, N_txt).
-    model.similarity walks the captions in chunks sized so that one chunk holds about
-    PAIRS_PER_CHUNK pairs of z_ij, whatever the number of images."""
-    n_images = len(image_features.emb if image_features.emb is not None else image_features.keys)
-    return model.similarity(image_features, text_features, tau=tau,
-                            chunk_size=max(1, PAIRS_PER_CHUNK // max(1, n_images)))
+    model.similarity sizes its chunks of images for the form it runs (loss.default_chunk)."""
+    return model.similarity(image_features, text_features, tau=tau)
 
 
 def _dtype(model):

@@ -27,7 +27,6 @@ import torch
 
 import data
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 SHIPPED = Path(__file__).resolve().parent / 'data'   # data/zeroshot-classnames.json, -templates.json
 
 
@@ -103,12 +102,12 @@ def image_folder(root, classnames):
     labels = folder_labels(root, [f.name for f in folders], classnames)
     samples = []
     for folder in folders:
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower()[1:] in data.IMAGE_EXTENSIONS and f.is_file())
         if not files:
             warnings.warn(f"{folder}: no images in this class folder")
         samples += [(str(f), labels[folder.name]) for f in files]
     if not samples:
-        raise ValueError(f"{root}: the class folders hold no images ({' '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{root}: the class folders hold no images ({' '.join(data.IMAGE_EXTENSIONS)})")
     return samples
 
 
@@ -186,7 +185,7 @@ def caption_folder(root, with_json=False):
     it does not parse (those are counted in one warning)."""
     bad_json = []
     bad_text = []
-    for path in sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for path in sorted(p for p in Path(root).iterdir() if p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS):
         text = path.with_suffix('.txt')
         try:
             lines = text.read_bytes().decode('utf-8').splitlines() if text.exists() else []
@@ -318,7 +317,7 @@ def count_images(source, max_images=None):
     elif isinstance(source, (str, Path, list)):   # retrieval shards or a caption folder
         is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
         if is_folder and not any(Path(source).glob('*.tar')):
-            n = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(source).iterdir())
+            n = sum(p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS for p in Path(source).iterdir())
         else:
             n = data.count_samples(data.expand_urls(source))
     else:   # tensors

@@ -4,14 +4,17 @@ small cross-attention (the *mixer*) whose query comes from the caption, so that 
 image gets a different vector for every caption (Lavoie et al., arXiv 2405.00740).
 
     images (N, 3, S, S) --ViT--> h: K mixture tokens (N, K, W_v)
-        keys   K_i^{mk} = LN(h_i^k W_K^k)        one projection per mixture token k
-        values V_i^{mk} = LN(h_i^k W_V^k)
+        keys   K_i^{mk} = h_i^k W_K^k            one projection per mixture token k
+        values V_i^{mk} = h_i^k W_V^k
     tokens (N, L) --text transformer--> g: EOT state (N, W_t)
-        query  Q_j^m   = LN(g_j W_Q)               split into M heads of D/M
+        query  Q_j^m   = g_j W_Q                   split into M heads of D/M
         text   z'_j    = g_j W_T
     mixer  Phi_ij^{mk} = softmax_k(Q_j^m . K_i^{mk} / tau)
-           z_ij        = concat_m(sum_k Phi_ij^{mk} V_i^{mk}) W_O     (eq. 1-2, loss.mix)
+           z_ij        = concat_m(sum_k Phi_ij^{mk} V_i^{mk}) W_O     (eq. 1-2, Llip.contextualize)
     loss   SigLIP's sigmoid loss on cos(z_ij, z'_j)                   (eq. 3, loss.llip_loss)
+
+With qkv_norm (the H/14 and G/14 presets) keys, values and queries are LayerNorm'ed over the
+whole D-vector right after their projection, before the split into heads; otherwise not.
 
 The `pool` setting walks the paper's ablation ladder (Section 5): cls -> registers -> avg
 -> learned -> llip; `pool_image` below is the one place where they differ.
@@ -86,15 +89,8 @@ class LlipConfig:
         return 1 if self.pool == 'cls' else self.num_mixture
 
 
-def _vit(patch, width, layers, head_width, K, embed, text_width, text_layers, text_heads,
-         context=77, tau=5.0, qkv_norm=False, mlp_ratio=4.0):
-    return LlipConfig(image_size=224, patch_size=patch, vision_width=width, vision_layers=layers,
-                      vision_head_width=head_width, vision_mlp_ratio=mlp_ratio, context_length=context,
-                      text_width=text_width, text_layers=text_layers, text_heads=text_heads,
-                      embed_dim=embed, num_mixture=K, tau=tau, qkv_norm=qkv_norm)
-
-
-# The authors' configurations (design.md section 4), plus `tiny` for a CPU smoke test.
+# The authors' configurations (their released model configs: image 224, QuickGELU, M = 8,
+# context 77 unless given), plus `tiny` for a CPU smoke test.
 PRESETS = {
     # CLIP's BPE, not bytes: words come as single tokens, and on the synthetic data zero-shot colour
     # accuracy after 500 steps was 0.35 against 0.14 with byte tokens (ctx 16 holds every caption)
@@ -102,11 +98,27 @@ PRESETS = {
                        vision_head_width=32, tokenizer='clip', vocab_size=49408, context_length=16,
                        text_width=128, text_layers=4, text_heads=4, embed_dim=128, num_mixture=16,
                        quick_gelu=False),
-    'vit_b32': _vit(32, 768, 12, 64, 64, 512, 512, 12, 8),
-    'vit_b16': _vit(16, 768, 12, 64, 32, 512, 512, 12, 8),
-    'vit_l14': _vit(14, 1024, 24, 64, 32, 768, 768, 12, 12, context=64, tau=1.0),
-    'vit_h14': _vit(14, 1280, 32, 80, 64, 1024, 1024, 24, 16, qkv_norm=True),
-    'vit_g14': _vit(14, 1664, 48, 104, 64, 1280, 1280, 32, 20, qkv_norm=True, mlp_ratio=8192 / 1664),
+    'vit_b32': LlipConfig(
+        patch_size=32, vision_width=768, vision_layers=12, vision_head_width=64,
+        text_width=512, text_layers=12, text_heads=8,
+        embed_dim=512, num_mixture=64),
+    'vit_b16': LlipConfig(
+        patch_size=16, vision_width=768, vision_layers=12, vision_head_width=64,
+        text_width=512, text_layers=12, text_heads=8,
+        embed_dim=512, num_mixture=32),
+    'vit_l14': LlipConfig(
+        patch_size=14, vision_width=1024, vision_layers=24, vision_head_width=64,
+        text_width=768, text_layers=12, text_heads=12, context_length=64,
+        embed_dim=768, num_mixture=32, tau=1.0),
+    'vit_h14': LlipConfig(
+        patch_size=14, vision_width=1280, vision_layers=32, vision_head_width=80,
+        text_width=1024, text_layers=24, text_heads=16,
+        embed_dim=1024, num_mixture=64, qkv_norm=True),
+    'vit_g14': LlipConfig(
+        patch_size=14, vision_width=1664, vision_layers=48, vision_head_width=104,
+        vision_mlp_ratio=8192 / 1664,
+        text_width=1280, text_layers=32, text_heads=20,
+        embed_dim=1280, num_mixture=64, qkv_norm=True),
 }
 
 
@@ -289,26 +301,34 @@ class Llip(nn.Module):
             queries = rearrange(self.q_norm(g @ self.q_proj), 'n (m d) -> n m d', m=self.config.mixer_heads)
         return TextFeatures(queries=queries, emb=F.normalize(g @ self.text_proj, dim=-1))
 
+    def contextualize(self, image_features: ImageFeatures, text_features: TextFeatures, tau=None):
+        """z_ij, image i's mixture tokens mixed with caption j's query (eq. 1-2): (N_img, N_txt, D).
+        Every pair at once, to read and inspect; the loss and `similarity` compute the same
+        pairs a chunk at a time (loss.py)."""
+        tau = self.config.tau if tau is None else tau
+        mixed = mix(text_features.queries, image_features.keys, image_features.values, tau)
+        return mixed @ self.out_proj                                    # (I, T, M*d) @ W_O
+
     def similarity(self, image_features: ImageFeatures, text_features: TextFeatures, tau=None,
-                   chunk_size=64):
+                   chunk_size=None):
         """cos(z_ij, z'_j) for every image i and caption j: (N_img, N_txt). For pool=llip the
-        pairs are contextualised `chunk_size` captions at a time, so no more than
-        N_img x chunk_size x D is ever held."""
+        pairs are contextualised `chunk_size` images at a time (None: loss.default_chunk for the
+        form that runs), against every caption."""
         if image_features.emb is not None:
             return image_features.emb @ text_features.emb.T
         tau = self.config.tau if tau is None else tau
-        # the plain or the Gram form of loss.py, whichever is cheaper for these shapes
-        return pairwise_cosine(image_features.keys, image_features.values, text_features.queries,
-                               text_features.emb, self.out_proj, tau, chunk_size)
+        return pairwise_cosine(image_features, text_features, self.out_proj, tau, chunk_size)
 
     def forward(self, images, tokens, chunk_size=None):
-        """The training loss (eq. 3) of this rank's images against every rank's captions."""
+        """The training loss (eq. 3) of this rank's images against every rank's captions. For
+        pool=llip it is the sigmoid loss on cos(z_ij, z'_j), z_ij as in `contextualize`, which
+        loss.llip_loss computes a chunk of images at a time."""
         img, txt = self.encode_image(images), self.encode_text(tokens)
-        scale = self.logit_scale.exp()
-        if img.emb is not None:
-            return siglip_loss(img.emb, txt.emb, scale, self.logit_bias)
-        return llip_loss(img.keys, img.values, txt.queries, txt.emb, self.out_proj, scale,
-                         self.logit_bias, self.config.tau, chunk_size=chunk_size)
+        a = self.logit_scale.exp()
+        if img.emb is not None:                    # one vector per image: SigLIP's loss
+            return siglip_loss(img.emb, txt.emb, a, self.logit_bias)
+        return llip_loss(img, txt, self.out_proj, self.config.tau, a, self.logit_bias,
+                         chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------- the authors' weights
@@ -382,13 +402,29 @@ def load_weights(path):
             f"run code ({what.group(0) if what else 'unsupported content'})") from None
 
 
+def _unwrapped(key):
+    """A key without the prefixes of the wrappers it was saved from: DDP's 'module.' and
+    torch.compile's '_orig_mod.', in either order (the authors' B/16 config compiles the DDP
+    model, so their training checkpoints hold '_orig_mod.module.visual...')."""
+    while key.startswith(('module.', '_orig_mod.')):
+        key = key.removeprefix('module.').removeprefix('_orig_mod.')
+    return key
+
+
 def load_official(path_or_state_dict, **overrides):
-    """Build a Llip from the authors' released checkpoint (llip_b16_k32.pt, llip_G14_k64.pt)."""
+    """Build a Llip from the authors' weights: a released file (llip_b16_k32.pt, llip_G14_k64.pt)
+    or a training checkpoint of their code ({'state_dict': ...}, keys prefixed by its wrappers)."""
     sd = path_or_state_dict
     if not isinstance(sd, dict):
         sd = load_weights(sd)   # their files are plain tensor dicts: no allow-list needed
-    sd = sd.get('state_dict', sd)
-    sd = {k.removeprefix('module.'): v for k, v in sd.items()}
+    sd = {_unwrapped(k): v for k, v in sd.get('state_dict', sd).items()}
+    # as the authors' loader does: W_O saved at the top level is pred.out_proj, and a single
+    # mixture token saved as a vector is one row
+    if 'out_proj' in sd:
+        sd['pred.out_proj'] = sd.pop('out_proj')
+    tokens = sd.get('visual.class_embedding')
+    if tokens is not None and tokens.dim() == 1:
+        sd['visual.class_embedding'] = tokens[None]                     # (W,) -> (1, W)
     required = ['visual.conv1.weight', 'visual.class_embedding', 'visual.positional_embedding',
                 'ln_final.weight', 'text_projection', 'token_embedding.weight', 'positional_embedding',
                 'k_proj', 'v_proj', 'q_proj', 'pred.out_proj']

@@ -61,8 +61,8 @@ p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
 p.add_argument('--beta2', type=float, default=0.95, help='AdamW beta2 (0.95 as in SigLIP and the paper)')
 p.add_argument('--eps', type=float, default=1e-6, help='AdamW epsilon')
 p.add_argument('--grad_clip', type=float, default=1.0, help='clip the global gradient norm (0: off)')
-p.add_argument('--chunk_size', type=int, default=0, help='llip_loss chunk: images per chunk (Gram form, the default) or captions per chunk '
-                    '(plain form); 0: picked from the shapes')
+p.add_argument('--chunk_size', type=int, default=0,
+               help='llip_loss: images per chunk, each against every caption; 0: picked from the shapes')
 p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
                help='autocast dtype; auto = bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU')
 p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')

@@ -5,7 +5,8 @@
   each image along the batch axis for the mixer pools, the first token for cls;
 - the mixing weights sum to 1 over K for every caption and head, and are the weights of the
   mixer itself: averaging the values with them gives loss.mix's output, and through W_O the
-  model's own contextualised similarity; a checkpoint that is not pool=llip is refused;
+  model's z_ij (Llip.contextualize) and its own contextualised similarity; a checkpoint that
+  is not pool=llip is refused;
 - the attention maps, recomputed from the last block's input, have rows summing to 1 and,
   applied to the values, give exactly what the block's attention produced;
 - the caption pairs differ in exactly the attribute named, as the synthetic grammar reads
@@ -116,7 +117,8 @@ def test_mixing_weights_are_the_mixers(files, images_and_captions):
     txt = model.encode_text(data.tokenize(texts, c.context_length, c.tokenizer))
     mixed = rearrange(einsum(phi, img.values[0], 't m k, m k d -> t m d'), 't m d -> t (m d)')
     torch.testing.assert_close(mixed, loss.mix(txt.queries, img.keys, img.values, c.tau)[0])
-    # ... and through W_O it gives the model's contextualised similarity
+    # ... and through W_O it gives the model's z_ij and contextualised similarity
+    torch.testing.assert_close(mixed @ model.out_proj, model.contextualize(img, txt)[0])
     cos = (F.normalize(mixed @ model.out_proj, dim=-1) * txt.emb).sum(-1)
     torch.testing.assert_close(cos, model.similarity(img, txt)[0])
     # another tau: other weights, still the mixer's

@@ -2,7 +2,7 @@
 two processes on the gloo backend, each with half of the batch, give
 - for a DDP-wrapped Llip model: the same loss (mean over ranks) and the same averaged
   parameter gradients as one process on the whole batch;
-- for llip_loss, siglip_loss and clip_loss on raw features: the same loss and, for every
+- for llip_loss (both forms), siglip_loss and clip_loss on raw features: the same loss and, for every
   rank's slice of the inputs, the same gradient (DDP averages over ranks, so a rank's slice
   gradient divided by the world size is the single-process gradient).
 """
@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loss import clip_loss, llip_loss, siglip_loss
 from test_model import batch, tiny
-from model import Llip
+from model import ImageFeatures, Llip, TextFeatures
 
 N, WORLD = 6, 2
 
@@ -30,8 +30,10 @@ def feature_inputs():
 
 
 def feature_losses(x, out_proj, a, b):
-    """The three losses on the given slices; returns {name: loss}."""
-    return {'llip': llip_loss(x['keys'], x['values'], x['queries'], x['text_emb'], out_proj, a, b, 2.0, chunk_size=2),
+    """The losses on the given slices; returns {name: loss}."""
+    image, text = ImageFeatures(keys=x['keys'], values=x['values']), TextFeatures(x['queries'], x['text_emb'])
+    return {'llip': llip_loss(image, text, out_proj, 2.0, a, b, chunk_size=2, form='gram'),
+            'llip_plain': llip_loss(image, text, out_proj, 2.0, a, b, chunk_size=2, form='plain'),
             'siglip': siglip_loss(x['image_emb'], x['text_emb'], a, b),
             'clip': clip_loss(x['image_emb'], x['text_emb'], a)}
 
@@ -64,7 +66,7 @@ def worker(rank, port, out):
     dist.init_process_group('gloo', rank=rank, world_size=WORLD)
     result = run_all(rank, WORLD)
     # DDP already averaged the model's gradients; average the losses over ranks as well
-    for key in ['model_loss', 'llip', 'siglip', 'clip']:
+    for key in ['model_loss', 'llip', 'llip_plain', 'siglip', 'clip']:
         dist.all_reduce(result[key])
         result[key] /= WORLD
     torch.save(result, f'{out}.{rank}')
@@ -84,7 +86,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         for r in range(WORLD):
             torch.testing.assert_close(ranks[r]['model_grads'][name], grad, msg=name)
 
-    for loss in ['llip', 'siglip', 'clip']:
+    for loss in ['llip', 'llip_plain', 'siglip', 'clip']:
         torch.testing.assert_close(ranks[0][loss], single[loss], msg=loss)
         for i, full in enumerate(single[loss + '_grads']):
             if full.numel() == 0:

@@ -1,7 +1,7 @@
 """What this proves about eval.py (run: python -m pytest tests/test_eval.py):
 - zero-shot top-1/top-5 equal a brute-force reference that contextualises one image with one
   class prototype at a time, for Llip and for the caption-independent pools, for several
-  taus, with images and classes split into many chunks;
+  taus, with the images split into batches and each batch into chunks;
 - retrieval over distinct caption strings: recall@1/5/10 and mAP both ways equal a reference
   that ranks one query at a time in a sorted Python list, on random score matrices full of
   ties (in one chunk and one query per chunk) and, for Llip and CLS pooling, on scores of one
@@ -41,6 +41,7 @@ from PIL import Image
 import data
 from synthetic import make_synthetic
 import eval as llip_eval
+import loss
 import metrics as llip_metrics
 from model import PRESETS, Llip, TextFeatures
 
@@ -97,7 +98,7 @@ def test_zeroshot_matches_one_pair_at_a_time(pool, monkeypatch):
     reference = brute_force_scores(m, images, NAMES, TEMPLATES, taus)
     ranks = torch.tensor([0, 0, 0, 1, 2, 4, 5, 6, 9, 11, 3, 0, 7, 8])
     labels = reference[None].argsort(dim=1, descending=True)[torch.arange(14), ranks]
-    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 8)   # 3 images per batch -> 2 classes per chunk
+    monkeypatch.setattr(loss, 'default_chunk', lambda *_: 2)   # 3 images a batch: chunks of 2 and 1
     got = llip_eval.zeroshot(m, (images, labels), NAMES, TEMPLATES, taus=taus, batch_size=3)
     for tau in taus:
         ranks = [rank_of(reference[tau][i], labels[i]) for i in range(14)]
@@ -126,7 +127,7 @@ def test_best_prompt_matches_one_prompt_at_a_time(pool, monkeypatch):
                                   for x in images]).argmax(dim=1)
     labels = best[None].clone()
     labels[:4] = (labels[:4] + 1) % len(names)   # 4 of 10 wrong: the expected top-1 is 0.6
-    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 8)
+    monkeypatch.setattr(loss, 'default_chunk', lambda *_: 2)
     got = llip_eval.zeroshot_best_prompt(m, images, labels, names, TEMPLATES, taus, batch_size=3)
     for tau in taus:
         key = float(m.config.tau if tau is None else tau)
@@ -248,7 +249,7 @@ def test_retrieval_with_shared_captions_matches_a_loop(pool, monkeypatch):
     expected['binding'] = np.mean(sum(hits.values(), []))
     expected |= {f'binding_{kind}': np.mean(h) for kind, h in hits.items()}
 
-    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 12)   # 4 images a batch: 3 strings a chunk
+    monkeypatch.setattr(loss, 'default_chunk', lambda *_: 3)   # 4 images a batch: chunks of 3 and 1
     got = llip_eval.retrieval(m, (images, captions, extra, binding), batch_size=4)[m.config.tau]
     assert got == pytest.approx(expected)
     assert all(0 < got[k] < 1 for k in ('i2t_r1', 't2i_r1', 'i2t_map', 't2i_map', 'binding'))
@@ -283,7 +284,7 @@ def test_unique_captions_give_the_standard_protocol(pool, monkeypatch):
         expected[f'i2t_r{k}'] = np.mean([rank < k for rank in best_own])
         expected[f't2i_r{k}'] = np.mean([rank < k for rank in own_image])
     expected['t2i_map'] = np.mean([1 / (1 + rank) for rank in own_image])   # AP of 1 true: 1 / place
-    monkeypatch.setattr(llip_eval, 'PAIRS_PER_CHUNK', 12)   # 4 images a batch: 3 captions a chunk
+    monkeypatch.setattr(loss, 'default_chunk', lambda *_: 3)   # 4 images a batch: chunks of 3 and 1
     got = llip_eval.retrieval(m, (images, captions), batch_size=4)[m.config.tau]
     assert {k: got[k] for k in expected} == pytest.approx(expected)
     assert 0 < got['i2t_r1'] < 1 and 0 < got['t2i_r5'] < 1   # not a degenerate case

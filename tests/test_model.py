@@ -2,11 +2,14 @@
 - every pool of the ablation ladder gives the documented shapes and a finite loss, and every
   parameter it creates receives a non-zero gradient;
 - similarity(i, j) for a batch equals contextualising image i with caption j alone, for any
-  chunk size: nothing leaks across the batch;
+  chunk size and in both forms of loss.py: nothing leaks across the batch;
+- contextualize's z_ij equals eq. 1-2 written pair by pair and head by head, and its cosine
+  with z'_j is similarity;
 - with W_Q zeroed, Llip's mixing is the uniform average of the values (the `avg` pool);
 - the attention block equals torch's nn.MultiheadAttention with the same packed weights;
 - the text feature is the EOT state (tokens after it change nothing), and gradient
-  checkpointing changes neither loss nor gradients.
+  checkpointing changes neither loss nor gradients;
+- the presets are the authors' configurations, value by value.
 """
 from dataclasses import replace
 
@@ -66,9 +69,10 @@ def test_llip_creates_the_mixer_parameters():
     assert m.out_proj.shape == (c.embed_dim, c.embed_dim)
 
 
-@pytest.mark.parametrize('qkv_norm,num_mixture', [(False, 4), (True, 4), (False, 2)])
+@pytest.mark.parametrize('qkv_norm,num_mixture', [(False, 4), (True, 4), (False, 2), (False, 5)])
 def test_similarity_has_no_leakage_across_the_batch(qkv_norm, num_mixture):
-    """num_mixture=2 makes M K < D, so similarity takes loss.py's Gram form."""
+    """M = 8, D = 32: num_mixture 2 and 4 make M K <= D (loss_gram.py's form), 5 makes
+    M K > D (loss.py's plain form)."""
     torch.manual_seed(1)
     c = tiny(qkv_norm=qkv_norm, num_mixture=num_mixture)
     m = Llip(c).double().eval()
@@ -81,6 +85,25 @@ def test_similarity_has_no_leakage_across_the_batch(qkv_norm, num_mixture):
             torch.testing.assert_close(full[i, j], alone[0, 0], rtol=1e-10, atol=1e-12)
     # and the contextualisation matters: a different tau gives different similarities
     assert not torch.allclose(full, m.similarity(img, txt, tau=0.1))
+
+
+def test_contextualize_is_eq_1_2_pair_by_pair():
+    torch.manual_seed(6)
+    c = tiny(num_mixture=3)
+    m = Llip(c).double().eval()
+    images, tokens = batch(3, c, seed=1)
+    img, txt = m.encode_image(images.double()), m.encode_text(tokens[:2])
+    z = m.contextualize(img, txt, tau=2.0)                               # (3, 2, D)
+    assert z.shape == (3, 2, c.embed_dim)
+    for i in range(3):
+        for j in range(2):
+            heads = []
+            for h in range(c.mixer_heads):
+                phi = torch.softmax(img.keys[i, h] @ txt.queries[j, h] / 2.0, dim=0)   # (K,)
+                heads.append(phi @ img.values[i, h])                                   # (D/M,)
+            torch.testing.assert_close(z[i, j], torch.cat(heads) @ m.out_proj)
+    cos = (F.normalize(z, dim=-1) * txt.emb).sum(-1)
+    torch.testing.assert_close(m.similarity(img, txt, tau=2.0), cos)
 
 
 def test_zero_query_projection_gives_uniform_average():
@@ -141,11 +164,25 @@ def test_gradient_checkpointing_changes_nothing():
         torch.testing.assert_close(a, b)
 
 
+# The authors' configurations: embed D | vision width, layers, head width, patch | K | text width,
+# layers, heads, context | QKV norm | tau (all: image 224, QuickGELU, M = 8)
+AUTHORS = {'vit_b32': (512, 768, 12, 64, 32, 64, 512, 12, 8, 77, False, 5.0),
+           'vit_b16': (512, 768, 12, 64, 16, 32, 512, 12, 8, 77, False, 5.0),
+           'vit_l14': (768, 1024, 24, 64, 14, 32, 768, 12, 12, 64, False, 1.0),
+           'vit_h14': (1024, 1280, 32, 80, 14, 64, 1024, 24, 16, 77, True, 5.0),
+           'vit_g14': (1280, 1664, 48, 104, 14, 64, 1280, 32, 20, 77, True, 5.0)}
+
+
 def test_presets_and_bad_config():
-    assert set(PRESETS) >= {'tiny', 'vit_b32', 'vit_b16', 'vit_l14', 'vit_h14', 'vit_g14'}
-    assert PRESETS['vit_b16'].num_mixture == 32 and PRESETS['vit_b32'].num_mixture == 64
-    assert PRESETS['vit_l14'].tau == 1.0 and PRESETS['vit_h14'].qkv_norm
-    assert int(1664 * PRESETS['vit_g14'].vision_mlp_ratio) == 8192
+    assert set(PRESETS) >= {'tiny', *AUTHORS}
+    for name, values in AUTHORS.items():
+        c = PRESETS[name]
+        assert (c.embed_dim, c.vision_width, c.vision_layers, c.vision_head_width, c.patch_size,
+                c.num_mixture, c.text_width, c.text_layers, c.text_heads, c.context_length,
+                c.qkv_norm, c.tau) == values, name
+        assert (c.image_size, c.mixer_heads, c.quick_gelu, c.tokenizer) == (224, 8, True, 'clip')
+        mlp = 8192 if name == 'vit_g14' else 4 * c.vision_width
+        assert int(c.vision_width * c.vision_mlp_ratio) == mlp, name
     with pytest.raises(ValueError, match='pool'):
         replace(PRESETS['tiny'], pool='mean')
     with pytest.raises(ValueError, match='patch_size'):

@@ -1,8 +1,10 @@
 """What this proves about model.load_official (run: python -m pytest tests/test_official.py):
-- a state dict laid out exactly as the authors' released checkpoints (design.md section 4:
-  their key names, shapes, conv patchify, packed in_proj, per-token k_proj/v_proj, optional
-  K/Q/V LayerNorms) loads, wrapped in {'state_dict'} with 'module.' prefixes or not, from a
-  dict or a file;
+- a state dict laid out exactly as the authors' released checkpoints (their key names, shapes,
+  conv patchify, packed in_proj, per-token k_proj/v_proj, optional K/Q/V LayerNorms) loads,
+  wrapped in {'state_dict'} with 'module.' prefixes or not, from a dict or a file;
+- what the authors' own loader also accepts loads to the same model: the '_orig_mod.module.'
+  prefix of their compiled DDP training checkpoints, W_O as a top-level 'out_proj', and a
+  single mixture token saved as a vector;
 - the loaded model's similarities equal an independent re-implementation of the authors'
   forward pass (seq-first nn.MultiheadAttention maths, conv1, QuickGELU) on those weights;
 - the config is read off the shapes: the B/16 and bigG/14 layouts give the presets' configs;
@@ -31,7 +33,7 @@ def block_keys(prefix, width, shape):
 
 
 def official_state_dict(use_norm, seed=0):
-    """The authors' key names and shapes (design.md section 4), random values."""
+    """The authors' key names and shapes (as in llip_b16_k32.pt, smaller), random values."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: 0.2 * torch.randn(*s, generator=g)
     sd = {'visual.conv1.weight': r(W, 3, PATCH, PATCH), 'visual.class_embedding': r(K, W),
@@ -125,6 +127,29 @@ def test_file_with_wrapper_and_module_prefix(tmp_path):
     m = load_official(str(path))
     torch.testing.assert_close(m.out_proj.detach(), sd['pred.out_proj'])
     torch.testing.assert_close(m.visual.mixture_tokens.detach(), sd['visual.class_embedding'])
+
+
+@pytest.mark.parametrize('prefix', ['_orig_mod.module.', '_orig_mod.', 'module._orig_mod.'])
+def test_compiled_ddp_prefix_and_top_level_out_proj(prefix):
+    """Their B/16 training config compiles the DDP model, so its checkpoints hold
+    '_orig_mod.module.' keys, and older checkpoints keep W_O as 'out_proj'; both load."""
+    sd = official_state_dict(use_norm=True)
+    expected = load_official(sd).state_dict()
+    wrapped = {prefix + ('out_proj' if k == 'pred.out_proj' else k): v for k, v in sd.items()}
+    loaded = load_official({'epoch': 3, 'state_dict': wrapped}).state_dict()
+    assert loaded.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(loaded[k], expected[k], msg=k)
+
+
+def test_a_single_mixture_token_saved_as_a_vector():
+    sd = official_state_dict(use_norm=False)
+    sd['visual.class_embedding'] = sd['visual.class_embedding'][0]                  # (W,)
+    sd['visual.positional_embedding'] = sd['visual.positional_embedding'][K - 1:]   # 1 + P rows
+    sd['k_proj'], sd['v_proj'] = sd['k_proj'][:1], sd['v_proj'][:1]
+    m = load_official(sd)
+    assert m.config.num_mixture == 1
+    torch.testing.assert_close(m.visual.mixture_tokens.detach(), sd['visual.class_embedding'][None])
 
 
 def test_missing_and_unknown_keys_are_named():

@@ -1,0 +1,202 @@
+"""
+The fast exact form of Llip's pairwise part: the same cosines cos(z_ij, z'_j) and the same loss
+as loss.py's readable form, with W_O moved off the pair axis and, for the loss, the gradients
+written by hand. loss.pick_form is the one place that chooses it (form='auto': when M K <= D,
+as in every paper configuration); tests/test_loss.py checks it against the readable form.
+
+Write U_i^{mk} = V_i^{mk} W_O^m (what token k of head m adds to z_ij per unit of mixing weight;
+W_O^m = rows m*d..(m+1)*d of W_O). Then z_ij = sum_mk Phi_ij^{mk} U_i^{mk}, so
+
+    z_ij . z'_j = sum_mk Phi_ij^{mk} A_ij^{mk}    A_ij^{mk} = V_i^{mk} . s_j^m,  s_j = W_O z'_j
+    |z_ij|^2    = Phi_ij^T G_i Phi_ij             G_i = U_i U_i^T per image (MK x MK)
+
+Per pair this costs 2 K D + (M K)^2 instead of 2 K D + D^2: cheaper whenever M K < D
+(ViT-B/16: M K = 256, D = 512; bigG: 512 vs 1280). Every step is a batched matmul:
+    logits and A   (2M, I K, d) @ (2M, d, T)      heads (and keys | values) as the batch axis
+    G_i Phi_i      (I, MK, MK) @ (I, MK, T)       images as the batch axis
+so the pair tensors live head-major, (M, I, K, T), with one copy to image-major for G.
+
+Shapes as in loss.py: keys, values (I, M, K, d); queries (T, M, d); text_emb (T, D), normalised;
+out_proj (D, D) = W_O; d = D/M. Both entry points take `chunk` images at a time, against every
+caption:
+    gram_cosine     (I, T) cosines, for inference (model.Llip.similarity), autograd if enabled
+    gram_loss_sum   the summed sigmoid loss of eq. 3, gradients by hand (_GramSigmoidLoss)
+
+    python -m pytest tests/test_loss.py     # this form == the readable one, value and gradients
+"""
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+# Default chunk: chunk x N_txt x M x K mixing weights at once. On CPU a chunk that stays in
+# cache wins (one thread, fwd+bwd: 3.0 s at 2^20 vs 3.9 s at 2^23 for N = 512, D = 512,
+# K = 32; 0.20 s vs 0.31 s at the tiny preset's shapes, N = 256); on a GPU bigger chunks mean
+# fewer kernel launches (2^24: not measured, no GPU was at hand).
+ELEMENTS_PER_CHUNK = {'cpu': 2 ** 20, 'cuda': 2 ** 24}
+
+
+def images_per_chunk(n_txt, heads, k, device_type):
+    """The default chunk of this form: images per chunk, from ELEMENTS_PER_CHUNK."""
+    elements = ELEMENTS_PER_CHUNK.get(device_type, ELEMENTS_PER_CHUNK['cuda'])
+    return max(1, elements // (n_txt * heads * k))
+
+
+# ----------------------------------------------------------------------------- the pieces
+def gram_from_out_gram(values, out_gram):
+    """G_i^{mk,nl} = V_i^{mk} H^{mn} V_i^{nl}, with H = W_O W_O^T (D, D) formed once: per image
+    K D^2 + (MK)^2 D/M, instead of K D^2 for U_i and (MK)^2 D for U_i U_i^T. -> (I, MK, MK)"""
+    heads = values.shape[1]
+    h = rearrange(out_gram, '(m d) (n e) -> m n d e', m=heads, n=heads)          # H^{mn}
+    vh = einsum(values, h, 'i m k d, m n d e -> i m k n e')              # V_i^{mk} H^{mn}
+    gram = einsum(vh, values, 'i m k n e, i n l e -> i m k n l')
+    return rearrange(gram, 'i m k n l -> i (m k) (n l)')
+
+
+def text_through_out_proj(text_emb, out_proj, heads):
+    """s_j = W_O z'_j, split into heads: (T, M, d)."""
+    return rearrange(text_emb @ out_proj.T, 't (m d) -> t m d', m=heads)
+
+
+def _image_side(keys, values):
+    """Keys and values stacked, heads first: (2, M, I, K, d)."""
+    return rearrange(torch.stack([keys, values]), 'two i m k d -> two m i k d').contiguous()
+
+
+def _caption_side(queries, text_out, tau):
+    """Queries / tau and s_j stacked, heads first, as the right factor of a bmm: (2M, d, T)."""
+    qs = rearrange(torch.stack([queries / tau, text_out]), 'two t m d -> (two m) t d')
+    return qs.contiguous().transpose(1, 2)
+
+
+def _gram_pairs(kv, qs, gram):
+    """The Gram form on images x captions. kv (2, M, I, K, d), qs (2M, d, T), gram (I, MK, MK).
+    Returns (in one buffer, (2, M, I, K, T)) the logits and Phi A; Phi head-major (M, I, K, T);
+    Phi image-major and Phi G Phi (I, MK, T); z_ij . z'_j and |z_ij| (I, T).
+    Without autograd the products overwrite their first factor (no new pair-sized tensors)."""
+    _, heads, n_img, k, _ = kv.shape
+    mul = torch.mul if torch.is_grad_enabled() else torch.Tensor.mul_
+    out = torch.bmm(kv.reshape(2 * heads, n_img * k, -1), qs)             # (2M, I K, T)
+    out = rearrange(out, '(two m) (i k) t -> two m i k t', two=2, k=k)
+    logits, along_text = out                                             # Q_j.K_i / tau, A_ij
+    phi = logits.softmax(dim=2)                                          # eq. 1: over the K tokens
+    phi_img = rearrange(phi, 'm i k t -> i (m k) t').contiguous()
+    phi_a = mul(along_text, phi)                                         # Phi A
+    phi_g_phi = mul(torch.bmm(gram, phi_img), phi_img)                   # Phi (G_i Phi): (I, MK, T)
+    dot = phi_a.sum(dim=(0, 2))                                          # z_ij . z'_j
+    norm = phi_g_phi.sum(dim=1).clamp_min(1e-24).sqrt()                  # |z_ij|, as F.normalize
+    return out, phi_a, phi, phi_img, phi_g_phi, dot, norm
+
+
+# ----------------------------------------------------------------------------- inference
+def gram_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
+    """cos(z_ij, z'_j) for every image and caption, `chunk` images at a time: (I, T).
+    Differentiable where autograd is on (tests/test_loss.py checks the derivation so)."""
+    out_gram = out_proj @ out_proj.T                                     # H, (D, D)
+    qs = _caption_side(queries, text_through_out_proj(text_emb, out_proj, keys.shape[1]), tau)
+    parts = []
+    for s in range(0, keys.shape[0], chunk):
+        keys_c, values_c = keys[s:s + chunk], values[s:s + chunk]
+        gram = gram_from_out_gram(values_c, out_gram)                    # (chunk, MK, MK)
+        *_, dot, norm = _gram_pairs(_image_side(keys_c, values_c), qs, gram)
+        parts.append(dot / norm)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- the loss
+def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, logit_scale, logit_bias, offset,
+                  chunk):
+    """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), y_ij = +1 where caption j is image
+    i + offset; keys and values are this rank's images, queries and text_emb every caption."""
+    text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
+    return _GramSigmoidLoss.apply(tau, chunk, offset, keys, values, queries, text_out,
+                                  out_proj @ out_proj.T, logit_scale, logit_bias)
+
+
+class _GramSigmoidLoss(torch.autograd.Function):
+    """The Gram form of the summed sigmoid loss, `chunk` images (against every caption) at a time,
+    with the gradients written by hand and taken in the same pass as the loss. The loss of pair
+    (i, j) depends on no other pair, so nothing is recomputed and nothing per pair is kept:
+    backward only scales the stored gradients (the size of the inputs). G_i is formed per chunk
+    and its gradient taken there by autograd, so memory is O(chunk x N_txt x M K).
+
+    Per pair, with x = a c + b, c = dot / n, n^2 = Phi^T G Phi, l = -log sigmoid(y x):
+        dl/dc      = a (sigmoid(x) - [y = +1])
+        dl/dPhi    = along A - across G Phi,      along = dl/dc / n,  across = dl/dc c / n^2
+        dl/dA      = along Phi                    dl/dG_i = sum_j -across / 2 Phi Phi^T
+        dl/dlogits = Phi dl/dPhi - Phi sum_k (Phi dl/dPhi)        (the softmax over k)
+    and logits and A are matmuls, so their gradients are the transposed matmuls."""
+
+    @staticmethod
+    def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
+        device = keys.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else keys.dtype
+        # bf16 pairs -> an fp32 loss
+        exact = torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)
+        need_grads = any(ctx.needs_input_grad)
+        with torch.autocast(device, enabled=False):
+            kv = _image_side(keys, values).to(dtype)                      # (2, M, I, K, d)
+            qs = _caption_side(queries, text_out, tau).to(dtype)          # (2M, d, T)
+            out_gram_ = out_gram.detach().to(dtype).requires_grad_(need_grads)
+            a_, b_ = a.to(exact), b.to(exact)
+            total = torch.zeros((), dtype=exact, device=keys.device)
+            if need_grads:
+                grad_kv = torch.zeros_like(kv, dtype=exact)
+                grad_qs = torch.zeros_like(qs, dtype=exact)
+                grad_values_g, grad_out_gram = torch.zeros_like(values, dtype=exact), 0.0
+                grad_a, grad_b = torch.zeros_like(total), torch.zeros_like(total)
+            for s in range(0, kv.shape[2], chunk):
+                kv_c = kv[:, :, s:s + chunk]
+                values_c = values[s:s + chunk].detach().to(dtype).requires_grad_(need_grads)
+                with torch.enable_grad():
+                    gram = gram_from_out_gram(values_c, out_gram_)       # (I, MK, MK)
+                pairs = _gram_pairs(kv_c, qs, gram.detach())
+                out, phi_a, phi, phi_img, phi_g_phi, dot, norm = pairs
+                cos = dot.to(exact) / norm.to(exact)                      # (I, T)
+                x = a_ * cos + b_                                         # (I, T); y x: eq. 3
+                # -log sigmoid(y x) is softplus(x) for y = -1 and softplus(x) - x for y = +1; the
+                # positives (image s + r, caption offset + s + r) are a diagonal of the chunk
+                total += -F.logsigmoid(-x).sum() - x.diagonal(offset + s).sum()
+                if not need_grads:
+                    continue
+                grad_x = torch.sigmoid(x)                                 # dl/dx
+                grad_x.diagonal(offset + s).sub_(1)                       # sigmoid(x) - [y = +1]
+                grad_a += (grad_x * cos).sum()
+                grad_b += grad_x.sum()
+                along = a_ * grad_x / norm                                # dl/dc / n
+                across = (along * cos / norm)[:, None].to(dtype)          # dl/dc c / n^2, (I, 1, T)
+                along = along[:, None].to(dtype)                          # broadcast: (M, I, K, T)
+                # Phi dl/dPhi, in place of Phi A; the softmax's backward goes into the logits' slot
+                phi_g_phi_heads = rearrange(phi_g_phi, 'i (m k) t -> m i k t', k=phi.shape[2])
+                phi_grad = phi_a.mul_(along).sub_(phi_g_phi_heads.mul_(across))
+                phi_grad_sum = phi_grad.sum(dim=2, keepdim=True)
+                torch.addcmul(phi_grad, phi, phi_grad_sum, value=-1, out=out[0])
+                torch.mul(phi, along, out=out[1])                         # dl/dA
+                grad_pairs = rearrange(out, 'two m i k t -> (two m) (i k) t')
+                grad_kv[:, :, s:s + chunk] = rearrange(torch.bmm(grad_pairs, qs.transpose(1, 2)),
+                                                       '(two m) (i k) d -> two m i k d', two=2,
+                                                       k=kv.shape[3])
+                kv_rows = kv_c.reshape(grad_pairs.shape[0], -1, kv.shape[4])   # (2M, I K, d)
+                grad_qs += torch.bmm(kv_rows.transpose(1, 2), grad_pairs)       # (2M, d, T)
+                # dl/dG_i, in place of Phi G Phi, then back through G_i to V_i and H by autograd
+                torch.mul(phi_img, across / -2, out=phi_g_phi)
+                grad_gram = torch.bmm(phi_g_phi, phi_img.transpose(1, 2))
+                g_v, g_h = torch.autograd.grad(gram, [values_c, out_gram_], grad_gram)
+                grad_values_g[s:s + chunk] = g_v
+                grad_out_gram = grad_out_gram + g_h
+        if need_grads:
+            grad_keys, grad_values = rearrange(grad_kv, 'two m i k d -> two i m k d')
+            grad_queries, grad_text = rearrange(grad_qs, '(two m) d t -> two t m d', two=2)
+            ctx.save_for_backward(grad_keys.to(keys.dtype),
+                                  (grad_values + grad_values_g).to(values.dtype),
+                                  (grad_queries / tau).to(queries.dtype),
+                                  grad_text.to(text_out.dtype),
+                                  grad_out_gram.to(out_gram.dtype), grad_a.to(a.dtype),
+                                  grad_b.to(b.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [g * grad_total.to(g.dtype) if need else None
+                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
