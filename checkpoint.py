@@ -9,11 +9,17 @@ so loading one never runs code): model, optimizer, scaler, step, config, loader 
 per rank), RNG states, and 'sha256', a digest of everything else in the dict. torch does not
 verify the zip's CRCs, so without the digest a flipped bit in a weight would be resumed from and
 trained on; with it, such a file is refused like a truncated one and the previous is used.
+
+Also here, what decides when a run resumes or stops: agree_on_checkpoint (rank 0 picks the
+checkpoint, every rank reads that one or the run stops with a message), cut_log (log.jsonl back
+to the checkpoint's step) and Preemption (SIGTERM: save and exit 0, never hang). README,
+"Reliability", lists each fault, what happens and its test.
 """
 import dataclasses
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -254,12 +260,18 @@ class Preemption:
         self.wake_w = wake_w
         self.previous_fd = signal.set_wakeup_fd(wake_w.fileno())
         threading.Thread(target=self.watch, daemon=True).start()
+        self.children = set(multiprocessing.active_children())
         return self
 
     def __exit__(self, *exc):
         self.done.set()
         signal.signal(signal.SIGTERM, self.previous)
         signal.set_wakeup_fd(self.previous_fd)
+        # DataLoader workers still alive (an exception kept their iterator): multiprocessing
+        # ends children at exit with SIGTERM, which they do not hear, and would wait forever
+        for child in set(multiprocessing.active_children()) - self.children:
+            child.kill()
+            child.join(5)
         self.wake_w.close()   # ends the watchdog's recv
         return False
 

@@ -181,6 +181,11 @@ def check_flags(args):
         except ImportError:
             sys.exit(f'error: --logger={args.logger}: the package is not installed '
                      f'(pip install {args.logger}); allowed: none, tensorboard, wandb')
+    if args.data != 'synthetic':
+        try:   # a path that names no file: one line now, not a traceback later
+            data.expand_urls(args.data)
+        except ValueError as e:
+            sys.exit(f'error: --data={args.data}: {e}')
     for name in ('zeroshot_data', 'retrieval_data'):
         path = getattr(args, name)
         if path and not (os.path.exists(path) or any(c in path for c in '{*?')):
@@ -305,7 +310,8 @@ def main():
         store, _, _ = next(dist.rendezvous('env://', rank=rank, world_size=world))
         attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', rank=rank,
-                                world_size=world, store=dist.PrefixStore(f'attempt{attempt}/', store))
+                                world_size=world,
+                                store=dist.PrefixStore(f'attempt{attempt}/', store))
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if args.dtype == 'auto':   # by capability, not by GPU name
@@ -344,7 +350,8 @@ def main():
     log(f'contrastive pairs per step: {args.batch_size} per rank x {world} rank(s) = '
         f'{args.batch_size * world}' + (f' (x {args.grad_accum} micro-steps, gradients averaged)'
                                         if args.grad_accum > 1 else ''))
-    log(f'device {device}, {args.dtype}; out_dir {args.out_dir}; data {args.data}')
+    log(f'device {device}, {args.dtype}; data {args.data}')
+    log(f'out_dir {args.out_dir}')
     log(plan[3])
 
     # ----------------------------------------------------------------------------- data
@@ -420,21 +427,22 @@ def main():
 
     with Preemption(args.stop_grace) as preemption:
         tracker = Tracker(args.logger, args.out_dir, run_config) if master else None
+        batches = iter(loader)
         try:
-            train(args, model, raw_model, loader, optimizer, scaler, autocast, device, rank, world,
-                  ddp, start_step, plan, log_path, log, save, preemption, tracker)
+            train(args, model, raw_model, batches, optimizer, scaler, autocast, device, rank,
+                  world, ddp, start_step, plan, log_path, log, save, preemption, tracker)
         finally:
+            batches.close()   # the DataLoader workers end now, however train() ended
             if tracker:
                 tracker.close()
     if ddp:
         dist.destroy_process_group()
 
 
-def train(args, model, raw_model, loader, optimizer, scaler, autocast, device, rank, world, ddp,
+def train(args, model, raw_model, batches, optimizer, scaler, autocast, device, rank, world, ddp,
           start_step, plan, log_path, log, save, preemption, tracker):
     master = rank == 0
     logfile = open(log_path, 'a') if master else None
-    batches = iter(loader)
     try:
         pending = [Preemption.deaf_workers(batches)]   # the first batch
     except (RuntimeError, ValueError) as e:   # e.g. no valid sample in any shard
