@@ -37,7 +37,8 @@ def launch_ranks(out_dirs, synthetic, *flags):
     port, procs = free_port(), []
     for rank, out in enumerate(out_dirs):
         env = {**os.environ, 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'OMP_NUM_THREADS': '1',
-               'WORLD_SIZE': str(len(out_dirs)), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}
+               'WORLD_SIZE': str(len(out_dirs)), 'MASTER_ADDR': '127.0.0.1',
+               'MASTER_PORT': str(port)}
         group = procs[0].pid if procs else 0   # 0: a new group, led by rank 0
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
@@ -88,8 +89,9 @@ def test_max_restarts_after_kill_9_of_a_rank_resumes_from_the_newest_checkpoint(
     out, port = str(tmp_path), free_port()
     cmd = torchrun('--nnodes=1', '--nproc_per_node=2', '--max-restarts=1', '--rdzv_backend=c10d',
                    f'--rdzv_endpoint=127.0.0.1:{port}', '--rdzv_id=llip-restart',
-                   os.path.join(ROOT, 'train.py'), f'--out_dir={out}', f'--synthetic_dir={synthetic}',
-                   *FAST, '--steps=30', '--save_every=2', '--stop_grace=2')
+                   os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
+                   f'--synthetic_dir={synthetic}', *FAST, '--steps=30', '--save_every=2',
+                   '--stop_grace=2')
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     wait_for(os.path.join(out, 'ckpt_0000004.pt'), [agent])

@@ -282,29 +282,48 @@ def test_eval_on_real_data_during_training(tmp_path, synthetic):
     assert 'eval: nothing' in quiet.stdout and '--zeroshot_data' in quiet.stdout
 
 
+def fake_tracker(kind, calls):
+    """A stand-in for wandb or torch.utils.tensorboard: records what train.py calls."""
+    module = type(sys)(kind)
+    if kind == 'wandb':
+        class Run:
+            def log(self, values, step):
+                calls.append(('log', step, sorted(values)))
+
+            def finish(self):
+                calls.append(('close',))
+        module.init = lambda **kw: calls.append(('init', kw['config']['steps'])) or Run()
+    else:
+        class SummaryWriter:
+            def __init__(self, log_dir):
+                calls.append(('init', os.path.basename(log_dir)))
+
+            def add_scalar(self, key, value, step):
+                calls.append(('log', step, [key]))
+
+            def close(self):
+                calls.append(('close',))
+        module.SummaryWriter = SummaryWriter
+    return module
+
+
+@pytest.mark.parametrize('kind', ['wandb', 'tensorboard'])
 def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
-        tmp_path, synthetic, monkeypatch):
+        tmp_path, synthetic, monkeypatch, kind):
     calls = []
-
-    class FakeRun:   # what train.py uses of wandb.init()'s run
-        def log(self, values, step):
-            calls.append(('log', step, sorted(values)))
-
-        def finish(self):
-            calls.append(('finish',))
-    fake = type(sys)('wandb')
-    fake.init = lambda **kw: calls.append(('init', kw['config']['steps'])) or FakeRun()
-    monkeypatch.setitem(sys.modules, 'wandb', fake)
     train_py = importlib.import_module('train')
+    monkeypatch.setitem(sys.modules, train_py.TRACKERS[kind], fake_tracker(kind, calls))
     monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={tmp_path}',
                                       f'--synthetic_dir={synthetic}', *SMALL, '--workers=0',
-                                      '--steps=2', '--logger=wandb'])
+                                      '--steps=2', f'--logger={kind}'])
     before = signal.getsignal(signal.SIGTERM)
     train_py.main()
     assert signal.getsignal(signal.SIGTERM) is before   # no handler leaks out of main()
-    assert calls[0] == ('init', 2) and calls[-1] == ('finish',)
-    assert [c[1] for c in calls if c[0] == 'log'] == [1, 2]
-    assert 'loss' in calls[1][2] and 'lr' in calls[1][2]
+    assert calls[0] == ('init', 2 if kind == 'wandb' else 'tensorboard')
+    assert calls[-1] == ('close',)
+    logged = [c for c in calls if c[0] == 'log']
+    assert sorted({c[1] for c in logged}) == [1, 2]
+    assert {'loss', 'lr'} <= {key for c in logged for key in c[2]}
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
