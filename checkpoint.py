@@ -279,21 +279,22 @@ class Preemption:
         self.requested = True
 
     def watch(self):
-        while not self.done.is_set():
-            try:
+        with self.wake_r:   # closed when __exit__ closes the other end
+            while not self.done.is_set():
                 woken = self.wake_r.recv(64)
-            except OSError:
-                return
-            if not woken:
-                return
-            if signal.SIGTERM in woken and not self.done.wait(self.grace):
-                while self.saving:   # a checkpoint being written is let finish
-                    time.sleep(0.1)
-                if not self.done.is_set():
-                    print(f'SIGTERM: the step did not end within --stop_grace={self.grace:g}s '
-                          '(a peer rank is probably gone); exiting without saving',
-                          file=sys.stderr, flush=True)
-                    os._exit(1)
+                if not woken:
+                    return
+                self.on_wakeup(woken)
+
+    def on_wakeup(self, woken):
+        if signal.SIGTERM in woken and not self.done.wait(self.grace):
+            while self.saving:   # a checkpoint being written is let finish
+                time.sleep(0.1)
+            if not self.done.is_set():
+                print(f'SIGTERM: the step did not end within --stop_grace={self.grace:g}s '
+                      '(a peer rank is probably gone); exiting without saving',
+                      file=sys.stderr, flush=True)
+                os._exit(1)
 
     @staticmethod
     def deaf_workers(batches):
