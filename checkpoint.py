@@ -268,10 +268,15 @@ class Preemption:
         signal.signal(signal.SIGTERM, self.previous)
         signal.set_wakeup_fd(self.previous_fd)
         # DataLoader workers still alive (an exception kept their iterator): multiprocessing
-        # ends children at exit with SIGTERM, which they do not hear, and would wait forever
-        for child in set(multiprocessing.active_children()) - self.children:
-            child.kill()
-            child.join(5)
+        # ends children at exit with SIGTERM, which they do not hear, and would wait forever.
+        # SIGCHLD's default meanwhile: torch's handler would report them killed, as an error
+        leftover = set(multiprocessing.active_children()) - self.children
+        if leftover:
+            previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for child in leftover:
+                child.kill()
+                child.join(5)
+            signal.signal(signal.SIGCHLD, previous)
         self.wake_w.close()   # ends the watchdog's recv
         return False
 
