@@ -2,88 +2,50 @@
 Train Llip. The same script runs a CPU smoke test and multi-node pretraining: only flags
 and torchrun's environment change.
 
-    python train.py                                       # tiny preset, built-in synthetic data, CPU
+    python train.py                           # tiny preset, built-in synthetic data, CPU
     python train.py --model=vit_b16 --data='shards/{00000..09999}.tar' --batch_size=256
-    torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=...      # 1 node, 8 GPUs
+    python train.py --data='shards/{00000..00099}.tar' --zeroshot_data=imagenet/val \\
+        --zeroshot_classnames=imagenet --zeroshot_templates=imagenet --retrieval_data=coco/val \\
+        --eval_every=1000 --logger=tensorboard  # evaluation on real data during training
+    torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=...   # 1 node, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        --rdzv_id=llip --max-restarts=3 train.py --model=vit_b16 --data=... --resume=auto  # on each node
+        --rdzv_id=llip --max-restarts=3 train.py --model=vit_b16 --data=... --resume=auto \\
+        --out_dir=/shared/run1                          # on each node; one shared --out_dir
 
 DDP is decided by torchrun's environment alone (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on
 CUDA, gloo on CPU. --batch_size is per rank; the loss of each rank covers its images against
 every rank's captions (loss.py), so the contrastive batch is batch_size x world size.
-Every flag is --key=value; `python train.py --help` lists them. Any LlipConfig field can be
-overridden (--num_mixture=64 --tau=8 ...).
+Every flag is --key=value (bools too: --eval=false); `python train.py --help` lists them. Any
+LlipConfig field can be overridden (--num_mixture=64 --tau=8 ...). On several nodes, --out_dir
+must be one shared filesystem path: rank 0 picks the checkpoint and every rank reads it.
+What happens on preemption, a dead rank, NaN, a full disk or a corrupt checkpoint: README,
+"Reliability"; checkpoint.py writes and verifies the checkpoints.
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
-import re
-import signal
 import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import checkpoint
 import data
 import synthetic
-from model import PRESETS, Llip, LlipConfig, UnsafeCheckpointError, load_weights
+from checkpoint import CheckpointError, Preemption, numpy_rng_state, set_numpy_rng_state
+from model import PRESETS, Llip, LlipConfig
 
 # ----------------------------------------------------------------------------- flags
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument('--model', default='tiny', choices=sorted(PRESETS), help='model preset (model.PRESETS)')
-p.add_argument('--data', default='synthetic',
-               help="training shards: a brace pattern 'dir/{00000..00099}.tar', a directory, or 'synthetic' "
-                    "(the built-in dataset, generated into --synthetic_dir on first use)")
-p.add_argument('--synthetic_dir', default='data/synthetic', help='where the built-in synthetic dataset lives')
-p.add_argument('--synthetic_objects', type=int, default=3,
-               help='built-in data: 1 to this many objects per image (at most 5; another value needs '
-                    'its own --synthetic_dir)')
-p.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and config.json go here')
-p.add_argument('--steps', type=int, default=1000, help='optimizer steps in total')
-p.add_argument('--batch_size', type=int, default=64, help='images (and captions) per rank per micro-step')
-p.add_argument('--grad_accum', type=int, default=1,
-               help='micro-steps per optimizer step. Note: each micro-step is its own contrastive batch, '
-                    'so accumulation does not add negatives; it only averages gradients')
-p.add_argument('--lr', type=float, default=3e-4,
-               help='peak learning rate (3e-4: what runs/study.sh picks for the tiny preset, pool=llip, on '
-                    'the validation split; paper: 5e-4 for B, 4e-4 for L/H/G)')
-p.add_argument('--min_lr_ratio', type=float, default=0.1, help='the cosine decays to lr * min_lr_ratio')
-p.add_argument('--warmup', type=int, default=50, help='linear warmup steps (paper: 2000)')
-p.add_argument('--weight_decay', type=float, default=0.2, help='AdamW decay on matrices; none on biases, norms, logit scale/bias')
-p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
-p.add_argument('--beta2', type=float, default=0.95, help='AdamW beta2 (0.95 as in SigLIP and the paper)')
-p.add_argument('--eps', type=float, default=1e-6, help='AdamW epsilon')
-p.add_argument('--grad_clip', type=float, default=1.0, help='clip the global gradient norm (0: off)')
-p.add_argument('--chunk_size', type=int, default=0,
-               help='llip_loss: images per chunk, each against every caption; 0: picked from the shapes')
-p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
-               help='autocast dtype; auto = bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU')
-p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
-p.add_argument('--grad_ckpt', action=argparse.BooleanOptionalAction, default=False,
-               help='activation checkpointing in both towers (less memory, ~30%% more compute)')
-p.add_argument('--device', default='auto', help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
-p.add_argument('--workers', type=int, default=2, help='data-loading processes per rank')
-p.add_argument('--seed', type=int, default=0, help='seed of the model init and the data order')
-p.add_argument('--log_every', type=int, default=10, help='steps between lines in log.jsonl')
-p.add_argument('--eval', action=argparse.BooleanOptionalAction, default=True,
-               help='zero-shot and retrieval on the synthetic evaluation splits (with --data=synthetic)')
-p.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: only at the end)')
-p.add_argument('--eval_split', default='test', choices=['test', 'val'],
-               help="which synthetic evaluation splits: 'val' to choose settings (e.g. the learning rate), "
-                    "'test' for the numbers that are reported")
-p.add_argument('--save_every', type=int, default=250, help='steps between checkpoints (and one at the end)')
-p.add_argument('--keep', type=int, default=3,
-               help='how many of the newest checkpoints to keep (at least 1)')
-p.add_argument('--resume', default='auto',
-               help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
-                    "a path: from that file; 'never': start afresh")
+# allow_abbrev=False: a typo such as --step must not silently mean --steps
+p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def boolean(text):
@@ -95,114 +57,302 @@ def boolean(text):
     return words[text.lower()]
 
 
-config_fields = [f for f in dataclasses.fields(LlipConfig)]
-for f in config_fields:   # every model field can override the preset, e.g. --pool=avg --num_mixture=64
-    kind = boolean if f.type in (bool, 'bool') else \
-        {int: int, 'int': int, float: float, 'float': float}.get(f.type, str)
-    p.add_argument(f'--{f.name}', type=kind, default=None, help=f'model: override the preset\'s {f.name}')
+def bool_flag(name, default, help):
+    """--name, --name=true/false (every flag takes --key=value) and --no-name."""
+    p.add_argument(f'--{name}', type=boolean, nargs='?', const=True, default=default,
+                   help=f'{help} (--{name}=true/false, or --no-{name})')
+    p.add_argument(f'--no-{name}', dest=name, action='store_false', help=f'same as --{name}=false')
 
-# flags whose value must be at least 1; 0 or less would loop zero times, divide by zero or (for
-# --keep) delete every checkpoint right after writing it. The model's own fields (num_mixture,
-# mixer_heads, tau) are checked by LlipConfig.
-AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep')
+
+p.add_argument('--model', default='tiny', choices=sorted(PRESETS),
+               help='model preset (model.PRESETS)')
+p.add_argument('--data', default='synthetic',
+               help="training shards: a brace pattern 'dir/{00000..00099}.tar', a directory, or "
+                    "'synthetic' (the built-in dataset, generated into --synthetic_dir on first "
+                    "use)")
+p.add_argument('--synthetic_dir', default='data/synthetic',
+               help='where the built-in synthetic data lives')
+p.add_argument('--synthetic_objects', type=int, default=3,
+               help='built-in data: 1 to this many objects per image (at most 5; another value '
+                    'needs its own --synthetic_dir)')
+p.add_argument('--out_dir', default='out',
+               help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
+                    'path)')
+p.add_argument('--steps', type=int, default=1000, help='optimizer steps in total')
+p.add_argument('--batch_size', type=int, default=64,
+               help='images (and captions) per rank per micro-step')
+p.add_argument('--grad_accum', type=int, default=1,
+               help='micro-steps per optimizer step. Note: each micro-step is its own contrastive '
+                    'batch, so accumulation does not add negatives; it only averages gradients')
+p.add_argument('--lr', type=float, default=3e-4,
+               help='peak learning rate (3e-4: what runs/study.sh picks for the tiny preset, '
+                    'pool=llip, on the validation split; paper: 5e-4 for B, 4e-4 for L/H/G)')
+p.add_argument('--min_lr_ratio', type=float, default=0.1,
+               help='the cosine decays to lr * min_lr_ratio')
+p.add_argument('--warmup', type=int, default=50, help='linear warmup steps (paper: 2000)')
+p.add_argument('--weight_decay', type=float, default=0.2,
+               help='AdamW decay on matrices; none on biases, norms, logit scale/bias')
+p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
+p.add_argument('--beta2', type=float, default=0.95,
+               help='AdamW beta2 (0.95 as in SigLIP and the paper)')
+p.add_argument('--eps', type=float, default=1e-6, help='AdamW epsilon')
+p.add_argument('--grad_clip', type=float, default=1.0,
+               help='clip the global gradient norm (0: off)')
+p.add_argument('--chunk_size', type=int, default=0,
+               help='llip_loss: images per chunk, each against every caption; 0: picked from '
+                    'the shapes')
+p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
+               help='autocast dtype; auto = bf16 on GPUs that support it, fp16 + GradScaler on '
+                    'older GPUs, fp32 on CPU')
+bool_flag('compile', False, 'torch.compile the model')
+bool_flag('grad_ckpt', False,
+          'activation checkpointing in both towers (less memory, ~30%% more compute)')
+p.add_argument('--device', default='auto',
+               help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+p.add_argument('--workers', type=int, default=2, help='data-loading processes per rank')
+p.add_argument('--seed', type=int, default=0, help='seed of the model init and the data order')
+p.add_argument('--log_every', type=int, default=10, help='steps between lines in log.jsonl')
+p.add_argument('--logger', default='none', choices=['none', 'tensorboard', 'wandb'],
+               help="also send log.jsonl's records to TensorBoard (OUT_DIR/tensorboard) or "
+                    "Weights & Biases; the package must be installed")
+bool_flag('eval', True, 'evaluate every --eval_every steps and at the end (rank 0): the synthetic '
+                        'splits with --data=synthetic, else --zeroshot_data and --retrieval_data')
+p.add_argument('--eval_every', type=int, default=0,
+               help='steps between evaluations (0: only at the end)')
+p.add_argument('--eval_split', default='test', choices=['test', 'val'],
+               help="which synthetic evaluation splits: 'val' to choose settings (e.g. the "
+                    "learning rate), 'test' for the numbers that are reported")
+p.add_argument('--zeroshot_data',
+               help="zero-shot during training: an image folder, one subfolder per class (as "
+                    "open_clip's --imagenet-val)")
+p.add_argument('--zeroshot_classnames',
+               help='its class names, as eval.py --classnames (a JSON list file or a shipped key '
+                    'such as imagenet); default: ZEROSHOT_DATA/classnames.json, else the folder '
+                    'names')
+p.add_argument('--zeroshot_templates',
+               help='its prompt templates, as eval.py --templates; default: '
+                    'ZEROSHOT_DATA/templates.json, else "a photo of a {}."')
+p.add_argument('--retrieval_data',
+               help="retrieval during training: shards or a folder of KEY.jpg + KEY.txt (as "
+                    "open_clip's --val-data)")
+p.add_argument('--save_every', type=int, default=250,
+               help='steps between checkpoints (and one at the end)')
+p.add_argument('--keep', type=int, default=3,
+               help='how many of the newest checkpoints to keep (at least 1)')
+p.add_argument('--resume', default='auto',
+               help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
+                    "a path: from that file; 'never': start afresh")
+p.add_argument('--stop_grace', type=float, default=10,
+               help='seconds after SIGTERM within which the step must end before the rank exits '
+                    'without saving (a rank blocked on a dead peer must not delay the restart)')
+
+config_fields = dataclasses.fields(LlipConfig)
+# every model field can override the preset, e.g. --pool=avg --num_mixture=64
+for f in config_fields:
+    if f.type in (bool, 'bool'):
+        bool_flag(f.name, None, f'model: override the preset\'s {f.name}')
+        continue
+    kind = {int: int, 'int': int, float: float, 'float': float}.get(f.type, str)
+    p.add_argument(f'--{f.name}', type=kind, default=None,
+                   help=f"model: override the preset's {f.name}")
+
+# at least 1: 0 or less would loop zero times, divide by zero or (for --keep) delete every
+# checkpoint right after writing it. The model's own fields (num_mixture, tau, ...) are checked
+# by LlipConfig.
+AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size')
+AT_LEAST_ZERO = ('eval_every', 'workers', 'warmup', 'chunk_size')
+TRACKERS = {'tensorboard': 'torch.utils.tensorboard', 'wandb': 'wandb'}
 
 
 def check_flags(args):
-    """A one-line error naming the first flag with a value out of range, before any work."""
-    for name in AT_LEAST_ONE:
-        if getattr(args, name) < 1:
-            sys.exit(f'error: --{name}={getattr(args, name)}: must be an integer >= 1')
+    """The model config, or a one-line error naming the first flag with a bad value, before
+    any work."""
+    for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+        for name in names:
+            if getattr(args, name) < low:
+                sys.exit(f'error: --{name}={getattr(args, name)}: must be an integer >= {low}')
+    if args.device not in ('auto', 'cpu') and not args.device.startswith('cuda'):
+        sys.exit(f'error: --device={args.device}: expected auto, cpu or cuda')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        sys.exit(f'error: --device={args.device}: no CUDA GPU is available here; use --device=cpu')
+    if args.logger in TRACKERS:
+        try:
+            importlib.import_module(TRACKERS[args.logger])
+        except ImportError:
+            sys.exit(f'error: --logger={args.logger}: the package is not installed '
+                     f'(pip install {args.logger}); allowed: none, tensorboard, wandb')
+    if args.data != 'synthetic':
+        try:   # a path that names no file: one line now, not a traceback later
+            data.expand_urls(args.data)
+        except ValueError as e:
+            sys.exit(f'error: --data={args.data}: {e}')
+    for name in ('zeroshot_data', 'retrieval_data'):
+        path = getattr(args, name)
+        if path and not (os.path.exists(path) or any(c in path for c in '{*?')):
+            sys.exit(f'error: --{name}={path}: no such file or folder')
+    overrides = {f.name: getattr(args, f.name) for f in config_fields
+                 if getattr(args, f.name) is not None}
+    try:
+        config = dataclasses.replace(PRESETS[args.model], **overrides)
+    except ValueError as e:   # LlipConfig's messages start with the field's name: the flag's
+        sys.exit(f'error: --{e}')
+    needed = data.get_tokenizer(config.tokenizer).vocab_size
+    if config.vocab_size < needed:
+        sys.exit(f'error: --vocab_size={config.vocab_size}: the {config.tokenizer} tokenizer '
+                 f'needs at least {needed}')
+    return config
 
 
-CHECKPOINT = re.compile(r'ckpt_(\d+)\.pt')   # what save_checkpoint writes: ckpt_<step>.pt
+def lr_at(step, args):
+    """Linear warmup, then cosine from lr down to lr * min_lr_ratio."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
-def checkpoint_paths(out_dir):
-    """train.py's checkpoints in out_dir, newest (highest step) first. Only ckpt_<digits>.pt:
-    a user's ckpt_best.pt is neither resumed from nor deleted by the rotation."""
-    steps = {int(m.group(1)): os.path.join(out_dir, name) for name in os.listdir(out_dir)
-             if (m := CHECKPOINT.fullmatch(name))}
-    return [steps[s] for s in sorted(steps, reverse=True)]
+# ----------------------------------------------------------------------------- evaluation, logging
+def evaluation_plan(args):
+    """What --eval runs: (zeroshot (folder, names, templates) or None, retrieval source or
+    None, synthetic root or None), and one line saying so."""
+    import eval as llip_eval
+    if not args.eval:
+        return None, None, None, 'eval: off'
+    if args.data == 'synthetic':
+        root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
+        return None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})'
+    zeroshot, said = None, []
+    if args.zeroshot_data:
+        names = llip_eval.load_names(args.zeroshot_classnames, 'classnames', args.zeroshot_data)
+        templates = llip_eval.load_names(args.zeroshot_templates, 'templates', args.zeroshot_data)
+        if names is None:
+            names = sorted(f.name for f in os.scandir(args.zeroshot_data) if f.is_dir())
+        zeroshot = (args.zeroshot_data, names, templates or ['a photo of a {}.'])
+        said.append(f'zero-shot on {args.zeroshot_data} ({len(names)} classes, '
+                    f'{len(zeroshot[2])} templates)')
+    if args.retrieval_data:
+        said.append(f'retrieval on {args.retrieval_data}')
+    if not said:
+        return None, None, None, ('eval: nothing (real --data: give --zeroshot_data and/or '
+                                  '--retrieval_data)')
+    return zeroshot, args.retrieval_data, None, 'eval: ' + ', '.join(said)
 
 
-def numpy_rng_state():
-    """np.random's state as a tensor and plain values: torch.load(weights_only=True) refuses the
-    numpy array inside np.random.get_state()."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {'kind': str(kind), 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-            'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)}
+def evaluate(model, plan, device, autocast):
+    """{'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...} (rank 0)."""
+    import eval as llip_eval
+    zeroshot, retrieval, synthetic_root = plan[:3]
+    model.eval()
+    with torch.no_grad(), autocast:
+        if synthetic_root is not None:
+            metrics = llip_eval.evaluate_synthetic(model, synthetic_root, device=device)
+        else:
+            results = {}
+            if zeroshot:
+                folder, names, templates = zeroshot
+                name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
+                results[name] = llip_eval.zeroshot(model, folder, names, templates, device=device)
+            if retrieval:
+                results['retrieval'] = llip_eval.retrieval(model, retrieval, device=device)
+            metrics = llip_eval.flatten(results)
+    model.train()
+    return metrics
 
 
-def set_numpy_rng_state(state):
-    if isinstance(state, tuple):   # a checkpoint from before numpy_rng_state: get_state() as is
-        return np.random.set_state(state)
-    np.random.set_state((state['kind'], state['keys'].numpy().astype(np.uint32), state['pos'],
-                         state['has_gauss'], state['cached_gaussian']))
+class Tracker:
+    """--logger: each log.jsonl record also goes to TensorBoard or Weights & Biases (rank 0)."""
+
+    def __init__(self, kind, out_dir, config):
+        self.kind, self.writer = kind, None
+        if kind == 'tensorboard':
+            tensorboard = importlib.import_module('torch.utils.tensorboard')
+            self.writer = tensorboard.SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+        elif kind == 'wandb':
+            wandb = importlib.import_module('wandb')
+            self.writer = wandb.init(project='llip', dir=out_dir, config=config)
+
+    def log(self, record):
+        values = {k: v for k, v in record.items() if k not in ('step', 'time')}
+        if self.kind == 'tensorboard':
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, record['step'])
+        elif self.kind == 'wandb':
+            self.writer.log(values, step=record['step'])
+
+    def close(self):
+        if self.writer is not None:
+            (self.writer.close if self.kind == 'tensorboard' else self.writer.finish)()
 
 
+# ----------------------------------------------------------------------------- training
 def main():
     # everything runs here, not at import: spawned processes (DataLoader workers on macOS and
     # Windows) import this file as __mp_main__ and must not start a second training run
     args = p.parse_args()
-    check_flags(args)
+    config = check_flags(args)
+    plan = evaluation_plan(args)
 
-    # ----------------------------------------------------------------------------- distributed, device, precision
+    # ------------------------------------------------------------- distributed, device, precision
     ddp = 'RANK' in os.environ
     rank, world, local_rank = 0, 1, 0
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = args.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if ddp:
-        rank, world, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device == 'cuda':
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+        # torchrun keeps its store across --max-restarts: without a prefix per attempt, a
+        # restarted rank can read a dead rank's address from the last attempt and never connect
+        store, _, _ = next(dist.rendezvous('env://', rank=rank, world_size=world))
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', rank=rank,
+                                world_size=world,
+                                store=dist.PrefixStore(f'attempt{attempt}/', store))
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if args.dtype == 'auto':
+    if args.dtype == 'auto':   # by capability, not by GPU name
         args.dtype = 'float32' if device_type == 'cpu' else \
-            'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'   # by capability, not by GPU name
+            'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     ptdtype = getattr(torch, args.dtype)
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    autocast = nullcontext() if ptdtype == torch.float32 else \
+        torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)   # fp16 only
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
 
     def log(*a):
         if master:
             tqdm.write(' '.join(str(x) for x in a))
 
-
-    overrides = {f.name: getattr(args, f.name) for f in config_fields if getattr(args, f.name) is not None}
-    try:
-        config = dataclasses.replace(PRESETS[args.model], **overrides)
-    except ValueError as e:   # LlipConfig's messages start with the field's name: the flag's
-        sys.exit(f'error: --{e}')
+    # the resolved config, without nulls: the model's fields are in model_config, as resolved
+    args.device = device
+    fields = {f.name for f in config_fields}
+    flags = {k: v for k, v in vars(args).items() if k not in fields and v is not None}
+    run_config = {**flags, 'world_size': world, 'model_config': dataclasses.asdict(config)}
     os.makedirs(args.out_dir, exist_ok=True)
-    run_config = {**vars(args), 'world_size': world, 'model_config': dataclasses.asdict(config)}
-    log('config:', json.dumps(run_config, indent=1))
 
-    # ----------------------------------------------------------------------------- model and optimizer
+    # ------------------------------------------------------------- model and optimizer
     torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
     model = Llip(config).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [(n, p) for n, p in model.named_parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
-    kinds = lambda names: ', '.join(dict.fromkeys(re.sub(r'\.\d+\.', '.*.', n) for n in names))   # blocks.3. -> blocks.*.
-    log(f'parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M. With weight decay: '
-        f'{kinds(n for n, p in model.named_parameters() if p.ndim >= 2)}. Without: {kinds(n for n, _ in no_decay)}')
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
-                                   {'params': [p for _, p in no_decay], 'weight_decay': 0.0}],
+                                   {'params': no_decay, 'weight_decay': 0.0}],
                                   lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-
-
-    def lr_at(step):
-        """Linear warmup, then cosine from lr down to lr * min_lr_ratio."""
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
+    params = sum(p.numel() for p in model.parameters())
+    log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
+        f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
+    log(f'contrastive pairs per step: {args.batch_size} per rank x {world} rank(s) = '
+        f'{args.batch_size * world}' + (f' (x {args.grad_accum} micro-steps, gradients averaged)'
+                                        if args.grad_accum > 1 else ''))
+    log(f'device {device}, {args.dtype}; data {args.data}')
+    log(f'out_dir {args.out_dir}')
+    log(plan[3])
 
     # ----------------------------------------------------------------------------- data
     if args.data == 'synthetic':
@@ -217,70 +367,18 @@ def main():
         train_urls = os.path.join(args.synthetic_dir, 'train')
     else:
         train_urls = args.data
-    loader = data.ShardLoader(train_urls, batch_size=args.batch_size, image_size=config.image_size,
-                              context_length=config.context_length, tokenizer=config.tokenizer, rank=rank,
-                              world_size=world, workers=args.workers, seed=args.seed, resample=True)
+    try:
+        loader = data.ShardLoader(train_urls, batch_size=args.batch_size,
+                                  image_size=config.image_size,
+                                  context_length=config.context_length, tokenizer=config.tokenizer,
+                                  rank=rank, world_size=world,
+                                  workers=args.workers, seed=args.seed, resample=True)
+    except ValueError as e:
+        sys.exit(f'error: --data={args.data}: {e}')
 
-
-    # ----------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(step):
-        """Every rank contributes its loader position; rank 0 writes atomically (temp file, rename)."""
-        positions = [None] * world
-        if ddp:
-            dist.all_gather_object(positions, loader.state_dict())
-        else:
-            positions = [loader.state_dict()]
-        if not master:
-            return
-        state = {'model': raw_model.state_dict(),   # the plain module: no DDP 'module.' or compile '_orig_mod.'
-                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
-                 'config': run_config, 'loader': positions,
-                 'rng': {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state()}}
-        path = os.path.join(args.out_dir, f'ckpt_{step:07d}.pt')
-        with open(path + '.tmp', 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + '.tmp', path)   # a crash mid-write leaves the previous checkpoints intact
-        latest = os.path.join(args.out_dir, 'ckpt.pt')   # the newest, for eval.py --ckpt=out/ckpt.pt
-        if os.path.exists(latest + '.tmp'):
-            os.remove(latest + '.tmp')
-        os.link(path, latest + '.tmp')
-        os.replace(latest + '.tmp', latest)
-        for old in checkpoint_paths(args.out_dir)[args.keep:]:
-            os.remove(old)
-
-
-    def load_checkpoint():
-        """The newest checkpoint that loads, or None. A truncated or corrupt file is skipped."""
-        if args.resume == 'never':
-            return None
-        candidates = checkpoint_paths(args.out_dir) if args.resume == 'auto' else [args.resume]
-        for path in candidates:
-            try:   # weights_only: a checkpoint holds tensors and plain containers, never code
-                state = load_weights(path)
-                state['model'], state['step']
-            except Exception as e:
-                why = str(e) if isinstance(e, UnsafeCheckpointError) else f'{type(e).__name__}: {e}'
-                if args.resume != 'auto':   # the file asked for: an error, not a fallback
-                    sys.exit(f'error: --resume={path}: {why}')
-                log(f'warning: skipping checkpoint {path}: {why}')
-                continue
-            theirs = state['config']['model_config']
-            mine = dataclasses.asdict(config)
-            differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-            if differ:
-                sys.exit(f'error: checkpoint {path} was trained with a different model config '
-                         f'(field: checkpoint vs now): {differ}. Use another --out_dir or the same flags.')
-            log(f'resuming from {path} at step {state["step"]}')
-            return state
-        if args.resume != 'auto':
-            sys.exit(f'error: --resume={args.resume}: no loadable checkpoint there')
-        return None
-
-
+    # ----------------------------------------------------------------------------- resume
     start_step = 0
-    state = load_checkpoint()
+    state = checkpoint.agree_on_checkpoint(args, config, rank, ddp)
     if state is not None:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
@@ -288,79 +386,107 @@ def main():
         torch.set_rng_state(state['rng']['torch'])
         set_numpy_rng_state(state['rng']['numpy'])
         if len(state['loader']) != world:
-            log(f'warning: the checkpoint was written by {len(state["loader"])} ranks, this run has {world}: '
-                'the data order starts afresh from its epoch')
+            log(f'warning: the checkpoint was written by {len(state["loader"])} ranks, this run '
+                f'has {world}: the data order starts afresh from its epoch')
         loader.load_state_dict(state['loader'][rank % len(state['loader'])])
         start_step = state['step']
         del state
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
     if master:   # only now that the run is accepted: a refused resume leaves the old config.json
         with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
             json.dump(run_config, f, indent=1)
+        checkpoint.cut_log(log_path, start_step)
 
     raw_model = model
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+        ids = [local_rank] if device_type == 'cuda' else None
+        model = DistributedDataParallel(model, device_ids=ids)
 
-    # SIGTERM (preemption): finish the step, save, exit cleanly
-    stop_requested = False
+    def save(step, preemption):
+        """Every rank contributes its loader position; rank 0 writes (checkpoint.save)."""
+        positions = [None] * world
+        if ddp:
+            dist.all_gather_object(positions, loader.state_dict())
+        else:
+            positions = [loader.state_dict()]
+        if not master:
+            return
+        state = {'model': raw_model.state_dict(),   # the plain module: no 'module.' or '_orig_mod.'
+                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
+                 'config': run_config, 'loader': positions,
+                 'rng': {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state()}}
+        preemption.saving = True
+        try:
+            checkpoint.save(state, args.out_dir, args.keep)
+        except CheckpointError as e:
+            sys.exit(f'error: {e}')
+        finally:
+            preemption.saving = False
+
+    with Preemption(args.stop_grace) as preemption:
+        tracker = Tracker(args.logger, args.out_dir, run_config) if master else None
+        batches = iter(loader)
+        try:
+            train(args, model, raw_model, batches, optimizer, scaler, autocast, device, rank,
+                  world, ddp, start_step, plan, log_path, log, save, preemption, tracker)
+        finally:
+            batches.close()   # the DataLoader workers end now, however train() ended
+            if tracker:
+                tracker.close()
+    if ddp:
+        dist.destroy_process_group()
 
 
-    def on_sigterm(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-    def evaluate(step):
-        """Zero-shot and retrieval on the synthetic evaluation splits (rank 0)."""
-        if not master or not args.eval or args.data != 'synthetic':
-            return {}
-        import eval as llip_eval
-        raw_model.eval()
-        with torch.no_grad(), autocast:
-            root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
-            metrics = llip_eval.evaluate_synthetic(raw_model, root, device=device)
-        raw_model.train()
-        log(f'step {step} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
-        return metrics
-
-
-    # ----------------------------------------------------------------------------- training
-    logfile = open(os.path.join(args.out_dir, 'log.jsonl'), 'a') if master else None
-    batches = iter(loader)
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
-               dynamic_ncols=True)
+def train(args, model, raw_model, batches, optimizer, scaler, autocast, device, rank, world, ddp,
+          start_step, plan, log_path, log, save, preemption, tracker):
+    master = rank == 0
+    logfile = open(log_path, 'a') if master else None
+    try:
+        pending = [Preemption.deaf_workers(batches)]   # the first batch
+    except (RuntimeError, ValueError) as e:   # e.g. no valid sample in any shard
+        sys.exit(f'error: --data={args.data}: {str(e).strip().splitlines()[-1]}')
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
+               disable=not master, dynamic_ncols=True)
     t0 = time.time()
     model.train()
     for step in bar:
-        lr = lr_at(step)
+        lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group['lr'] = lr
         total = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            images, tokens = next(batches)
-            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            images, tokens = pending.pop() if pending else next(batches)
+            images = images.to(device, non_blocking=True)   # (B, 3, S, S)
+            tokens = tokens.to(device, non_blocking=True)   # (B, L)
             # DDP all-reduces gradients only on the last micro-step
             sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
             with sync:
                 with autocast:
-                    loss = model(images, tokens, chunk_size=args.chunk_size or None) / args.grad_accum
+                    loss = model(images, tokens, chunk_size=args.chunk_size or None)
+                    loss = loss / args.grad_accum
                 scaler.scale(loss).backward()
             total += loss.detach()
         if ddp:   # the global loss is the mean over ranks; every rank sees the same value
             dist.all_reduce(total)
             total /= world
         total = total.item()
-        if not math.isfinite(total):
-            log(f'error: loss is {total} at step {step}; stopping. The last good checkpoint in {args.out_dir} '
-                f'is untouched: try a lower --lr, --grad_clip or --dtype=bfloat16/float32.')
-            sys.exit(1)
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
+        # gradients are all-reduced already: every rank sees the same norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   args.grad_clip or float('inf'))
+        # fp16: an inf gradient is the GradScaler's to handle (it skips the step, lowers the scale)
+        bad_grad = not scaler.is_enabled() and not torch.isfinite(grad_norm)
+        if not math.isfinite(total) or bad_grad:
+            newest = checkpoint.paths(args.out_dir)
+            what = f'loss is {total}' if not math.isfinite(total) else \
+                f'gradient norm is {grad_norm.item()} (loss {total:.4f})'
+            log(f'error: {what} at step {step + 1}; stopping before the update. '
+                + (f'The newest checkpoint, {newest[0]}, was checked finite when it was written'
+                   if newest else 'No checkpoint was written yet')
+                + ': try a lower --lr, --grad_clip or --dtype=bfloat16/float32.')
+            sys.exit(1)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -374,26 +500,28 @@ def main():
         record = None
         if done % args.log_every == 0 or done == args.steps:
             record = {'step': done, 'loss': total, 'lr': lr, 'grad_norm': grad_norm.item(),
-                      'images_per_s': images_per_s, 'logit_scale': raw_model.logit_scale.exp().item(),
+                      'images_per_s': images_per_s,
+                      'logit_scale': raw_model.logit_scale.exp().item(),
                       'logit_bias': raw_model.logit_bias.item(), 'time': time.time()}
-        if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
-            record = {**(record or {'step': done}), **evaluate(done)}
+        if master and any(plan[:3]) and (
+                (args.eval_every and done % args.eval_every == 0) or done == args.steps):
+            metrics = evaluate(raw_model, plan, device, autocast)
+            log(f'step {done} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
+            record = {**(record or {'step': done}), **metrics}
         if record and master:
             logfile.write(json.dumps(record) + '\n')
             logfile.flush()
-        stop = torch.tensor(float(stop_requested), device=device)
+            tracker.log(record)
+        stop = torch.tensor(float(preemption.requested), device=device)
         if ddp:
             dist.all_reduce(stop)   # every rank stops at the same step
         if done % args.save_every == 0 or done == args.steps or stop.item():
-            save_checkpoint(done)
+            save(done, preemption)
         if stop.item():
             log(f'SIGTERM: saved a checkpoint at step {done}; exiting. Resume with --resume=auto.')
             break
-
     if master:
         logfile.close()
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -12,6 +12,15 @@ small model and the built-in synthetic data, CPU only:
   leaves the run's config.json as it was;
 - flag values out of range (--keep=0, --steps=0, --tau=0, --qkv_norm=on, ...) stop train.py
   with a one-line error naming the flag, before anything is written;
+- every bool flag takes --key=value (--eval=false) as well as --no-key; an empty or non-tar
+  shard is a one-line error;
+- startup prints a few short lines; config.json holds the resolved config without nulls;
+  train.py's lines are within 100 characters and lr_at / checkpoint.save, load are module level;
+- after a resume, log.jsonl holds each step once (cut back to the checkpoint's step);
+- with real --data, --zeroshot_data and --retrieval_data are evaluated every --eval_every steps
+  into log.jsonl, and the startup says what is evaluated (or that nothing is);
+- --logger=wandb sends each record to the package when installed (a fake one here), and main()
+  leaves the SIGTERM handler as it found it;
 - a NaN loss stops the run with a clear message and leaves the last checkpoint intact;
 - two ranks under torchrun (gloo) and two "nodes" on localhost (--nnodes=2) train and agree.
 """
@@ -97,6 +106,8 @@ def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, unin
     result = train(out, synthetic, '--steps=12', '--save_every=4')
     assert 'resuming from' in result.stdout + result.stderr
     assert_same_weights(weights(out), weights(uninterrupted))
+    # log.jsonl was cut back to step 4 on resume: steps 5..12 once, not twice
+    assert [r['step'] for r in log_lines(out)] == list(range(1, 13))
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
@@ -168,13 +179,20 @@ def test_other_model_config_is_refused(tmp_path, synthetic):
 @pytest.mark.parametrize('flag', ['--keep=0', '--keep=-1', '--steps=0', '--grad_accum=0',
                                   '--log_every=0', '--save_every=-5', '--tau=0', '--tau=-1',
                                   '--num_mixture=0', '--mixer_heads=0', '--qkv_norm=on',
-                                  '--quick_gelu=ture'])
+                                  '--quick_gelu=ture', '--vocab_size=10', '--device=cuda',
+                                  '--device=gpu', '--workers=-1', '--eval=maybe',
+                                  '--grad_ckpt=on', '--logger=wandb', '--logger=tensorboard',
+                                  '--logger=mlflow', '--data=/nonexistent/{000..009}.tar',
+                                  '--zeroshot_data=/nonexistent'])
 def test_bad_flag_values_are_refused_before_any_work(tmp_path, synthetic, monkeypatch, capsys,
                                                      flag):
     # in-process, for speed: main() must exit before building anything (--steps=1 keeps short a
     # run that wrongly starts)
     out = tmp_path / 'out'
     train_py = importlib.import_module('train')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)   # as on a machine without GPU
+    for package in train_py.TRACKERS.values():   # as where the package is not installed
+        monkeypatch.setitem(sys.modules, package, None)
     monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={out}',
                                       f'--synthetic_dir={synthetic}', *SMALL, '--steps=1', flag])
     with pytest.raises(SystemExit) as stop:
@@ -184,6 +202,128 @@ def test_bad_flag_values_are_refused_before_any_work(tmp_path, synthetic, monkey
     last = message.strip().splitlines()[-1]
     assert 'error' in last and flag.split('=')[0] in last, message   # the flag, e.g. '--tau'
     assert not out.exists(), 'out_dir was written before the flags were checked'
+
+
+def test_every_bool_flag_takes_key_value(monkeypatch):
+    train_py = importlib.import_module('train')
+    args = train_py.p.parse_args(['--eval=false', '--compile=false', '--grad_ckpt=true',
+                                  '--qkv_norm=yes'])
+    assert (args.eval, args.compile, args.grad_ckpt, args.qkv_norm) == (False, False, True, True)
+    args = train_py.p.parse_args(['--no-eval', '--compile', '--no-qkv_norm'])
+    assert (args.eval, args.compile, args.qkv_norm) == (False, True, False)
+
+
+@pytest.mark.parametrize('content', [b'', b'not a tar file, just text\n'])
+def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, content):
+    shard = tmp_path / 'bad.tar'
+    shard.write_bytes(content)
+    result = train(str(tmp_path / 'out'), synthetic, f'--data={shard}', '--steps=2', check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f'error: --data={shard}: ')
+
+
+def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic):
+    out = str(tmp_path)
+    result = train(out, synthetic, '--steps=1')
+    lines = result.stdout.strip().splitlines()   # the progress bar is on stderr
+    assert len(lines) <= 10 and all(len(line.replace(out, 'OUT')) <= 100 for line in lines), lines
+    text = result.stdout
+    assert 'K=4' in text and 'D=16' in text and 'tau=' in text and 'parameters' in text
+    assert 'contrastive pairs per step: 8 per rank x 1 rank(s) = 8' in text
+    assert 'device cpu, float32' in text and f'out_dir {out}' in text
+    with open(os.path.join(out, 'config.json')) as f:
+        config = json.load(f)
+    nulls = [k for k, v in {**config, **config['model_config']}.items() if v is None]
+    assert not nulls and config['model_config']['num_mixture'] == 4 and config['device'] == 'cpu'
+
+
+def test_readable_source_lines_and_module_level_helpers():
+    train_py = importlib.import_module('train')
+    for name in ('train.py', 'checkpoint.py'):
+        with open(os.path.join(ROOT, name)) as f:
+            long = [i for i, line in enumerate(f, 1) if len(line.rstrip('\n')) > 100]
+        assert not long, f'{name}: lines over 100 characters: {long}'
+
+    class Args:
+        lr, warmup, steps, min_lr_ratio = 1.0, 10, 110, 0.1
+    assert train_py.lr_at(0, Args) == pytest.approx(0.1)           # warmup: (step + 1) / warmup
+    assert train_py.lr_at(10, Args) == pytest.approx(1.0)          # the peak
+    assert train_py.lr_at(110, Args) == pytest.approx(0.1)         # the floor
+    assert callable(train_py.checkpoint.save) and callable(train_py.checkpoint.load)
+
+
+def make_real_eval_data(root):
+    """A zero-shot folder (2 classes x 2 images) and a caption folder (4 images)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    image = lambda: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for name in ('red', 'blue'):
+        os.makedirs(root / 'zs' / name)
+        for i in range(2):
+            image().save(root / 'zs' / name / f'{i}.png')
+    os.makedirs(root / 'captions')
+    for i in range(4):
+        image().save(root / 'captions' / f'{i}.png')
+        (root / 'captions' / f'{i}.txt').write_text(f'a picture number {i}\n')
+
+
+def test_eval_on_real_data_during_training(tmp_path, synthetic):
+    make_real_eval_data(tmp_path)
+    out = str(tmp_path / 'out')
+    result = train(out, synthetic, f'--data={synthetic}/train', f'--zeroshot_data={tmp_path}/zs',
+                   f'--retrieval_data={tmp_path}/captions', '--steps=2', '--eval_every=1',
+                   '--eval=true')
+    assert 'eval: zero-shot on' in result.stdout and 'retrieval on' in result.stdout
+    evaluated = [r for r in log_lines(out) if 'zeroshot/zs/top1' in r]
+    assert [r['step'] for r in evaluated] == [1, 2]
+    assert all(0 <= r['retrieval/i2t_r1'] <= 1 for r in evaluated)
+    quiet = train(str(tmp_path / 'quiet'), synthetic, f'--data={synthetic}/train', '--steps=1',
+                  '--eval=true')
+    assert 'eval: nothing' in quiet.stdout and '--zeroshot_data' in quiet.stdout
+
+
+def fake_tracker(kind, calls):
+    """A stand-in for wandb or torch.utils.tensorboard: records what train.py calls."""
+    module = type(sys)(kind)
+    if kind == 'wandb':
+        class Run:
+            def log(self, values, step):
+                calls.append(('log', step, sorted(values)))
+
+            def finish(self):
+                calls.append(('close',))
+        module.init = lambda **kw: calls.append(('init', kw['config']['steps'])) or Run()
+    else:
+        class SummaryWriter:
+            def __init__(self, log_dir):
+                calls.append(('init', os.path.basename(log_dir)))
+
+            def add_scalar(self, key, value, step):
+                calls.append(('log', step, [key]))
+
+            def close(self):
+                calls.append(('close',))
+        module.SummaryWriter = SummaryWriter
+    return module
+
+
+@pytest.mark.parametrize('kind', ['wandb', 'tensorboard'])
+def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
+        tmp_path, synthetic, monkeypatch, kind):
+    calls = []
+    train_py = importlib.import_module('train')
+    monkeypatch.setitem(sys.modules, train_py.TRACKERS[kind], fake_tracker(kind, calls))
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={tmp_path}',
+                                      f'--synthetic_dir={synthetic}', *SMALL, '--workers=0',
+                                      '--steps=2', f'--logger={kind}'])
+    before = signal.getsignal(signal.SIGTERM)
+    train_py.main()
+    assert signal.getsignal(signal.SIGTERM) is before   # no handler leaks out of main()
+    assert calls[0] == ('init', 2 if kind == 'wandb' else 'tensorboard')
+    assert calls[-1] == ('close',)
+    logged = [c for c in calls if c[0] == 'log']
+    assert sorted({c[1] for c in logged}) == [1, 2]
+    assert {'loss', 'lr'} <= {key for c in logged for key in c[2]}
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):

@@ -1,0 +1,311 @@
+"""
+train.py's checkpoints: written atomically with a checksum, verified when read, rotated by step.
+
+    out/ckpt_0000250.pt, out/ckpt_0000500.pt, ...   one per --save_every steps (the newest --keep)
+    out/ckpt.pt                                      a hard link to the newest, for eval.py --ckpt
+
+A checkpoint is a dict of tensors and plain containers (torch.load(weights_only=True) reads it,
+so loading one never runs code): model, optimizer, scaler, step, config, loader positions (one
+per rank), RNG states, and 'sha256', a digest of everything else in the dict. torch does not
+verify the zip's CRCs, so without the digest a flipped bit in a weight would be resumed from and
+trained on; with it, such a file is refused like a truncated one and the previous is used.
+
+Also here, what decides when a run resumes or stops: agree_on_checkpoint (rank 0 picks the
+checkpoint, every rank reads that one or the run stops with a message), cut_log (log.jsonl back
+to the checkpoint's step) and Preemption (SIGTERM: save and exit 0, never hang). README,
+"Reliability", lists each fault, what happens and its test.
+"""
+import dataclasses
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import UnsafeCheckpointError, load_weights
+
+NAME = re.compile(r'ckpt_(\d+)\.pt')   # ckpt_<step>.pt; a user's ckpt_best.pt is never touched
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written or read; the message is one line for the user."""
+
+
+def paths(out_dir):
+    """The numbered checkpoints in out_dir, newest (highest step) first."""
+    if not os.path.isdir(out_dir):
+        return []
+    steps = {int(m.group(1)): os.path.join(out_dir, name) for name in os.listdir(out_dir)
+             if (m := NAME.fullmatch(name))}
+    return [steps[s] for s in sorted(steps, reverse=True)]
+
+
+def path_of(out_dir, step):
+    return os.path.join(out_dir, f'ckpt_{step:07d}.pt')
+
+
+def digest(obj, h=None):
+    """sha256 over every tensor's dtype, shape and bytes and every other value's repr, in the
+    dict's own order (which torch.save keeps)."""
+    h = hashlib.sha256() if h is None else h
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f'tensor {t.dtype} {tuple(t.shape)}'.encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())   # uint8: bf16 has no numpy type
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            h.update(repr(key).encode())
+            digest(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f'{type(obj).__name__} {len(obj)}'.encode())
+        for value in obj:
+            digest(value, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+
+def _no_space(e):
+    """Whether an exception (or the one it was raised from) is ENOSPC: a full disk shows up
+    as OSError on close or as torch's 'unexpected pos' RuntimeError, the OSError chained."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def save(state, out_dir, keep):
+    """Write state (with state['step']) as ckpt_<step>.pt, point ckpt.pt at it, keep the newest
+    `keep`. Atomic: a temp file, fsync'd, then renamed, so a crash or a full disk mid-write
+    leaves the previous checkpoints as they were (and no partial file behind)."""
+    bad = [name for name, value in state['model'].items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:   # resuming from it would only fail again
+        raise CheckpointError(f'refusing to save non-finite weights at step {state["step"]} '
+                              f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
+    state = {**state, 'sha256': digest(state)}
+    path = path_of(out_dir, state['step'])
+    try:
+        with open(path + '.tmp', 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        if isinstance(e, Exception) and _no_space(e):
+            raise CheckpointError(f'no space left on {out_dir}: checkpoint '
+                                  f'{os.path.basename(path)} not written (the previous ones are '
+                                  'intact)') from None
+        raise
+    os.replace(path + '.tmp', path)
+    latest = os.path.join(out_dir, 'ckpt.pt')   # the newest, for eval.py --ckpt=out/ckpt.pt
+    if os.path.exists(latest + '.tmp'):
+        os.remove(latest + '.tmp')
+    os.link(path, latest + '.tmp')
+    os.replace(latest + '.tmp', latest)
+    for old in paths(out_dir)[keep:]:
+        os.remove(old)
+    return path
+
+
+def load(path):
+    """The checkpoint at path, verified; CheckpointError (one line) if it cannot be used."""
+    try:   # weights_only: tensors and plain containers, never code
+        state = load_weights(path)
+        state['model'], state['step']
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:   # truncated, not a zip, not a checkpoint: many kinds
+        raise CheckpointError(f'{type(e).__name__}: {e}'.splitlines()[0]) from None
+    expected = state.pop('sha256', None)   # None: a checkpoint from before checksums
+    if expected is not None and digest(state) != expected:
+        raise CheckpointError('checksum mismatch: the file changed after it was written '
+                              '(a flipped bit on disk or in transfer)')
+    return state
+
+
+def numpy_rng_state():
+    """np.random's state as a tensor and plain values: torch.load(weights_only=True) refuses the
+    numpy array inside np.random.get_state()."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {'kind': str(kind), 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)}
+
+
+def set_numpy_rng_state(state):
+    if isinstance(state, tuple):   # a checkpoint from before numpy_rng_state: get_state() as is
+        return np.random.set_state(state)
+    np.random.set_state((state['kind'], state['keys'].numpy().astype(np.uint32), state['pos'],
+                         state['has_gauss'], state['cached_gaussian']))
+
+
+# ----------------------------------------------------------------------------- resuming
+def choose_checkpoint(args, config):
+    """Rank 0: (state or None, messages, error or None): the newest checkpoint that loads and
+    verifies; a truncated or corrupt one is skipped with a warning."""
+    if args.resume == 'never':
+        return None, [], None
+    auto = args.resume == 'auto'
+    messages = []
+    for path in paths(args.out_dir) if auto else [args.resume]:
+        try:
+            state = load(path)
+        except CheckpointError as e:
+            if not auto:   # the file asked for: an error, not a fallback
+                return None, messages, f'error: --resume={path}: {e}'
+            messages.append(f'warning: skipping checkpoint {path}: {e}')
+            continue
+        theirs, mine = state['config']['model_config'], dataclasses.asdict(config)
+        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if differ:
+            return None, messages, (
+                f'error: checkpoint {path} was trained with a different model config (field: '
+                f'checkpoint vs now): {differ}. Use another --out_dir or the same flags.')
+        state['path'] = path
+        return state, messages + [f'resuming from {path} at step {state["step"]}'], None
+    return None, messages, None
+
+
+def agree_on_checkpoint(args, config, rank, ddp):
+    """The state every rank resumes from, or None. Rank 0 decides and tells the step; each
+    other rank reads that same file. A rank that cannot (e.g. --out_dir is not shared between
+    nodes) says so and every rank stops with that message, rather than training apart."""
+    decision = [None]
+    if rank == 0:
+        state, messages, error = choose_checkpoint(args, config)
+        for m in messages:
+            print(m, file=sys.stderr)
+        decision = [{'error': error, 'step': state and state['step'],
+                     'path': state and state['path']}]
+    else:
+        state = None
+    if ddp:
+        dist.broadcast_object_list(decision, src=0)
+    decision = decision[0]
+    error = None
+    if rank != 0 and decision['error'] is None and decision['step'] is not None:
+        path = decision['path'] if args.resume != 'auto' else \
+            path_of(args.out_dir, decision['step'])
+        try:
+            state = load(path)
+        except CheckpointError as e:
+            error = (f'error: rank {rank} on {socket.gethostname()} cannot read {path}, which '
+                     f'rank 0 resumes from ({e}). On several nodes --out_dir must be one shared '
+                     'path.')
+    errors = [error]
+    if ddp:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    problems = [e for e in [decision['error'], *errors] if e]
+    if problems:
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(' '.join(problems) if rank == 0 else 1)
+    return state
+
+
+def cut_log(path, step):
+    """log.jsonl without the records after `step`: a resumed run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:   # a line cut by the kill
+            continue
+        if record.get('step', 0) <= step:
+            kept.append(json.dumps(record) + '\n')
+    if len(kept) != len(lines):
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------- preemption
+class Preemption:
+    """SIGTERM (SLURM or torchrun stopping the job; they signal the whole process group): the
+    loop finishes its step, saves and exits 0. A context manager: the previous handler is back
+    however main() ends (a leaked handler makes a later multiprocessing pool hang).
+    - torch gives DataLoader workers a SIGTERM handler that kills them, and the trainer then
+      fails before saving; deaf_workers() starts them with SIGTERM blocked (it stays pending in
+      them; they exit on their own once the trainer is gone).
+    - Python runs handlers only between bytecodes of the main thread: a rank blocked in a
+      collective on a dead peer never gets there, and would delay torchrun's restart. The
+      signal also wakes a watchdog thread (signal.set_wakeup_fd), which ends the process
+      unless the step and the save are done within `grace` seconds."""
+
+    def __init__(self, grace):
+        self.grace, self.requested, self.saving = grace, False, False
+        self.done = threading.Event()
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self.on_sigterm)
+        self.wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        self.wake_w = wake_w
+        self.previous_fd = signal.set_wakeup_fd(wake_w.fileno())
+        threading.Thread(target=self.watch, daemon=True).start()
+        self.children = set(multiprocessing.active_children())
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        signal.signal(signal.SIGTERM, self.previous)
+        signal.set_wakeup_fd(self.previous_fd)
+        # DataLoader workers still alive (an exception kept their iterator): multiprocessing
+        # ends children at exit with SIGTERM, which they do not hear, and would wait forever.
+        # SIGCHLD's default meanwhile: torch's handler would report them killed, as an error
+        leftover = set(multiprocessing.active_children()) - self.children
+        if leftover:
+            previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for child in leftover:
+                child.kill()
+                child.join(5)
+            signal.signal(signal.SIGCHLD, previous)
+        self.wake_w.close()   # ends the watchdog's recv
+        return False
+
+    def on_sigterm(self, signum, frame):
+        self.requested = True
+
+    def watch(self):
+        with self.wake_r:   # closed when __exit__ closes the other end
+            while not self.done.is_set():
+                woken = self.wake_r.recv(64)
+                if not woken:
+                    return
+                self.on_wakeup(woken)
+
+    def on_wakeup(self, woken):
+        if signal.SIGTERM in woken and not self.done.wait(self.grace):
+            while self.saving:   # a checkpoint being written is let finish
+                time.sleep(0.1)
+            if not self.done.is_set():
+                print(f'SIGTERM: the step did not end within --stop_grace={self.grace:g}s '
+                      '(a peer rank is probably gone); exiting without saving',
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    @staticmethod
+    def deaf_workers(batches):
+        """The first batch, with the DataLoader workers (forked on that call) deaf to SIGTERM."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return next(batches)
+        finally:   # a SIGTERM that came meanwhile is delivered now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
