@@ -268,18 +268,17 @@ def cmd_attention(args):
 
 
 # ----------------------------------------------------------------------------- captions
-# the attributes of a synthetic object: which of synthetic._say's captions names each, and its
-# values; shape has no caption of its own, the colour caption ('a red circle') names it too
+# the attributes of a synthetic object: which of synthetic._say's captions names each, and its values
 ATTRIBUTES = {'color': ('color', sorted(synthetic.COLORS)),
-              'shape': ('color', list(synthetic.SHAPES)),
+              'shape': ('shape', list(synthetic.SHAPES)),
               'size': ('size', sorted(synthetic.SIZES)),
               'place': ('place', sorted(synthetic.PLACES))}
 
 
 def caption_pairs(attribute, n=200, seed=0):
     """n captions of random objects, each paired with the caption of the same object with only
-    attribute changed, to another random value: [('a small red circle', 'a large red circle'),
-    ...]; the same seed, the same pairs."""
+    attribute changed, to another random value: [('a small circle', 'a large circle'), ...];
+    the same seed, the same pairs."""
     kind, values = ATTRIBUTES[attribute]
     rng = random.Random(seed)
     pairs = []

@@ -78,7 +78,7 @@ p.add_argument('--synthetic_objects', type=int, default=3,
 p.add_argument('--out_dir', default='out',
                help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
                     'path)')
-p.add_argument('--steps', type=int, default=1000, help='optimizer steps in total')
+p.add_argument('--steps', type=int, default=2500, help='optimizer steps in total')
 p.add_argument('--batch_size', type=int, default=64,
                help='images (and captions) per rank per micro-step')
 p.add_argument('--grad_accum', type=int, default=1,

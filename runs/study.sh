@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-all}
-STEPS=${STEPS:-600}   # the default python train.py runs 1000; 600 keeps the study within an hour
+STEPS=${STEPS:-1000}   # the default python train.py runs 2500; 1000 keeps the study within an hour
 BATCH=${BATCH:-64}
 JOBS=${JOBS:-2}
 LRS=${LRS:-"1e-4 3e-4 1e-3"}

@@ -186,7 +186,7 @@ def grammar():
     for shape, color, size, place in itertools.product(
             synthetic.SHAPES, synthetic.COLORS, synthetic.SIZES, synthetic.PLACES):
         o = {'shape': shape, 'color': color, 'size': size, 'place': place}
-        for kind in ('color', 'place', 'size'):
+        for kind in ('shape', 'color', 'place', 'size'):
             said_of.setdefault(synthetic._say(kind, o), []).append(o)
     return said_of
 
