@@ -54,7 +54,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 def tiny(**overrides):
     small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
-                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16)
+                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16, text_heads=4)
     return dataclasses.replace(PRESETS['tiny'], **{**small, **overrides})
 
 
