@@ -24,7 +24,7 @@ data/zeroshot-*.json: the CLIP protocol's names and templates), else from classn
 templates.json inside --data (or clip_benchmark's .txt files). Zero-shot reports top1, top5
 (n/a below 5 classes) and mean_per_class_recall. Retrieval data is WebDataset shards, or a
 folder of KEY.jpg + KEY.txt with one caption per line; either may have a KEY.json with ground
-truth (below). An image that does not decode or is beyond data.MAX_PIXELS is skipped and
+truth (below). An image that does not decode or is beyond images.MAX_PIXELS is skipped and
 counted, in every format.
 
 Retrieval is measured over distinct caption strings, each scored once: the candidates are the
@@ -125,7 +125,7 @@ def class_prototypes(model, classnames, templates, device='cpu', batch_size=256,
 def _warn_skipped(source, skipped):
     if skipped:
         warnings.warn(f"{source}: skipped {len(skipped)} images that failed to decode or were beyond the "
-                      f"pixel budget (data.MAX_PIXELS), e.g. {skipped[:3]}")
+                      f"pixel budget (images.MAX_PIXELS), e.g. {skipped[:3]}")
 
 
 def load_image_folder(root, classnames, image_size):

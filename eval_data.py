@@ -124,7 +124,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with data.open_image(path) as im:   # within data.MAX_PIXELS
+            with data.open_image(path) as im:   # within images.MAX_PIXELS
                 return self.transform(im), label
         except Exception as e:   # PIL raises many kinds: corrupt, truncated, a decompression bomb
             return f'{path} ({type(e).__name__})'
@@ -170,7 +170,7 @@ class LabelledShards:
     def __iter__(self):
         for key, image, label in data.read_labelled_shards(self.urls):
             if image is None:
-                yield f'{key} (does not decode or is beyond data.MAX_PIXELS)'
+                yield f'{key} (does not decode or is beyond images.MAX_PIXELS)'
             elif label >= self.n_classes:
                 yield f'{key} (class {label}, but {self.n_classes} class names)'
             else:
@@ -194,7 +194,7 @@ def caption_folder(root, with_json=False):
             continue
         captions = [line.strip() for line in lines if line.strip()]
         try:
-            with data.open_image(path) as im:   # within data.MAX_PIXELS
+            with data.open_image(path) as im:   # within images.MAX_PIXELS
                 image = data.to_rgb(im)
                 image.load()
         except Exception:   # corrupt, truncated, a decompression bomb: counted by the caller

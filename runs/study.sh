@@ -11,7 +11,7 @@
 #   lr        each pool at each learning rate of LRS, seed 0, evaluated on the VALIDATION split;
 #             report.py lr picks each pool's best into runs/study/lr.json
 #   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
-#   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 128) and
+#   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 64) and
 #             with up to 5 objects per image instead of 3: does llip gain more where one vector
 #             has to hold more?
 # Seed s of every pool sees the same data in the same order, so pools are compared pair by
@@ -76,7 +76,7 @@ for seed in 0 1 2; do for pool in registers avg learned; do
 done; done | run_all
 
 # D first: it needs no new data; the objects arm comes last (it writes data/synthetic-5objects)
-for seed in 0 1 2; do for pool in cls llip; do   # the tiny preset's D = 128 is the ladder's run
+for seed in 0 1 2; do for pool in cls llip; do   # the tiny preset's D = 64 is the ladder's run
     echo "$OUT/pressure/pool=$pool,embed_dim=32,seed=$seed --pool=$pool --embed_dim=32 --seed=$seed --lr=$(lr_of $pool)"
 done; done | run_all
 python -c "import synthetic; synthetic.make_synthetic('data/synthetic-5objects', max_objects=5)"

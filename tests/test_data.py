@@ -37,6 +37,8 @@ import torch
 from PIL import Image
 
 import data
+import images
+from shards import _braces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = data.ByteTokenizer()
@@ -250,8 +252,8 @@ def test_expand_urls(tmp_path):
     assert data.expand_urls(paths[::-1]) == paths[::-1]
     assert data.expand_urls(str(tmp_path / '{000,002}.tar')) == [paths[0], paths[2]]
     assert data.expand_urls(str(tmp_path / '00{0..1}.tar') + '::' + paths[2]) == paths
-    assert data._braces('x{8..11}{a,b}') == ['x8a', 'x8b', 'x9a', 'x9b', 'x10a', 'x10b', 'x11a', 'x11b']
-    assert data._braces('{00098..00100}') == ['00098', '00099', '00100']
+    assert _braces('x{8..11}{a,b}') == ['x8a', 'x8b', 'x9a', 'x9b', 'x10a', 'x10b', 'x11a', 'x11b']
+    assert _braces('{00098..00100}') == ['00098', '00099', '00100']
     missing = str(tmp_path / 'nothing' / '{00000..00009}.tar')
     with pytest.raises(ValueError, match='nothing'):
         data.expand_urls(missing)
@@ -489,10 +491,10 @@ def big_png(width, height):
 
 def test_images_beyond_the_pixel_budget_are_skipped_and_counted(tmp_path, monkeypatch):
     huge = big_png(6000, 6000)                                 # 36 Mpx, 35 KB: above MAX_PIXELS
-    assert len(huge) < 100_000 and 6000 * 6000 > data.MAX_PIXELS
+    assert len(huge) < 100_000 and 6000 * 6000 > images.MAX_PIXELS
     with pytest.raises(data.ImageTooLarge, match='6000 x 6000'):
         data.open_image(io.BytesIO(huge))
-    monkeypatch.setattr(data, 'MAX_PIXELS', 24 * 24)            # small images stand in for big ones
+    monkeypatch.setattr(images, 'MAX_PIXELS', 24 * 24)            # small images stand in for big ones
     path = write_tar(tmp_path / 'big.tar', [
         ('small', {'png': png(0, 16), 'txt': 'small'}),
         ('bigpng', {'png': png(1, 32), 'txt': 'bigpng'}),        # refused
