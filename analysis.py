@@ -13,6 +13,10 @@ checkpoints: PNG and markdown files.
     python analysis.py captions runs/study/ladder/*,seed=0/ --out=runs/captions.png \
         --table=runs/captions.md
 
+    # what the image tower alone knows: a linear probe of its frozen output on one-object
+    # scenes, per attribute, trained and at init (zero-shot needs the text tower too)
+    python analysis.py probe runs/study/ladder/*,seed=0/ --table=runs/probe.md
+
     python -m pytest tests/test_analysis.py      # what these numbers are checked against
 
 A checkpoint is one train.py wrote, or a run directory (train.py's --out_dir): its newest
@@ -33,6 +37,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from PIL import Image
 
 import data
 import eval as llip_eval
@@ -268,7 +273,8 @@ def cmd_attention(args):
 
 
 # ----------------------------------------------------------------------------- captions
-# the attributes of a synthetic object: which of synthetic._say's captions names each, and its values
+# the attributes of a synthetic object: which of synthetic._say's captions names each, and its
+# values
 ATTRIBUTES = {'color': ('color', sorted(synthetic.COLORS)),
               'shape': ('shape', list(synthetic.SHAPES)),
               'size': ('size', sorted(synthetic.SIZES)),
@@ -366,6 +372,68 @@ def cmd_captions(args):
     save(fig, args.out)
 
 
+# ----------------------------------------------------------------------------- linear probe
+def probe_scenes(n, image_size, seed=0):
+    """n one-object synthetic scenes and their images (n, 3, S, S), drawn as the zero-shot
+    splits draw theirs: every attribute at random."""
+    rng = random.Random(f'probe/{seed}')
+    scenes = [synthetic._scene(rng, n_objects=1) for _ in range(n)]
+    images = [data.to_tensor(Image.fromarray(synthetic._draw(s, rng, image_size))) for s in scenes]
+    return scenes, torch.stack(images)
+
+
+@torch.no_grad()
+def image_tower_features(model, images, batch_size=256):
+    """The ViT's output before any pooling: its learned tokens side by side, (N, T * W_v)."""
+    rows = [model.visual(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]
+    return rearrange(torch.cat(rows), 'n t w -> n (t w)')
+
+
+def probe_accuracy(features, labels, n_train, steps=300, weight_decay=1e-3):
+    """Held-out accuracy of a linear classifier (softmax regression, full-batch Adam) trained on
+    the first n_train rows of standardised features, tested on the rest."""
+    mean, std = features[:n_train].mean(dim=0), features[:n_train].std(dim=0) + 1e-6
+    x = (features - mean) / std
+    classes = int(labels.max()) + 1
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        w = torch.zeros(x.shape[1], classes, requires_grad=True)
+        b = torch.zeros(classes, requires_grad=True)
+        optimizer = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(steps):
+            loss = F.cross_entropy(x[:n_train] @ w + b, labels[:n_train])
+            optimizer.zero_grad()
+            (loss + weight_decay * w.pow(2).sum()).backward()
+            optimizer.step()
+    return ((x[n_train:] @ w + b).argmax(dim=1) == labels[n_train:]).float().mean().item()
+
+
+def attribute_probes(model, scenes, images, n_train):
+    """{attribute: probe accuracy} for colour, shape, size and place of the one object."""
+    features = image_tower_features(model, images)
+    values = {'color': sorted(synthetic.COLORS), 'shape': list(synthetic.SHAPES),
+              'size': sorted(synthetic.SIZES), 'place': sorted(synthetic.PLACES)}
+    labels = {a: torch.tensor([vs.index(s['objects'][0][a]) for s in scenes]) for a, vs in values.items()}
+    return {a: probe_accuracy(features, labels[a], n_train) for a in values}
+
+
+def cmd_probe(args):
+    lines = [f"Held-out accuracy of a linear probe of the image tower's output (its learned tokens "
+             f"side by side) on {args.images} one-object scenes, {args.train} to fit, the rest to "
+             f"test; chance: colour 0.125, shape 0.167, size 0.5, place 0.2. At init: the run's "
+             f"model before its first step.\n", '| run | weights | color | shape | size | place |',
+             '|---|---|---|---|---|---|']
+    for path in args.runs:
+        model = load_model(path)
+        scenes, images = probe_scenes(args.images, model.config.image_size, args.seed)
+        init = initial_model(model.config, run_seed(path))
+        for weights, m in (('trained', model), ('at init', init)):
+            acc = attribute_probes(m, scenes, images, args.train)
+            cells = ' | '.join(f'{acc[a]:.3f}' for a in ('color', 'shape', 'size', 'place'))
+            lines.append(f'| {checkpoint_path(path).resolve().parent.name} | {weights} | {cells} |')
+    write_table('\n'.join(lines) + '\n', args.table)
+
+
 # ----------------------------------------------------------------------------- command line
 def parser():
     p, sub = subcommands(__doc__)
@@ -418,6 +486,15 @@ def parser():
     s.add_argument('--pairs', type=int, default=200, help='caption pairs per attribute')
     s.add_argument('--seed', type=int, default=0,
                    help='seed of the random objects the captions describe')
+
+    s = sub.add_parser('probe', help="a linear probe of the image tower's output per attribute, "
+                                     "trained and at init (a markdown table)")
+    s.set_defaults(func=cmd_probe)
+    s.add_argument('runs', nargs='+', help='run directories or train.py checkpoints')
+    s.add_argument('--table', help='write the markdown table to this file (default: stdout)')
+    s.add_argument('--images', type=int, default=3000, help='one-object scenes drawn')
+    s.add_argument('--train', type=int, default=2000, help='of them, how many fit the probe')
+    s.add_argument('--seed', type=int, default=0, help='seed of the scenes')
     return p
 
 

@@ -102,3 +102,4 @@ python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg
 python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/mixing.png
 python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/attention.png
 python analysis.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md
+python analysis.py probe "$OUT"/ladder/*,seed=0/ --table=runs/probe.md

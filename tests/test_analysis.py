@@ -14,7 +14,9 @@
   encoded one at a time; a text tower that maps every caption to one vector gives 1.000; the
   model at init is exactly the one train.py started from (its seed, from config.json);
 - every subcommand writes a PNG from a checkpoint in train.py's format and a tiny synthetic
-  dataset; captions writes its table to --table.
+  dataset; captions writes its table to --table;
+- the linear probe finds a label that the features hold and not one they do not; its table
+  has a row for the run and one for its init, equal when the weights are the init.
 """
 import dataclasses
 import functools
@@ -287,3 +289,23 @@ def test_every_subcommand_writes_a_png(files, tmp_path, is_png):
         assert table_row(text, run, 'trained') == table_row(text, run, 'at init')
     with pytest.raises(SystemExit, match='--index=99'):
         analysis.main(['attention', files['llip'], d, '--index=99', f"--out={tmp_path / 'x.png'}"])
+
+
+def test_probe_finds_what_the_features_hold_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (300,), generator=g)
+    noise = torch.randn(300, 10, generator=g)
+    one_hot = F.one_hot(labels, 6).float() + 0.1 * torch.randn(300, 6, generator=g)
+    holding = torch.cat([one_hot, noise], dim=1)
+    assert analysis.probe_accuracy(holding, labels, n_train=200) > 0.95
+    assert analysis.probe_accuracy(noise, labels, n_train=200) < 0.35   # chance: 1/6
+
+
+def test_probe_table_has_the_run_trained_and_at_init(tmp_path):
+    run = run_dir(tmp_path, 'untrained', 'cls', seed=3)   # its weights are its seed's init
+    table = tmp_path / 'probe.md'
+    analysis.main(['probe', str(run), '--images=90', '--train=60', f'--table={table}'])
+    text = table.read_text()
+    trained, init = table_row(text, 'untrained', 'trained'), table_row(text, 'untrained', 'at init')
+    assert len(trained) == 4 and all(0 <= a <= 1 for a in trained)
+    assert trained == init
