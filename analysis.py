@@ -413,7 +413,8 @@ def attribute_probes(model, scenes, images, n_train):
     features = image_tower_features(model, images)
     values = {'color': sorted(synthetic.COLORS), 'shape': list(synthetic.SHAPES),
               'size': sorted(synthetic.SIZES), 'place': sorted(synthetic.PLACES)}
-    labels = {a: torch.tensor([vs.index(s['objects'][0][a]) for s in scenes]) for a, vs in values.items()}
+    labels = {a: torch.tensor([vs.index(s['objects'][0][a]) for s in scenes])
+              for a, vs in values.items()}
     return {a: probe_accuracy(features, labels[a], n_train) for a in values}
 
 
