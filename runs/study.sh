@@ -3,14 +3,17 @@
 # one resumable command. Every run has the same budget (steps, batch, data, the seed's init and
 # data order); only the pool and the learning rate picked for it differ.
 #
-#     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~26 min)
-#     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~75 min)
+#     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~22 min)
+#     bash runs/study.sh long       # then the headline at the default run's 2500 steps (~35 min)
+#     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~70 min)
 #     JOBS=1 STEPS=100 bash runs/study.sh headline    # a quick look, one run at a time
 #
 # Stages, each writing runs/study/<stage>/<run>/ (config.json, log.jsonl with the evaluation):
 #   lr        each pool at each learning rate of LRS, seed 0, evaluated on the VALIDATION split;
 #             report.py lr picks each pool's best into runs/study/lr.json
 #   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
+#   long      (only with `long`) cls and llip, 5 seeds, at the default run's 2500 steps, at the
+#             learning rates picked above
 #   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 64) and
 #             with up to 5 objects per image instead of 3: does llip gain more where one vector
 #             has to hold more?
@@ -59,15 +62,29 @@ choose_lr() {   # $@: pools
 
 python -c "import synthetic; synthetic.make_synthetic('data/synthetic')"   # once, before the parallel runs
 
+headline_tables() {   # $1: the runs' directory, $2: the tables' prefix
+    for what in retrieval zeroshot zeroshot_best; do
+        metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT; [ $what = zeroshot_best ] && metrics=$BEST
+        python report.py ablation "$1"/pool=cls,*/ "$1"/pool=llip,*/ --baseline=cls \
+            --metrics=$metrics --out=runs/$2_$what.png --table=runs/$2_$what.md
+    done
+}
+
+if [ "$WHAT" = long ]; then   # the headline again at the default run's budget, 2500 steps, at the
+    STEPS=${LONG_STEPS:-2500}  # learning rates the headline picked (run `headline` first)
+    common="--steps=$STEPS --batch_size=$BATCH --save_every=500 --keep=1 --log_every=50 --workers=1 --resume=auto"
+    for seed in 0 1 2 3 4; do for pool in cls llip; do
+        echo "$OUT/long/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
+    done; done | run_all
+    headline_tables "$OUT/long" long
+    exit 0
+fi
+
 choose_lr cls llip
 for seed in 0 1 2 3 4; do for pool in cls llip; do
     echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
 done; done | run_all
-for what in retrieval zeroshot zeroshot_best; do
-    metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT; [ $what = zeroshot_best ] && metrics=$BEST
-    python report.py ablation "$OUT"/ladder/pool=cls,*/ "$OUT"/ladder/pool=llip,*/ --baseline=cls \
-        --metrics=$metrics --out=runs/headline_$what.png --table=runs/headline_$what.md
-done
+headline_tables "$OUT/ladder" headline
 [ "$WHAT" = headline ] && exit 0
 
 choose_lr registers avg learned
