@@ -209,10 +209,16 @@ def agree_on_checkpoint(args, config, rank, ddp):
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
     problems = [e for e in [decision['error'], *errors] if e]
+    if problems and ddp:
+        # leave without tearing the process group down: the other ranks are leaving too, and
+        # gloo aborts (SIGABRT, no message) when a peer closes under a teardown in progress
+        if rank == 0:
+            print(' '.join(problems), file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if problems:
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(' '.join(problems) if rank == 0 else 1)
+        sys.exit(' '.join(problems))
     return state
 
 
