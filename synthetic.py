@@ -104,7 +104,8 @@ def _say(kind, o):
     captions that said only the shape taught it (0.69 zero-shot in 600 steps). Measured in the
     README's "What was changed"."""
     return {'shape': f"a {o['shape']}", 'color': _name(o),
-            'place': f"a {o['shape']} {WHERE[o['place']]}", 'size': f"a {o['size']} {o['shape']}"}[kind]
+            'place': f"a {o['shape']} {WHERE[o['place']]}",
+            'size': f"a {o['size']} {o['shape']}"}[kind]
 
 
 def _relation(a, b):
@@ -226,7 +227,8 @@ def _zeroshot_families(max_objects):
         return make
     counts = COUNTS[:max_objects]
     return {
-        'shape': (SHAPES, ['a {}'] + [_name({'color': c, 'shape': '{}'}) for c in COLORS], one_object('shape')),
+        'shape': (SHAPES, ['a {}'] + [_name({'color': c, 'shape': '{}'}) for c in COLORS],
+                  one_object('shape')),
         'color': (tuple(COLORS), ['a {} ' + shape for shape in SHAPES], one_object('color')),
         'size': (tuple(SIZES), [f'a {{}} {shape}' for shape in SHAPES], one_object('size')),
         'place': (tuple(WHERE[p] for p in PLACES), [f'a {shape} {{}}' for shape in SHAPES],

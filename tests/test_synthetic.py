@@ -108,7 +108,8 @@ def test_synthetic_captions_are_diverse_and_true(synthetic):
         image = np.array(Image.open(io.BytesIO(members[f'{key}.png'])))
         assert image.shape == (32, 32, 3)
         n = len(scene['objects'])
-        said = {synthetic_data._say(kind, o) for kind in ('shape', 'color', 'place', 'size') for o in scene['objects']}
+        said = {synthetic_data._say(kind, o)
+                for kind in ('shape', 'color', 'place', 'size') for o in scene['objects']}
         assert len(captions) == len(set(captions)) == len(said) + 2 + n * (n - 1) // 2 >= 6
         assert set(captions) <= set(true) and len(true) == len(set(captions)) + n * (n - 1) // 2
         assert all(len(BPE.encode(c)) <= 14 for c in true)           # + SOT, EOT: the tiny preset's 16 tokens
