@@ -28,7 +28,8 @@ Paired by seed: seed s of two pools saw the same data order, so the noise the tw
 cancels in their difference; the interval is mean +- t_{0.975, n-1} std / sqrt(n) over the n
 seeds both have.
 Reading, grouping and the paired statistics are in results.py; what needs the trained weights
-themselves (feature spectra, mixing weights, attention maps, captions) is in analysis.py.
+themselves is in analysis.py (feature spectra, mixing weights, attention maps) and diagnose.py
+(captions, probe, spread).
 `python report.py SUBCOMMAND --help` lists the flags.
 """
 import argparse

@@ -14,6 +14,9 @@
 #   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
 #   long      (only with `long`) cls and llip, 5 seeds, at the default run's 2500 steps, at the
 #             learning rates picked above
+#   tokens    the middle rungs against how many tokens they add: avg with K = 1 and 4, registers
+#             with K = 4 (K = 16 is the ladder's; registers with K = 1 is cls), 3 seeds, at the
+#             ladder's learning rates; and the spread of the image vectors at init (diagnose.py)
 #   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 64) and
 #             with up to 5 objects per image instead of 3: does llip gain more where one vector
 #             has to hold more?
@@ -92,6 +95,14 @@ for seed in 0 1 2; do for pool in registers avg learned; do
     echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
 done; done | run_all
 
+# the middle rungs with fewer tokens: is what they lose against cls the tokens that see no image?
+for seed in 0 1 2; do
+    for k in 1 4; do
+        echo "$OUT/tokens/pool=avg,num_mixture=$k,seed=$seed --pool=avg --num_mixture=$k --seed=$seed --lr=$(lr_of avg)"
+    done
+    echo "$OUT/tokens/pool=registers,num_mixture=4,seed=$seed --pool=registers --num_mixture=4 --seed=$seed --lr=$(lr_of registers)"
+done | run_all
+
 # D first: it needs no new data; the objects arm comes last (it writes data/synthetic-5objects)
 for seed in 0 1 2; do for pool in cls llip; do   # the tiny preset's D = 64 is the ladder's run
     echo "$OUT/pressure/pool=$pool,embed_dim=32,seed=$seed --pool=$pool --embed_dim=32 --seed=$seed --lr=$(lr_of $pool)"
@@ -118,5 +129,12 @@ python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg
     "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/spectrum.png
 python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/mixing.png
 python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/attention.png
-python analysis.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md
-python analysis.py probe "$OUT"/ladder/*,seed=0/ --table=runs/probe.md
+TOKENS=zeroshot/color/top1,zeroshot/shape/top1,zeroshot/size/top1,zeroshot/count/top1,retrieval/i2t_map,retrieval/t2i_map
+for pool in avg registers; do
+    python report.py sweep "$OUT"/tokens/pool=$pool,*/ "$OUT"/ladder/pool=$pool,seed=[012]/ --by=num_mixture \
+        --baseline=16 --metrics=$TOKENS --out=runs/tokens_$pool.png --table=runs/tokens_$pool.md
+done
+python diagnose.py spread "$OUT"/ladder/pool={cls,registers,avg,learned},seed=[012]/ "$OUT"/tokens/*/ \
+    --table=runs/spread.md
+python diagnose.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md
+python diagnose.py probe "$OUT"/ladder/*,seed=0/ --table=runs/probe.md
