@@ -36,6 +36,10 @@ PLACES = {'left': (7, 16), 'right': (25, 16), 'top': (16, 7), 'bottom': (16, 25)
 WHERE = {'left': 'on the left', 'right': 'on the right', 'top': 'at the top', 'bottom': 'at the bottom',
          'center': 'in the center'}
 COUNTS = ('one shape', 'two shapes', 'three shapes', 'four shapes', 'five shapes')
+# what is said of each object, one caption per kind (_say); the default data says these four,
+# --synthetic_captions takes any of them and 'where' (the place alone)
+OBJECT_CAPTIONS = ('shape', 'color', 'place', 'size')
+CAPTION_KINDS = OBJECT_CAPTIONS + ('where',)
 
 
 def _scene(rng, n_objects=None, max_objects=3):
@@ -105,7 +109,7 @@ def _say(kind, o):
     README's "What was changed"."""
     return {'shape': f"a {o['shape']}", 'color': _name(o),
             'place': f"a {o['shape']} {WHERE[o['place']]}",
-            'size': f"a {o['size']} {o['shape']}"}[kind]
+            'size': f"a {o['size']} {o['shape']}", 'where': f"a shape {WHERE[o['place']]}"}[kind]
 
 
 def _relation(a, b):
@@ -116,12 +120,13 @@ def _relation(a, b):
     return 'above' if ay < by else 'below'
 
 
-def _captions(scene):
+def _captions(scene, kinds=OBJECT_CAPTIONS):
     """Captions that each describe one aspect of the image -- an object's shape, its colour,
-    place or size, how many objects, the background, how two objects are placed --
-    so that no one of them says everything and different ones need different image parts."""
+    place or size (those of kinds), how many objects, the background, how two objects are
+    placed -- so that no one of them says everything and different ones need different image
+    parts."""
     objects = scene['objects']
-    captions = [_say(kind, o) for kind in ('shape', 'color', 'place', 'size') for o in objects]
+    captions = [_say(kind, o) for kind in kinds for o in objects]
     captions = list(dict.fromkeys(captions))   # two circles: "a circle" once
     captions += [COUNTS[len(objects) - 1], f"a {scene['background']} background"]
     for a in range(len(objects)):
@@ -130,7 +135,7 @@ def _captions(scene):
     return captions
 
 
-def true_captions(scene):
+def true_captions(scene, kinds=OBJECT_CAPTIONS):
     """Every caption in the generator's grammar that is true of the scene: its own captions and
     each relation said the other way round ("a red circle left of a blue square" is also "a blue
     square right of a red circle"). Evaluation counts any of them as a hit, so a caption such as
@@ -138,7 +143,7 @@ def true_captions(scene):
     objects = scene['objects']
     reversed_relations = [f"{_name(b)} {_relation(b, a)} {_name(a)}"
                           for i, a in enumerate(objects) for b in objects[i + 1:]]
-    return sorted(set(_captions(scene) + reversed_relations))
+    return sorted(set(_captions(scene, kinds) + reversed_relations))
 
 
 def binding_pairs(scene):
@@ -181,13 +186,15 @@ def _write_tar(path, samples):
     os.replace(path + '.tmp', path)
 
 
-def _captioned(rng, index, image_size, max_objects, with_truth=False):
+def _captioned(rng, index, image_size, max_objects, with_truth=False, kinds=OBJECT_CAPTIONS):
     """One sample: KEY.png, KEY.txt (all captions) and, for evaluation, KEY.json: the scene,
     every caption true of it, and its binding pairs (eval.py reads the last two)."""
     scene = _scene(rng, max_objects=max_objects)
-    files = {'png': _png(_draw(scene, rng, image_size)), 'txt': '\n'.join(_captions(scene)).encode()}
+    files = {'png': _png(_draw(scene, rng, image_size)),
+             'txt': '\n'.join(_captions(scene, kinds)).encode()}
     if with_truth:   # a tar member costs >= 1 KiB, so the training shards go without
-        truth = {'scene': scene, 'true_captions': true_captions(scene), 'binding': binding_pairs(scene)}
+        truth = {'scene': scene, 'true_captions': true_captions(scene, kinds),
+                 'binding': binding_pairs(scene)}
         files['json'] = json.dumps(truth).encode()
     return f'{index:08d}', files
 
@@ -210,12 +217,12 @@ places       left, right, top, bottom, center
 backgrounds  {backgrounds}
 captions     each about one aspect: an object's shape, its colour, its place or its size (each said
              with the shape), the number of objects, the background, or where two objects are
-             relative to each other.
+             relative to each other. Said of each object here: {kinds}.
              Training draws one caption per image each time the image is read.
 """
 
 
-def _zeroshot_families(max_objects):
+def _zeroshot_families(max_objects, kinds=OBJECT_CAPTIONS):
     """family -> (class names, prompt templates, how a scene of that class is made). Templates
     use the words of the training captions; the classes of one family differ in that one
     attribute, every other attribute is drawn at random."""
@@ -231,15 +238,16 @@ def _zeroshot_families(max_objects):
                   one_object('shape')),
         'color': (tuple(COLORS), ['a {} ' + shape for shape in SHAPES], one_object('color')),
         'size': (tuple(SIZES), [f'a {{}} {shape}' for shape in SHAPES], one_object('size')),
-        'place': (tuple(WHERE[p] for p in PLACES), [f'a {shape} {{}}' for shape in SHAPES],
+        'place': (tuple(WHERE[p] for p in PLACES),
+                  ['a shape {}'] * ('where' in kinds) + [f'a {shape} {{}}' for shape in SHAPES],
                   lambda rng, name: one_object('place')(rng, next(p for p in PLACES if WHERE[p] == name))),
         'count': (counts, ['{}'], lambda rng, name: _scene(rng, n_objects=counts.index(name) + 1)),
     }
 
 
-def _write_zeroshot(out_dir, split, seed, per_class, image_size, max_objects):
+def _write_zeroshot(out_dir, split, seed, per_class, image_size, max_objects, kinds):
     """out_dir/<split>/zeroshot/<family>/<class>/NNNNN.png with classnames.json, templates.json."""
-    for family, (classes, templates, make) in _zeroshot_families(max_objects).items():
+    for family, (classes, templates, make) in _zeroshot_families(max_objects, kinds).items():
         rng = random.Random(f'{seed}/{split}/zeroshot/{family}')
         folder = os.path.join(out_dir, split, 'zeroshot', family)
         for name in classes:   # folders carry the class names, so eval.py matches them by name
@@ -253,15 +261,22 @@ def _write_zeroshot(out_dir, split, seed, per_class, image_size, max_objects):
 
 
 def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, shard_size=1000,
-                   image_size=32, max_objects=3):
+                   image_size=32, max_objects=3, captions=OBJECT_CAPTIONS):
     """Write the synthetic dataset into out_dir (layout: README above) deterministically from
-    seed; return out_dir. A complete directory with the same settings is left as it is (the
-    marker file .complete is written last); one with other settings is an error."""
+    seed; return out_dir. captions: what is said of each object (kinds of CAPTION_KINDS). A
+    complete directory with the same settings is left as it is (the marker file .complete is
+    written last); one with other settings is an error."""
     if not 1 <= max_objects <= len(COUNTS):
         raise ValueError(f"max_objects={max_objects}: expected 1 to {len(COUNTS)}")
+    kinds = tuple(captions)
+    if not kinds or len(set(kinds)) < len(kinds) or not set(kinds) <= set(CAPTION_KINDS):
+        raise ValueError(f"captions={','.join(kinds)}: expected some of {','.join(CAPTION_KINDS)}, "
+                         f"each once")
     settings = {'seed': seed, 'train': train, 'retrieval': retrieval, 'zeroshot': zeroshot,
                 'shard_size': shard_size, 'image_size': image_size, 'max_objects': max_objects,
                 'version': 3}
+    if kinds != OBJECT_CAPTIONS:   # only then: a directory of the default data stays valid
+        settings['captions'] = list(kinds)
     marker = os.path.join(out_dir, '.complete')
     if os.path.exists(marker):
         with open(marker) as f:
@@ -274,10 +289,11 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
     shards = [(f'train/{k:05d}.tar', range(k * shard_size, min(train, (k + 1) * shard_size)), False)
               for k in range(math.ceil(train / shard_size))]
     shards += [(f'{split}retrieval/00000.tar', range(retrieval), True) for split in ('', 'val/')]
-    jobs = [(out_dir, name, seed, indices, image_size, max_objects, truth) for name, indices, truth in shards]
+    jobs = [(out_dir, name, seed, indices, image_size, max_objects, truth, kinds)
+            for name, indices, truth in shards]
     for name, _, _ in shards:
         os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
-    jobs += [(out_dir, split, seed, zeroshot, image_size, max_objects) for split in ('', 'val')]
+    jobs += [(out_dir, split, seed, zeroshot, image_size, max_objects, kinds) for split in ('', 'val')]
     try:   # fork where there is one: a spawned child would re-import the caller's main script
         with multiprocessing.get_context('fork').Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
             results = [pool.apply_async(_job, job) for job in jobs]
@@ -287,7 +303,8 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
             _job(*job)
     with open(os.path.join(out_dir, 'README.txt'), 'w') as f:
         f.write(README.format(size=image_size, shapes=', '.join(SHAPES), colors=', '.join(COLORS),
-                              backgrounds=', '.join(BACKGROUNDS), max_objects=max_objects))
+                              backgrounds=', '.join(BACKGROUNDS), max_objects=max_objects,
+                              kinds=', '.join(kinds)))
     with open(marker, 'w') as f:
         json.dump(settings, f)
     return out_dir
@@ -296,10 +313,10 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
 def _job(out_dir, name, seed, *rest):
     """A shard (name ends in .tar) or a split's zero-shot folders."""
     if name.endswith('.tar'):
-        indices, image_size, max_objects, truth = rest
+        indices, image_size, max_objects, truth, kinds = rest
         rng = random.Random(f'{seed}/{name}')
         _write_tar(os.path.join(out_dir, name),
-                   (_captioned(rng, i, image_size, max_objects, truth) for i in indices))
+                   (_captioned(rng, i, image_size, max_objects, truth, kinds) for i in indices))
     else:
         _write_zeroshot(out_dir, name, seed, *rest)
 
@@ -314,6 +331,9 @@ if __name__ == '__main__':
     p.add_argument('--shard_size', type=int, default=1000, help='samples per training shard')
     p.add_argument('--image_size', type=int, default=32, help='image side in pixels (objects scale with it)')
     p.add_argument('--max_objects', type=int, default=3, help='objects per image: 1 to this many (at most 5)')
+    p.add_argument('--captions', default=','.join(OBJECT_CAPTIONS), type=lambda s: tuple(s.split(',')),
+                   help=f"what is said of each object, comma-separated, of {','.join(CAPTION_KINDS)} "
+                        f"('where': the place alone, 'a shape on the left')")
     args = vars(p.parse_args())
     out = make_synthetic(args.pop('out'), **args)
     print(f"synthetic dataset in {out}: {args['train']} training images, {args['retrieval']} for retrieval, "

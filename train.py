@@ -75,6 +75,9 @@ p.add_argument('--synthetic_dir', default='data/synthetic',
 p.add_argument('--synthetic_objects', type=int, default=3,
                help='built-in data: 1 to this many objects per image (at most 5; another value '
                     'needs its own --synthetic_dir)')
+p.add_argument('--synthetic_captions', default=','.join(synthetic.OBJECT_CAPTIONS),
+               help=f"built-in data: what is said of each object, of {','.join(synthetic.CAPTION_KINDS)} "
+                    "('where': the place alone; another value needs its own --synthetic_dir)")
 p.add_argument('--out_dir', default='out',
                help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
                     'path)')
@@ -359,9 +362,10 @@ def main():
         if master:
             try:   # settings that differ from the data already there: a message, not a traceback
                 synthetic.make_synthetic(args.synthetic_dir, seed=0, image_size=config.image_size,
-                                         max_objects=args.synthetic_objects)
+                                         max_objects=args.synthetic_objects,
+                                         captions=args.synthetic_captions.split(','))
             except ValueError as e:
-                sys.exit(f'error: --synthetic_dir: {e}')
+                sys.exit(f'error: the built-in data: {e}')
         if ddp:
             dist.barrier()
         train_urls = os.path.join(args.synthetic_dir, 'train')

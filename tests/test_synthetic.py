@@ -4,6 +4,7 @@
   and refuses to mix settings;
 - every caption is true of its image, checked against the pixels (colours, places, relations,
   background), and the zero-shot colour images show their colour;
+- what is said of each object is the kinds asked for (captions=...), of the same scenes;
 - data.ShardLoader reads the shards, and the command line writes the dataset.
 """
 import io
@@ -151,6 +152,32 @@ def test_synthetic_captions_are_diverse_and_true(synthetic):
             assert [k for k in said[0] if said[0][k] != said[1].get(k)] == [kind]
         # a swap between two objects of different shapes is false; between two circles it is true
         assert bool(truth['binding']) == (len({o['shape'] for o in scene['objects']}) > 1)
+
+
+def test_object_captions_are_the_kinds_asked_for(synthetic, tmp_path):
+    other = make_synthetic(str(tmp_path / 'where'), seed=0, **SMALL, captions=('shape', 'where'))
+    default, asked = [files_of(d)['retrieval/00000.tar'] for d in (synthetic, other)]
+    with tarfile.open(fileobj=io.BytesIO(default)) as a, tarfile.open(fileobj=io.BytesIO(asked)) as b:
+        first = {m.name: a.extractfile(m).read() for m in a.getmembers()}
+        second = {m.name: b.extractfile(m).read() for m in b.getmembers()}
+    for name in (n for n in first if n.endswith('.png')):
+        assert first[name] == second[name]               # the same scenes, drawn the same
+        scene = json.loads(second[name.replace('.png', '.json')])['scene']
+        captions = second[name.replace('.png', '.txt')].decode().split('\n')
+        objects = {c for c in captions if not re.search('background|shapes?$| of |above|below', c)}
+        assert objects == ({f"a {o['shape']}" for o in scene['objects']}
+                           | {f"a shape {synthetic_data.WHERE[o['place']]}" for o in scene['objects']})
+    place = read_json(os.path.join(other, 'zeroshot', 'place', 'templates.json'))
+    assert place[0] == 'a shape {}' and 'a shape {}' not in read_json(
+        os.path.join(synthetic, 'zeroshot', 'place', 'templates.json'))
+    # the default data's marker is what it was before there was a choice, so its directories stay valid
+    assert 'captions' not in read_json(os.path.join(synthetic, '.complete'))
+    assert read_json(os.path.join(other, '.complete'))['captions'] == ['shape', 'where']
+    with pytest.raises(ValueError, match='captions'):
+        make_synthetic(other, seed=0, **SMALL)             # the same directory, other captions
+    for bad in ((), ('shape', 'shape'), ('colour',)):
+        with pytest.raises(ValueError, match='expected some of'):
+            make_synthetic(str(tmp_path / 'bad'), seed=0, **SMALL, captions=bad)
 
 
 def parse_object_caption(caption):
