@@ -4,7 +4,8 @@
 # data order); only the pool and the learning rate picked for it differ.
 #
 #     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~22 min)
-#     bash runs/study.sh long       # then the headline at the default run's 2500 steps (~35 min)
+#     bash runs/study.sh long       # then cls, llip, avg, learned at the default run's 2500 steps
+#     bash runs/study.sh where      # then cls and llip at 2500 steps with the place also said alone
 #     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~70 min)
 #     JOBS=1 STEPS=100 bash runs/study.sh headline    # a quick look, one run at a time
 #
@@ -12,8 +13,10 @@
 #   lr        each pool at each learning rate of LRS, seed 0, evaluated on the VALIDATION split;
 #             report.py lr picks each pool's best into runs/study/lr.json
 #   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
-#   long      (only with `long`) cls and llip, 5 seeds, at the default run's 2500 steps, at the
-#             learning rates picked above
+#   long      (only with `long`) cls and llip, 5 seeds, avg and learned, 3, at the default run's
+#             2500 steps, at the learning rates picked above
+#   where     (only with `where`) cls and llip, 3 seeds, 2500 steps, on data whose captions also
+#             say each object's place alone ("a shape on the left"; --synthetic_captions)
 #   tokens    the middle rungs against how many tokens they add: avg with K = 1 and 4, registers
 #             with K = 4 (K = 16 is the ladder's; registers with K = 1 is cls), 3 seeds, at the
 #             ladder's learning rates; and the spread of the image vectors at init (diagnose.py)
@@ -73,13 +76,33 @@ headline_tables() {   # $1: the runs' directory, $2: the tables' prefix
     done
 }
 
-if [ "$WHAT" = long ]; then   # the headline again at the default run's budget, 2500 steps, at the
-    STEPS=${LONG_STEPS:-2500}  # learning rates the headline picked (run `headline` first)
+if [ "$WHAT" = long ] || [ "$WHAT" = where ]; then   # the default run's budget, 2500 steps, at
+    STEPS=${LONG_STEPS:-2500}  # the learning rates picked above (run the whole study first)
     common="--steps=$STEPS --batch_size=$BATCH --save_every=500 --keep=1 --log_every=50 --workers=1 --resume=auto"
+fi
+if [ "$WHAT" = long ]; then   # the headline again; and avg and learned: do they catch up?
     for seed in 0 1 2 3 4; do for pool in cls llip; do
         echo "$OUT/long/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
     done; done | run_all
+    for seed in 0 1 2; do for pool in avg learned; do
+        echo "$OUT/long/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
+    done; done | run_all
     headline_tables "$OUT/long" long
+    python report.py ablation "$OUT"/long/pool={cls,avg,learned},*/ --baseline=cls \
+        --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map --out=runs/long_rungs.png --table=runs/long_rungs.md
+    exit 0
+fi
+if [ "$WHAT" = where ]; then   # the place also said alone ("a shape on the left"), cls and llip
+    python -c "import synthetic; synthetic.make_synthetic('data/synthetic-where', captions=synthetic.CAPTION_KINDS)"
+    for seed in 0 1 2; do for pool in cls llip; do
+        echo "$OUT/where/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)" \
+             "--synthetic_captions=shape,color,place,size,where --synthetic_dir=data/synthetic-where"
+    done; done | run_all
+    for pool in cls llip; do   # against the same pool and seeds with the default captions
+        python report.py sweep "$OUT"/where/pool=$pool,*/ "$OUT"/long/pool=$pool,seed=[012]/ \
+            --by=synthetic_captions --baseline=shape,color,place,size --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map,retrieval/binding \
+            --out=runs/where_$pool.png --table=runs/where_$pool.md
+    done
     exit 0
 fi
 
