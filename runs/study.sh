@@ -19,7 +19,8 @@
 #             say each object's place alone ("a shape on the left"; --synthetic_captions)
 #   tokens    the middle rungs against how many tokens they add: avg with K = 1 and 4, registers
 #             with K = 4 (K = 16 is the ladder's; registers with K = 1 is cls), 3 seeds, at the
-#             ladder's learning rates; and the spread of the image vectors at init (diagnose.py)
+#             ladder's learning rates; avg with K = 1 at cls's (cls but for the path W_V, W_O);
+#             and the spread of the image vectors at init (diagnose.py)
 #   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 64) and
 #             with up to 5 objects per image instead of 3: does llip gain more where one vector
 #             has to hold more?
@@ -124,6 +125,8 @@ for seed in 0 1 2; do
         echo "$OUT/tokens/pool=avg,num_mixture=$k,seed=$seed --pool=avg --num_mixture=$k --seed=$seed --lr=$(lr_of avg)"
     done
     echo "$OUT/tokens/pool=registers,num_mixture=4,seed=$seed --pool=registers --num_mixture=4 --seed=$seed --lr=$(lr_of registers)"
+    # one token at cls's learning rate: cls but for the image vector's path (W_V, then W_O)
+    echo "$OUT/tokens/pool=avg,num_mixture=1,lr=$(lr_of cls),seed=$seed --pool=avg --num_mixture=1 --seed=$seed --lr=$(lr_of cls)"
 done | run_all
 
 # D first: it needs no new data; the objects arm comes last (it writes data/synthetic-5objects)
@@ -153,10 +156,12 @@ python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg
 python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/mixing.png
 python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/attention.png
 TOKENS=zeroshot/color/top1,zeroshot/shape/top1,zeroshot/size/top1,zeroshot/count/top1,retrieval/i2t_map,retrieval/t2i_map
-for pool in avg registers; do
-    python report.py sweep "$OUT"/tokens/pool=$pool,*/ "$OUT"/ladder/pool=$pool,seed=[012]/ --by=num_mixture \
-        --baseline=16 --metrics=$TOKENS --out=runs/tokens_$pool.png --table=runs/tokens_$pool.md
-done
+python report.py sweep "$OUT"/tokens/pool=avg,num_mixture=?,seed=*/ "$OUT"/ladder/pool=avg,seed=[012]/ --by=num_mixture \
+    --baseline=16 --metrics=$TOKENS --out=runs/tokens_avg.png --table=runs/tokens_avg.md
+python report.py sweep "$OUT"/tokens/pool=registers,*/ "$OUT"/ladder/pool=registers,seed=[012]/ --by=num_mixture \
+    --baseline=16 --metrics=$TOKENS --out=runs/tokens_registers.png --table=runs/tokens_registers.md
+python report.py ablation "$OUT"/ladder/pool=cls,seed=[012]/ "$OUT"/tokens/pool=avg,num_mixture=1,lr=*/ \
+    --baseline=cls --metrics=$TOKENS --out=runs/tokens_path.png --table=runs/tokens_path.md
 python diagnose.py spread "$OUT"/ladder/pool={cls,registers,avg,learned},seed=[012]/ "$OUT"/tokens/*/ \
     --table=runs/spread.md
 python diagnose.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md
