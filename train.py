@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import eval as llip_eval
 import synthetic
 from checkpoint import CheckpointError, Preemption, numpy_rng_state, set_numpy_rng_state
 from model import PRESETS, Llip, LlipConfig
@@ -215,54 +216,7 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
-# ----------------------------------------------------------------------------- evaluation, logging
-def evaluation_plan(args):
-    """What --eval runs: (zeroshot (folder, names, templates) or None, retrieval source or
-    None, synthetic root or None), and one line saying so."""
-    import eval as llip_eval
-    if not args.eval:
-        return None, None, None, 'eval: off'
-    if args.data == 'synthetic':
-        root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
-        return None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})'
-    zeroshot, said = None, []
-    if args.zeroshot_data:
-        names = llip_eval.load_names(args.zeroshot_classnames, 'classnames', args.zeroshot_data)
-        templates = llip_eval.load_names(args.zeroshot_templates, 'templates', args.zeroshot_data)
-        if names is None:
-            names = sorted(f.name for f in os.scandir(args.zeroshot_data) if f.is_dir())
-        zeroshot = (args.zeroshot_data, names, templates or ['a photo of a {}.'])
-        said.append(f'zero-shot on {args.zeroshot_data} ({len(names)} classes, '
-                    f'{len(zeroshot[2])} templates)')
-    if args.retrieval_data:
-        said.append(f'retrieval on {args.retrieval_data}')
-    if not said:
-        return None, None, None, ('eval: nothing (real --data: give --zeroshot_data and/or '
-                                  '--retrieval_data)')
-    return zeroshot, args.retrieval_data, None, 'eval: ' + ', '.join(said)
-
-
-def evaluate(model, plan, device, autocast):
-    """{'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...} (rank 0)."""
-    import eval as llip_eval
-    zeroshot, retrieval, synthetic_root = plan[:3]
-    model.eval()
-    with torch.no_grad(), autocast:
-        if synthetic_root is not None:
-            metrics = llip_eval.evaluate_synthetic(model, synthetic_root, device=device)
-        else:
-            results = {}
-            if zeroshot:
-                folder, names, templates = zeroshot
-                name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
-                results[name] = llip_eval.zeroshot(model, folder, names, templates, device=device)
-            if retrieval:
-                results['retrieval'] = llip_eval.retrieval(model, retrieval, device=device)
-            metrics = llip_eval.flatten(results)
-    model.train()
-    return metrics
-
-
+# ----------------------------------------------------------------------------- logging
 class Tracker:
     """--logger: each log.jsonl record also goes to TensorBoard or Weights & Biases (rank 0)."""
 
@@ -294,7 +248,7 @@ def main():
     # Windows) import this file as __mp_main__ and must not start a second training run
     args = p.parse_args()
     config = check_flags(args)
-    plan = evaluation_plan(args)
+    plan = llip_eval.training_plan(args)
 
     # ------------------------------------------------------------- distributed, device, precision
     ddp = 'RANK' in os.environ
@@ -509,7 +463,7 @@ def train(args, model, raw_model, batches, optimizer, scaler, autocast, device, 
                       'logit_bias': raw_model.logit_bias.item(), 'time': time.time()}
         if master and any(plan[:3]) and (
                 (args.eval_every and done % args.eval_every == 0) or done == args.steps):
-            metrics = evaluate(raw_model, plan, device, autocast)
+            metrics = llip_eval.evaluate_plan(raw_model, plan, device, autocast)
             log(f'step {done} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
             record = {**(record or {'step': done}), **metrics}
         if record and master:
