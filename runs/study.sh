@@ -4,7 +4,7 @@
 # data order); only the pool and the learning rate picked for it differ.
 #
 #     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~22 min)
-#     bash runs/study.sh long       # then cls, llip, avg, learned at the default run's 2500 steps
+#     bash runs/study.sh long       # then cls, llip, avg, learned and the pressure sweeps at 2500 steps
 #     bash runs/study.sh where      # then cls and llip at 2500 steps with the place also said alone
 #     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~70 min)
 #     JOBS=1 STEPS=100 bash runs/study.sh headline    # a quick look, one run at a time
@@ -14,7 +14,8 @@
 #             report.py lr picks each pool's best into runs/study/lr.json
 #   ladder    cls and llip with 5 seeds, registers, avg, learned with 3, at their own lr, on TEST
 #   long      (only with `long`) cls and llip, 5 seeds, avg and learned, 3, at the default run's
-#             2500 steps, at the learning rates picked above
+#             2500 steps, at the learning rates picked above; then the pressure sweeps again at
+#             2500 steps (binding is learned only by then)
 #   where     (only with `where`) cls and llip, 3 seeds, 2500 steps, on data whose captions also
 #             say each object's place alone ("a shape on the left"; --synthetic_captions)
 #   tokens    the middle rungs against how many tokens they add: avg with K = 1 and 4, registers
@@ -77,6 +78,23 @@ headline_tables() {   # $1: the runs' directory, $2: the tables' prefix
     done
 }
 
+pressure() {   # $1: where its runs go, $2: the runs with the defaults (D = 64, 1-3 objects), $3: tables' prefix
+    # D first: it needs no new data; the objects arm comes last (it writes data/synthetic-5objects)
+    for seed in 0 1 2; do for pool in cls llip; do
+        echo "$1/pool=$pool,embed_dim=32,seed=$seed --pool=$pool --embed_dim=32 --seed=$seed --lr=$(lr_of $pool)"
+    done; done | run_all
+    python -c "import synthetic; synthetic.make_synthetic('data/synthetic-5objects', max_objects=5)"
+    for seed in 0 1 2; do for pool in cls llip; do
+        echo "$1/pool=$pool,objects=5,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)" \
+             "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
+    done; done | run_all
+    for by in embed_dim synthetic_objects; do
+        python report.py pressure "$1"/*${by#synthetic_}=*/ "$2"/pool=cls,seed=[012]/ "$2"/pool=llip,seed=[012]/ \
+            --by=$by --baseline=cls --pool=llip --metrics=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding \
+            --out=runs/$3_${by#*_}.png --table=runs/$3_${by#*_}.md
+    done
+}
+
 if [ "$WHAT" = long ] || [ "$WHAT" = where ]; then   # the default run's budget, 2500 steps, at
     STEPS=${LONG_STEPS:-2500}  # the learning rates picked above (run the whole study first)
     common="--steps=$STEPS --batch_size=$BATCH --save_every=500 --keep=1 --log_every=50 --workers=1 --resume=auto"
@@ -91,6 +109,7 @@ if [ "$WHAT" = long ]; then   # the headline again; and avg and learned: do they
     headline_tables "$OUT/long" long
     python report.py ablation "$OUT"/long/pool={cls,avg,learned},*/ --baseline=cls \
         --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map --out=runs/long_rungs.png --table=runs/long_rungs.md
+    pressure "$OUT/long_pressure" "$OUT/long" long_pressure   # binding is learned only by 2500 steps
     exit 0
 fi
 if [ "$WHAT" = where ]; then   # the place also said alone ("a shape on the left"), cls and llip
@@ -129,27 +148,13 @@ for seed in 0 1 2; do
     echo "$OUT/tokens/pool=avg,num_mixture=1,lr=$(lr_of cls),seed=$seed --pool=avg --num_mixture=1 --seed=$seed --lr=$(lr_of cls)"
 done | run_all
 
-# D first: it needs no new data; the objects arm comes last (it writes data/synthetic-5objects)
-for seed in 0 1 2; do for pool in cls llip; do   # the tiny preset's D = 64 is the ladder's run
-    echo "$OUT/pressure/pool=$pool,embed_dim=32,seed=$seed --pool=$pool --embed_dim=32 --seed=$seed --lr=$(lr_of $pool)"
-done; done | run_all
-python -c "import synthetic; synthetic.make_synthetic('data/synthetic-5objects', max_objects=5)"
-for seed in 0 1 2; do for pool in cls llip; do   # 1-3 objects are the ladder's runs
-    echo "$OUT/pressure/pool=$pool,objects=5,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)" \
-         "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
-done; done | run_all
+pressure "$OUT/pressure" "$OUT/ladder" pressure
 
 for what in retrieval zeroshot zeroshot_best; do
     metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT; [ $what = zeroshot_best ] && metrics=$BEST
     python report.py ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$metrics \
         --out=runs/ablation_$what.png --table=runs/ablation_$what.md
 done
-python report.py pressure "$OUT"/pressure/*embed_dim*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
-    "$OUT"/ladder/pool=llip,seed=[012]/ --by=embed_dim --baseline=cls --pool=llip \
-    --metrics=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding --out=runs/pressure_dim.png --table=runs/pressure_dim.md
-python report.py pressure "$OUT"/pressure/*objects*/ "$OUT"/ladder/pool=cls,seed=[012]/ \
-    "$OUT"/ladder/pool=llip,seed=[012]/ --by=synthetic_objects --baseline=cls --pool=llip \
-    --metrics=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding --out=runs/pressure_objects.png --table=runs/pressure_objects.md
 python report.py curves "$OUT"/ladder/*,seed=0/ --out=runs/curves.png
 python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg,seed=0 \
     "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/spectrum.png
