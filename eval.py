@@ -325,45 +325,45 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
 
 # ----------------------------------------------------------------------------- during training (train.py --eval)
 def training_plan(args):
-    """What train.py --eval runs, from its flags: (zeroshot (folder, names, templates) or None, retrieval source or
-    None, synthetic root or None), and one line saying so."""
+    """What train.py --eval runs, from its flags: (zero-shot (folder, names, templates) or
+    None, retrieval source or None, synthetic root or None), and one line saying so."""
     if not args.eval:
         return None, None, None, 'eval: off'
     if args.data == 'synthetic':
         root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
         return None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})'
-    zeroshot, said = None, []
+    zeroshot_plan, said = None, []
     if args.zeroshot_data:
         names = load_names(args.zeroshot_classnames, 'classnames', args.zeroshot_data)
         templates = load_names(args.zeroshot_templates, 'templates', args.zeroshot_data)
         if names is None:
             names = sorted(f.name for f in os.scandir(args.zeroshot_data) if f.is_dir())
-        zeroshot = (args.zeroshot_data, names, templates or ['a photo of a {}.'])
+        zeroshot_plan = (args.zeroshot_data, names, templates or ['a photo of a {}.'])
         said.append(f'zero-shot on {args.zeroshot_data} ({len(names)} classes, '
-                    f'{len(zeroshot[2])} templates)')
+                    f'{len(zeroshot_plan[2])} templates)')
     if args.retrieval_data:
         said.append(f'retrieval on {args.retrieval_data}')
     if not said:
         return None, None, None, ('eval: nothing (real --data: give --zeroshot_data and/or '
                                   '--retrieval_data)')
-    return zeroshot, args.retrieval_data, None, 'eval: ' + ', '.join(said)
+    return zeroshot_plan, args.retrieval_data, None, 'eval: ' + ', '.join(said)
 
 
 def evaluate_plan(model, plan, device, autocast):
     """training_plan's evaluation: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...}."""
-    zeroshot, retrieval, synthetic_root = plan[:3]
+    zeroshot_plan, retrieval_source, synthetic_root = plan[:3]
     model.eval()
     with torch.no_grad(), autocast:
         if synthetic_root is not None:
             metrics = evaluate_synthetic(model, synthetic_root, device=device)
         else:
             results = {}
-            if zeroshot:
-                folder, names, templates = zeroshot
+            if zeroshot_plan:
+                folder, names, templates = zeroshot_plan
                 name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
                 results[name] = zeroshot(model, folder, names, templates, device=device)
-            if retrieval:
-                results['retrieval'] = retrieval(model, retrieval, device=device)
+            if retrieval_source:
+                results['retrieval'] = retrieval(model, retrieval_source, device=device)
             metrics = flatten(results)
     model.train()
     return metrics

@@ -77,8 +77,9 @@ p.add_argument('--synthetic_objects', type=int, default=3,
                help='built-in data: 1 to this many objects per image (at most 5; another value '
                     'needs its own --synthetic_dir)')
 p.add_argument('--synthetic_captions', default=','.join(synthetic.OBJECT_CAPTIONS),
-               help=f"built-in data: what is said of each object, of {','.join(synthetic.CAPTION_KINDS)} "
-                    "('where': the place alone; another value needs its own --synthetic_dir)")
+               help="built-in data: what is said of each object, of "
+                    f"{','.join(synthetic.CAPTION_KINDS)} ('where': the place alone; another "
+                    "value needs its own --synthetic_dir)")
 p.add_argument('--out_dir', default='out',
                help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
                     'path)')
