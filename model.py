@@ -95,7 +95,7 @@ PRESETS = {
     # CLIP's BPE, not bytes: words come as single tokens, and on the synthetic data zero-shot colour
     # accuracy after 500 steps was 0.35 against 0.14 with byte tokens (ctx 16 holds every caption).
     # Width 64, not 128: a step costs 2.5x less, and shape, the slowest attribute to learn, needs
-    # the steps (README, "What was changed")
+    # the steps (README, "What each attribute needs")
     'tiny': LlipConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=4,
                        vision_head_width=32, tokenizer='clip', vocab_size=49408, context_length=16,
                        text_width=64, text_layers=4, text_heads=2, embed_dim=64, num_mixture=16,

@@ -101,12 +101,11 @@ def _name(o):
 
 
 def _say(kind, o):
-    """The caption about one attribute of object o. Each is said with the object's shape, and the
-    shape once on its own: a caption whose one telling word is the shape. Shape is the hardest
-    attribute to see at 32 x 32; when every caption also carried an easier one (the colour, or
-    the place), contrastive training learned that one and left shape at chance, although
-    captions that said only the shape taught it (0.69 zero-shot in 600 steps). Measured in the
-    README's "What was changed"."""
+    """The caption about one attribute of object o: each said with the object's shape, the shape
+    also on its own, and ('where') the place on its own. An attribute is learned from the captions
+    in which it is the one word that tells images apart: when every caption also carried the
+    colour, shape stayed at chance; said beside the shape, place still does, and 'where' teaches
+    it. Measured in the README's "What each attribute needs"."""
     return {'shape': f"a {o['shape']}", 'color': _name(o),
             'place': f"a {o['shape']} {WHERE[o['place']]}",
             'size': f"a {o['size']} {o['shape']}", 'where': f"a shape {WHERE[o['place']]}"}[kind]
@@ -239,7 +238,8 @@ def _zeroshot_families(max_objects, kinds=OBJECT_CAPTIONS):
         'color': (tuple(COLORS), ['a {} ' + shape for shape in SHAPES], one_object('color')),
         'size': (tuple(SIZES), [f'a {{}} {shape}' for shape in SHAPES], one_object('size')),
         'place': (tuple(WHERE[p] for p in PLACES),
-                  ['a shape {}'] * ('where' in kinds) + [f'a {shape} {{}}' for shape in SHAPES],
+                  (['a shape {}'] if 'where' in kinds else [])
+                  + [f'a {shape} {{}}' for shape in SHAPES],
                   lambda rng, name: one_object('place')(rng, next(p for p in PLACES if WHERE[p] == name))),
         'count': (counts, ['{}'], lambda rng, name: _scene(rng, n_objects=counts.index(name) + 1)),
     }
@@ -270,8 +270,8 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
         raise ValueError(f"max_objects={max_objects}: expected 1 to {len(COUNTS)}")
     kinds = tuple(captions)
     if not kinds or len(set(kinds)) < len(kinds) or not set(kinds) <= set(CAPTION_KINDS):
-        raise ValueError(f"captions={','.join(kinds)}: expected some of {','.join(CAPTION_KINDS)}, "
-                         f"each once")
+        raise ValueError(f"captions={','.join(kinds)}: expected some of "
+                         f"{','.join(CAPTION_KINDS)}, each once")
     settings = {'seed': seed, 'train': train, 'retrieval': retrieval, 'zeroshot': zeroshot,
                 'shard_size': shard_size, 'image_size': image_size, 'max_objects': max_objects,
                 'version': 3}
@@ -293,7 +293,8 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
             for name, indices, truth in shards]
     for name, _, _ in shards:
         os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
-    jobs += [(out_dir, split, seed, zeroshot, image_size, max_objects, kinds) for split in ('', 'val')]
+    jobs += [(out_dir, split, seed, zeroshot, image_size, max_objects, kinds)
+             for split in ('', 'val')]
     try:   # fork where there is one: a spawned child would re-import the caller's main script
         with multiprocessing.get_context('fork').Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
             results = [pool.apply_async(_job, job) for job in jobs]
@@ -331,9 +332,10 @@ if __name__ == '__main__':
     p.add_argument('--shard_size', type=int, default=1000, help='samples per training shard')
     p.add_argument('--image_size', type=int, default=32, help='image side in pixels (objects scale with it)')
     p.add_argument('--max_objects', type=int, default=3, help='objects per image: 1 to this many (at most 5)')
-    p.add_argument('--captions', default=','.join(OBJECT_CAPTIONS), type=lambda s: tuple(s.split(',')),
-                   help=f"what is said of each object, comma-separated, of {','.join(CAPTION_KINDS)} "
-                        f"('where': the place alone, 'a shape on the left')")
+    p.add_argument('--captions', default=','.join(OBJECT_CAPTIONS),
+                   type=lambda s: tuple(s.split(',')),
+                   help=f"what is said of each object, comma-separated, of "
+                        f"{','.join(CAPTION_KINDS)} ('where': the place alone: 'a shape on the left')")
     args = vars(p.parse_args())
     out = make_synthetic(args.pop('out'), **args)
     print(f"synthetic dataset in {out}: {args['train']} training images, {args['retrieval']} for retrieval, "
