@@ -259,19 +259,21 @@ def cmd_attention(args):
 
 
 # ----------------------------------------------------------------------------- command line
+def add_data_flag(s):
+    """--data: the captioned images a subcommand reads (diagnose.py's too)."""
+    s.add_argument('--data', default=str(RETRIEVAL), help='shards with captioned images (brace '
+                   'pattern, directory or list); default: the synthetic retrieval split')
+
+
 def parser():
     p, sub = subcommands(__doc__)
-
-    def images(s):
-        s.add_argument('--data', default=str(RETRIEVAL), help='shards with captioned images (brace '
-                       'pattern, directory or list); default: the synthetic retrieval split')
 
     s = add_command(sub, 'spectrum', cmd_spectrum,
                     'singular values of the covariance of the visual features (Figure 5)',
                     'spectrum.png')
     s.add_argument('ckpts', nargs='+',
                    help='train.py checkpoints or run directories, one line each')
-    images(s)
+    add_data_flag(s)
     s.add_argument('--images', type=int, default=1000, help='how many images (the paper: 5000)')
     s.add_argument('--features', choices=['tokens', 'values'], default='tokens',
                    help="tokens: the ViT's output (K mixture tokens along the batch axis, or the "
@@ -284,7 +286,7 @@ def parser():
                     "mixing weights Phi of one image for its captions and others' (pool=llip)",
                     'mixing.png')
     s.add_argument('ckpt', help='a train.py checkpoint (or run directory) with pool=llip')
-    images(s)
+    add_data_flag(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
     s.add_argument('--unrelated', type=int, default=4,
                    help="how many other images' captions to add")
@@ -295,13 +297,12 @@ def parser():
                     "each mixture token's attention over the patches, last vision block",
                     'attention.png')
     s.add_argument('ckpt', help='a train.py checkpoint or run directory')
-    images(s)
+    add_data_flag(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
     s.add_argument('--head', type=int, default=-1,
                    help='one attention head, or -1 for the average over heads')
     s.add_argument('--alpha', type=float, default=0.6,
                    help='opacity of the heat map over the image')
-
     return p
 
 

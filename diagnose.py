@@ -22,6 +22,7 @@ first use). The plots of the features themselves (spectrum, mixing, attention) a
 analysis.py's; the tables and plots of the runs' logs are report.py's.
 """
 import json
+import os
 import random
 
 import matplotlib
@@ -35,7 +36,7 @@ from PIL import Image
 import data
 import eval as llip_eval
 import synthetic
-from analysis import RETRIEVAL, checkpoint_path, load_images, load_model
+from analysis import add_data_flag, checkpoint_path, load_images, load_model
 from model import Llip
 from report import add_command, run_command, save, subcommands, write_table
 
@@ -228,8 +229,9 @@ def mean_cosine(z):
 
 
 def cmd_spread(args):
+    where = os.path.relpath(args.data)   # the table is written for the repository, not one machine
     lines = [f"Mean cosine between the image vectors z_i of two different images, over "
-             f"{args.images} images of {args.data}; 1: every image gets the same vector. At "
+             f"{args.images} images of {where}; 1: every image gets the same vector. At "
              f"init: the run's model before its first step.\n",
              '| run | pool | K | at init | trained |', '|---|---|---|---|---|']
     images = None
@@ -270,8 +272,7 @@ def parser():
     s.set_defaults(func=cmd_spread)
     s.add_argument('runs', nargs='+', help='run directories or train.py checkpoints (not llip)')
     s.add_argument('--table', help='write the markdown table to this file (default: stdout)')
-    s.add_argument('--data', default=str(RETRIEVAL), help='shards with captioned images (brace '
-                   'pattern, directory or list); default: the synthetic retrieval split')
+    add_data_flag(s)
     s.add_argument('--images', type=int, default=1000, help='how many images')
     return p
 

@@ -21,12 +21,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import synthetic
 from model import POOLS
 
 # ----------------------------------------------------------------------------- runs
 # train.py flags added after some runs were made, with the value those older runs had without
 # saying so: scenes of 1 to 3 objects, the default captions, evaluation on the test split
-IMPLICIT = {'synthetic_objects': 3, 'synthetic_captions': 'shape,color,place,size', 'eval_split': 'test'}
+IMPLICIT = {'synthetic_objects': 3, 'synthetic_captions': ','.join(synthetic.OBJECT_CAPTIONS),
+            'eval_split': 'test'}
 # config.json keys in which the runs of one experiment differ by design (where and how a run is
 # saved and logged, not what it trains): runs differing only in them are not a mixed group;
 # what synthetic_dir holds is fixed by synthetic_objects, synthetic_captions and image_size,

@@ -337,6 +337,9 @@ if __name__ == '__main__':
                    help=f"what is said of each object, comma-separated, of "
                         f"{','.join(CAPTION_KINDS)} ('where': the place alone: 'a shape on the left')")
     args = vars(p.parse_args())
-    out = make_synthetic(args.pop('out'), **args)
+    try:   # bad settings: the message, not a traceback
+        out = make_synthetic(args.pop('out'), **args)
+    except ValueError as e:
+        p.error(str(e))
     print(f"synthetic dataset in {out}: {args['train']} training images, {args['retrieval']} for retrieval, "
           f"zero-shot splits {', '.join(_zeroshot_families(args['max_objects']))}; see {os.path.join(out, 'README.txt')}")

@@ -166,7 +166,10 @@ python report.py sweep "$OUT"/tokens/pool=avg,num_mixture=?,seed=*/ "$OUT"/ladde
 python report.py sweep "$OUT"/tokens/pool=registers,*/ "$OUT"/ladder/pool=registers,seed=[012]/ --by=num_mixture \
     --baseline=16 --metrics=$TOKENS --out=runs/tokens_registers.png --table=runs/tokens_registers.md
 python report.py ablation "$OUT"/ladder/pool=cls,seed=[012]/ "$OUT"/tokens/pool=avg,num_mixture=1,lr=*/ \
-    --baseline=cls --metrics=$TOKENS --out=runs/tokens_path.png --table=runs/tokens_path.md
+    "$OUT"/tokens/pool=registers,*/ --baseline=cls --metrics=$TOKENS --out=runs/tokens_path.png \
+    --table=runs/tokens_path.md   # few tokens against cls: avg (K = 1, cls's lr), registers (K = 4)
+python report.py sweep "$OUT"/tokens/pool=avg,num_mixture=1,*/ --by=lr --baseline=1e-4 --metrics=$TOKENS \
+    --out=runs/tokens_lr.png --table=runs/tokens_lr.md   # one-token avg at avg's lr and at cls's
 python diagnose.py spread "$OUT"/ladder/pool={cls,registers,avg,learned},seed=[012]/ "$OUT"/tokens/*/ \
     --table=runs/spread.md
 python diagnose.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md
