@@ -14,9 +14,11 @@ A checkpoint is one train.py wrote, or a run directory (train.py's --out_dir): i
 checkpoint, ckpt.pt. Images come from the synthetic retrieval split (data/synthetic/retrieval,
 written by train.py on first use), whose .txt holds all of an image's captions; --data takes any
 shards. The plots and tables of the runs' logs alone (curves, ablation, sweep, lr, pressure)
-are report.py's; what the towers know against their init (captions, probe, spread), diagnose.py's.
+are runs/report.py's; what the towers know against their init (captions, probe, spread),
+runs/diagnose.py's.
 Everything runs on CPU; `python analysis.py SUBCOMMAND --help` lists the flags.
 """
+import argparse
 import math
 from pathlib import Path
 
@@ -30,7 +32,6 @@ from einops import einsum, rearrange
 import data
 import eval as llip_eval
 from loss import mixing_weights
-from report import add_command, run_command, save, subcommands
 
 HERE = Path(__file__).resolve().parent
 RETRIEVAL = HERE / 'data' / 'synthetic' / 'retrieval'
@@ -258,9 +259,42 @@ def cmd_attention(args):
     save(fig, args.out)
 
 
+# ----------------------------------------------------------------------------- output
+def save(fig, path):
+    """Write a figure (its format from the file name: PNG for .png) and close it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f'wrote {path}')
+
+
 # ----------------------------------------------------------------------------- command line
+# runs/report.py and runs/diagnose.py build their command lines with these as well
+def subcommands(doc):
+    """A parser that shows doc (the module docstring) as its help, and its subparsers."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p, p.add_subparsers(dest='command', required=True)
+
+
+def add_command(sub, name, func, help, out, out_help='the PNG file to write'):
+    """A subcommand that runs func(args) and writes --out."""
+    s = sub.add_parser(name, help=help, description=help)
+    s.set_defaults(func=func)
+    s.add_argument('--out', default=out, help=f'{out_help} (default: {out})')
+    return s
+
+
+def run_command(args):
+    try:
+        args.func(args)
+    # bad input: the message, not a traceback
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f'error: {e}')
+
+
 def add_data_flag(s):
-    """--data: the captioned images a subcommand reads (diagnose.py's too)."""
+    """--data: the captioned images a subcommand reads (runs/diagnose.py's too)."""
     s.add_argument('--data', default=str(RETRIEVAL), help='shards with captioned images (brace '
                    'pattern, directory or list); default: the synthetic retrieval split')
 

@@ -65,7 +65,7 @@ choose_lr() {   # $@: pools
     for pool in "$@"; do for lr in $LRS; do
         echo "$OUT/lr/pool=$pool,lr=$lr,seed=0 --pool=$pool --lr=$lr --seed=0 --eval_split=val"
     done; done | run_all
-    python report.py lr "$OUT"/lr/*/ --metrics=$SELECT --out="$OUT/lr.json" --table=runs/lr.md
+    python -m runs.report lr "$OUT"/lr/*/ --metrics=$SELECT --out="$OUT/lr.json" --table=runs/results/lr.md
 }
 
 python -c "import synthetic; synthetic.make_synthetic('data/synthetic')"   # once, before the parallel runs
@@ -73,8 +73,8 @@ python -c "import synthetic; synthetic.make_synthetic('data/synthetic')"   # onc
 headline_tables() {   # $1: the runs' directory, $2: the tables' prefix
     for what in retrieval zeroshot zeroshot_best; do
         metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT; [ $what = zeroshot_best ] && metrics=$BEST
-        python report.py ablation "$1"/pool=cls,*/ "$1"/pool=llip,*/ --baseline=cls \
-            --metrics=$metrics --out=runs/$2_$what.png --table=runs/$2_$what.md
+        python -m runs.report ablation "$1"/pool=cls,*/ "$1"/pool=llip,*/ --baseline=cls \
+            --metrics=$metrics --out=runs/results/$2_$what.png --table=runs/results/$2_$what.md
     done
 }
 
@@ -89,9 +89,9 @@ pressure() {   # $1: where its runs go, $2: the runs with the defaults (D = 64, 
              "--synthetic_objects=5 --synthetic_dir=data/synthetic-5objects"
     done; done | run_all
     for by in embed_dim synthetic_objects; do
-        python report.py pressure "$1"/*${by#synthetic_}=*/ "$2"/pool=cls,seed=[012]/ "$2"/pool=llip,seed=[012]/ \
+        python -m runs.report pressure "$1"/*${by#synthetic_}=*/ "$2"/pool=cls,seed=[012]/ "$2"/pool=llip,seed=[012]/ \
             --by=$by --baseline=cls --pool=llip --metrics=retrieval/i2t_map,retrieval/t2i_map,retrieval/binding \
-            --out=runs/$3_${by#*_}.png --table=runs/$3_${by#*_}.md
+            --out=runs/results/$3_${by#*_}.png --table=runs/results/$3_${by#*_}.md
     done
 }
 
@@ -107,8 +107,8 @@ if [ "$WHAT" = long ]; then   # the headline again; and avg and learned: do they
         echo "$OUT/long/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
     done; done | run_all
     headline_tables "$OUT/long" long
-    python report.py ablation "$OUT"/long/pool={cls,avg,learned},*/ --baseline=cls \
-        --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map --out=runs/long_rungs.png --table=runs/long_rungs.md
+    python -m runs.report ablation "$OUT"/long/pool={cls,avg,learned},*/ --baseline=cls \
+        --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map --out=runs/results/long_rungs.png --table=runs/results/long_rungs.md
     pressure "$OUT/long_pressure" "$OUT/long" long_pressure   # binding is learned only by 2500 steps
     exit 0
 fi
@@ -119,9 +119,9 @@ if [ "$WHAT" = where ]; then   # the place also said alone ("a shape on the left
              "--synthetic_captions=shape,color,place,size,where --synthetic_dir=data/synthetic-where"
     done; done | run_all
     for pool in cls llip; do   # against the same pool and seeds with the default captions
-        python report.py sweep "$OUT"/where/pool=$pool,*/ "$OUT"/long/pool=$pool,seed=[012]/ \
+        python -m runs.report sweep "$OUT"/where/pool=$pool,*/ "$OUT"/long/pool=$pool,seed=[012]/ \
             --by=synthetic_captions --baseline=shape,color,place,size --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map,retrieval/binding \
-            --out=runs/where_$pool.png --table=runs/where_$pool.md
+            --out=runs/results/where_$pool.png --table=runs/results/where_$pool.md
     done
     exit 0
 fi
@@ -152,25 +152,25 @@ pressure "$OUT/pressure" "$OUT/ladder" pressure
 
 for what in retrieval zeroshot zeroshot_best; do
     metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT; [ $what = zeroshot_best ] && metrics=$BEST
-    python report.py ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$metrics \
-        --out=runs/ablation_$what.png --table=runs/ablation_$what.md
+    python -m runs.report ablation "$OUT"/ladder/*/ --baseline=cls --metrics=$metrics \
+        --out=runs/results/ablation_$what.png --table=runs/results/ablation_$what.md
 done
-python report.py curves "$OUT"/ladder/*,seed=0/ --out=runs/curves.png
+python -m runs.report curves "$OUT"/ladder/*,seed=0/ --out=runs/results/curves.png
 python analysis.py spectrum "$OUT"/ladder/pool=cls,seed=0 "$OUT"/ladder/pool=avg,seed=0 \
-    "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/spectrum.png
-python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/mixing.png
-python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/attention.png
+    "$OUT"/ladder/pool=llip,seed=0 --features=values --out=runs/results/spectrum.png
+python analysis.py mixing "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/results/mixing.png
+python analysis.py attention "$OUT"/ladder/pool=llip,seed=0 --index=0 --out=runs/results/attention.png
 TOKENS=zeroshot/color/top1,zeroshot/shape/top1,zeroshot/size/top1,zeroshot/count/top1,retrieval/i2t_map,retrieval/t2i_map
-python report.py sweep "$OUT"/tokens/pool=avg,num_mixture=?,seed=*/ "$OUT"/ladder/pool=avg,seed=[012]/ --by=num_mixture \
-    --baseline=16 --metrics=$TOKENS --out=runs/tokens_avg.png --table=runs/tokens_avg.md
-python report.py sweep "$OUT"/tokens/pool=registers,*/ "$OUT"/ladder/pool=registers,seed=[012]/ --by=num_mixture \
-    --baseline=16 --metrics=$TOKENS --out=runs/tokens_registers.png --table=runs/tokens_registers.md
-python report.py ablation "$OUT"/ladder/pool=cls,seed=[012]/ "$OUT"/tokens/pool=avg,num_mixture=1,lr=*/ \
-    "$OUT"/tokens/pool=registers,*/ --baseline=cls --metrics=$TOKENS --out=runs/tokens_path.png \
-    --table=runs/tokens_path.md   # few tokens against cls: avg (K = 1, cls's lr), registers (K = 4)
-python report.py sweep "$OUT"/tokens/pool=avg,num_mixture=1,*/ --by=lr --baseline=1e-4 --metrics=$TOKENS \
-    --out=runs/tokens_lr.png --table=runs/tokens_lr.md   # one-token avg at avg's lr and at cls's
-python diagnose.py spread "$OUT"/ladder/pool={cls,registers,avg,learned},seed=[012]/ "$OUT"/tokens/*/ \
-    --table=runs/spread.md
-python diagnose.py captions "$OUT"/ladder/*,seed=0/ --out=runs/captions.png --table=runs/captions.md
-python diagnose.py probe "$OUT"/ladder/*,seed=0/ --table=runs/probe.md
+python -m runs.report sweep "$OUT"/tokens/pool=avg,num_mixture=?,seed=*/ "$OUT"/ladder/pool=avg,seed=[012]/ --by=num_mixture \
+    --baseline=16 --metrics=$TOKENS --out=runs/results/tokens_avg.png --table=runs/results/tokens_avg.md
+python -m runs.report sweep "$OUT"/tokens/pool=registers,*/ "$OUT"/ladder/pool=registers,seed=[012]/ --by=num_mixture \
+    --baseline=16 --metrics=$TOKENS --out=runs/results/tokens_registers.png --table=runs/results/tokens_registers.md
+python -m runs.report ablation "$OUT"/ladder/pool=cls,seed=[012]/ "$OUT"/tokens/pool=avg,num_mixture=1,lr=*/ \
+    "$OUT"/tokens/pool=registers,*/ --baseline=cls --metrics=$TOKENS --out=runs/results/tokens_path.png \
+    --table=runs/results/tokens_path.md   # few tokens against cls: avg (K = 1, cls's lr), registers (K = 4)
+python -m runs.report sweep "$OUT"/tokens/pool=avg,num_mixture=1,*/ --by=lr --baseline=1e-4 --metrics=$TOKENS \
+    --out=runs/results/tokens_lr.png --table=runs/results/tokens_lr.md   # one-token avg at avg's lr and at cls's
+python -m runs.diagnose spread "$OUT"/ladder/pool={cls,registers,avg,learned},seed=[012]/ "$OUT"/tokens/*/ \
+    --table=runs/results/spread.md
+python -m runs.diagnose captions "$OUT"/ladder/*,seed=0/ --out=runs/results/captions.png --table=runs/results/captions.md
+python -m runs.diagnose probe "$OUT"/ladder/*,seed=0/ --table=runs/results/probe.md

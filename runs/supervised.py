@@ -3,8 +3,8 @@ Can each tower of the tiny preset learn each attribute of the synthetic scenes o
 A control for the miniature study: where contrastive training leaves an attribute at chance,
 this tells a tower that cannot see it from a training signal that does not reach it.
 
-    python runs/supervised.py                 # ~3 min on 2 cores; prints a markdown table
-    python runs/supervised.py --steps=100 --families=place
+    python -m runs.supervised                 # ~3 min on 2 cores; prints a markdown table
+    python -m runs.supervised --steps=100 --families=place
 
 Each tower gets a linear head and is trained with cross-entropy, with the study's optimizer
 (AdamW, betas 0.9/0.95, weight decay 0.2, batch 64) from the same initialisation as train.py:
@@ -16,18 +16,15 @@ Accuracy is on 500 held-out images or captions.
 """
 import argparse
 import dataclasses
-import os
 import random
-import sys
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402  (the repository's modules, from runs/)
-import model  # noqa: E402
-import synthetic  # noqa: E402
+import data
+import model
+import synthetic
 
 VALUES = {'shape': synthetic.SHAPES, 'color': tuple(synthetic.COLORS), 'size': tuple(synthetic.SIZES),
           'place': tuple(synthetic.PLACES)}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import diagnose
+from runs import diagnose
 import synthetic
 from synthetic import make_synthetic
 from test_analysis import save_checkpoint

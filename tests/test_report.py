@@ -22,8 +22,8 @@ import math
 
 import pytest
 
-import report
-import results
+from runs import report
+from runs import results
 
 METRICS = ['zeroshot/color/top1', 'retrieval/i2t_r1']
 

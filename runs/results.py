@@ -1,11 +1,11 @@
 """
 The results of train.py runs, read from their run directories (config.json and log.jsonl, no
 model), grouped by a setting, and compared pool against pool pair by pair over seeds: the
-numbers behind report.py's plots and tables, with the markdown that shows them.
+numbers behind runs/report.py's plots and tables, with the markdown that shows them.
 
-    python report.py ablation runs/study/ladder/*/ --baseline=cls    # what uses it
+    python -m runs.report ablation runs/study/ladder/*/ --baseline=cls    # what uses it
     python -m pytest tests/test_report.py                             # what it is checked against
-    python -c "import results; print(results.t_quantile(0.975, 4))"  # 2.776
+    python -c "from runs import results; print(results.t_quantile(0.975, 4))"  # 2.776
 
 A run directory is what train.py writes into --out_dir: config.json (train.py's flags, such as
 'seed', 'lr', 'eval_split', and 'model_config', such as 'pool', 'embed_dim'; grouping takes

@@ -4,14 +4,14 @@ weights train.py started from, rebuilt from the run's --seed): markdown tables, 
 
     # how alike the text tower makes two captions that differ in one attribute (colour, shape,
     # size, place): 1.000 means it does not tell that attribute's values apart
-    python diagnose.py captions runs/study/ladder/*,seed=0/ --out=runs/captions.png \
+    python -m runs.diagnose captions runs/study/ladder/*,seed=0/ --out=runs/captions.png \
         --table=runs/captions.md
     # what the image tower alone knows: a linear probe of its frozen output on one-object
     # scenes, per attribute (zero-shot needs the text tower too)
-    python diagnose.py probe runs/study/ladder/*,seed=0/ --table=runs/probe.md
+    python -m runs.diagnose probe runs/study/ladder/*,seed=0/ --table=runs/probe.md
     # how alike the image vectors of different images are: the mean cosine between two
     # images' z_i (1: every image gets one vector, nothing to learn from)
-    python diagnose.py spread runs/study/ladder/pool=cls,seed=0/ runs/study/tokens/*/ \
+    python -m runs.diagnose spread runs/study/ladder/pool=cls,seed=0/ runs/study/tokens/*/ \
         --table=runs/spread.md
 
     python -m pytest tests/test_diagnose.py      # what these numbers are checked against
@@ -36,9 +36,10 @@ from PIL import Image
 import data
 import eval as llip_eval
 import synthetic
-from analysis import add_data_flag, checkpoint_path, load_images, load_model
+from analysis import (add_command, add_data_flag, checkpoint_path, load_images, load_model,
+                      run_command, save, subcommands)
 from model import Llip
-from report import add_command, run_command, save, subcommands, write_table
+from runs.report import write_table
 
 
 def run_name(path):

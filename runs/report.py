@@ -3,20 +3,20 @@ Plots and tables of finished (or running) trainings of the miniature Llip reprod
 (arXiv 2405.00740), from their run directories alone: no model is loaded.
 
     # loss, lr, gradient norm, throughput and eval metrics against step, one line per run
-    python report.py curves runs/ablation/*/ --out=curves.png
+    python -m runs.report curves runs/ablation/*/ --out=curves.png
     # Figure 3: runs grouped by pool, mean +- std over seeds, and each pool minus cls paired by
     # seed, mean [95% t interval], * where the interval excludes zero (default: every metric)
-    python report.py ablation runs/ablation/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
+    python -m runs.report ablation runs/ablation/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
         --baseline=cls --out=runs/ablation.png --table=runs/ablation.md
     # Figure 6: against K or tau (--baseline=16: each K minus K = 16, paired by seed)
-    python report.py sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 --out=runs/k_sweep.png
-    python report.py sweep runs/tau_sweep/*/ --by=tau --out=runs/tau_sweep.png
+    python -m runs.report sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 --out=runs/k_sweep.png
+    python -m runs.report sweep runs/tau_sweep/*/ --by=tau --out=runs/tau_sweep.png
     # each pool's learning rate from a grid of runs on the validation split (--eval_split=val):
     # the best mean over seeds of the average of the metrics, written as {pool: lr}
-    python report.py lr runs/lr/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
+    python -m runs.report lr runs/lr/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
         --out=runs/lr.json --table=runs/lr.md
     # llip - cls paired by seed against a swept setting (embed_dim, synthetic_objects, ...)
-    python report.py pressure runs/pressure/*/ --by=embed_dim --metrics=retrieval/binding \
+    python -m runs.report pressure runs/pressure/*/ --by=embed_dim --metrics=retrieval/binding \
         --baseline=cls --pool=llip --out=runs/pressure.png --table=runs/pressure.md
 
     python -m pytest tests/test_report.py      # what these numbers are checked against
@@ -27,12 +27,11 @@ kind) and log.jsonl, whose last record with metrics holds the final evaluation.
 Paired by seed: seed s of two pools saw the same data order, so the noise the two runs share
 cancels in their difference; the interval is mean +- t_{0.975, n-1} std / sqrt(n) over the n
 seeds both have.
-Reading, grouping and the paired statistics are in results.py; what needs the trained weights
-themselves is in analysis.py (feature spectra, mixing weights, attention maps) and diagnose.py
+Reading, grouping and the paired statistics are in runs/results.py; what needs the trained weights
+themselves is in analysis.py (feature spectra, mixing weights, attention maps) and runs/diagnose.py
 (captions, probe, spread).
-`python report.py SUBCOMMAND --help` lists the flags.
+`python -m runs.report SUBCOMMAND --help` lists the flags.
 """
-import argparse
 import json
 import math
 import statistics
@@ -43,7 +42,8 @@ import matplotlib
 matplotlib.use('Agg')   # files only, no display
 import matplotlib.pyplot as plt
 
-from results import (LEVEL, group_stats, load_runs, markdown_table, metric_stats, metrics_found,
+from analysis import add_command, run_command, save, subcommands
+from runs.results import (LEVEL, group_stats, load_runs, markdown_table, metric_stats, metrics_found,
                      order_key, paired_difference, paired_legend, paired_rows, paired_table,
                      read_log, report_unpaired, seed_values, seeds_cell, split_runs,
                      unpaired_notes, warn_if_mixed)
@@ -326,39 +326,6 @@ def write_table(table, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(table)
         print(f'wrote {path}')
-
-
-def save(fig, path):
-    """Write a figure (its format from the file name: PNG for .png) and close it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f'wrote {path}')
-
-
-# ----------------------------------------------------------------------------- command line
-# analysis.py builds its command line with these three as well
-def subcommands(doc):
-    """A parser that shows doc (the module docstring) as its help, and its subparsers."""
-    p = argparse.ArgumentParser(description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    return p, p.add_subparsers(dest='command', required=True)
-
-
-def add_command(sub, name, func, help, out, out_help='the PNG file to write'):
-    """A subcommand that runs func(args) and writes --out."""
-    s = sub.add_parser(name, help=help, description=help)
-    s.set_defaults(func=func)
-    s.add_argument('--out', default=out, help=f'{out_help} (default: {out})')
-    return s
-
-
-def run_command(args):
-    try:
-        args.func(args)
-    # bad input: the message, not a traceback
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(f'error: {e}')
 
 
 def parser():
