@@ -203,7 +203,7 @@ def bench_zeroshot(args):
                              values=torch.randn(n, M, K, D // M, device=device)) if pool == 'llip'
                else ImageFeatures(emb=unit(n, D)))
         m = models[pool]
-        run = ((lambda: llip_eval.score(m, img, classes[pool])) if not args.chunk
+        run = ((lambda: m.similarity(img, classes[pool])) if not args.chunk
                else (lambda: m.similarity(img, classes[pool], chunk_size=args.chunk)))
         best = float('inf')
         with torch.no_grad():

@@ -67,7 +67,8 @@ def write_jpeg_shards(folder, n, width=256, height=256, per_shard=500):
 
 def ours(urls, image_size, context_length, tokenizer):
     return data.ShardLoader(urls, batch_size=args.batch_size, image_size=image_size, context_length=context_length,
-                            tokenizer=tokenizer, workers=args.workers, resample=False)
+                            tokenizer=tokenizer, workers=args.workers, resample=False,
+                            caption_lines=True)
 
 
 def theirs(urls, image_size, context_length, tokenizer):

@@ -10,10 +10,10 @@ per rank), RNG states, and 'sha256', a digest of everything else in the dict. to
 verify the zip's CRCs, so without the digest a flipped bit in a weight would be resumed from and
 trained on; with it, such a file is refused like a truncated one and the previous is used.
 
-Also here, what decides when a run resumes or stops: agree_on_checkpoint (rank 0 picks the
-checkpoint, every rank reads that one or the run stops with a message), cut_log (log.jsonl back
-to the checkpoint's step) and Preemption (SIGTERM: save and exit 0, never hang). README,
-"Reliability", lists each fault, what happens and its test.
+Also here, what decides when a run resumes or stops: resume and save_run (a run's state in and
+out), agree_on_checkpoint (rank 0 picks the checkpoint, every rank reads that one or the run
+stops with a message), cut_log (log.jsonl back to the checkpoint's step) and Preemption (SIGTERM:
+save and exit 0, never hang). README, "Reliability", lists each fault, what happens and its test.
 """
 import dataclasses
 import errno
@@ -21,6 +21,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import socket
@@ -32,13 +33,43 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import UnsafeCheckpointError, load_weights
 
 NAME = re.compile(r'ckpt_(\d+)\.pt')   # ckpt_<step>.pt; a user's ckpt_best.pt is never touched
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message is one line for the user."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A .pt file holds pickled objects other than tensors and plain containers."""
+
+
+def load_weights(path):
+    """torch.load with weights_only=True: a .pt file is a pickle, and unpickling an arbitrary
+    object can run arbitrary code, so only tensors and plain containers (dict, list, tuple,
+    str, numbers) are accepted. Anything else raises UnsafeCheckpointError, before it runs."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page of advice; keep the part that names the refused object
+        what = re.search(r"GLOBAL [\w.]+|got <class '[^']+'>", str(e))
+        raise UnsafeCheckpointError(
+            f"refusing to unpickle {path}: it holds objects other than tensors and plain "
+            f"containers, which torch.load(weights_only=True) rejects because loading them can "
+            f"run code ({what.group(0) if what else 'unsupported content'})") from None
+
+
+def unwrapped(state_dict):
+    """A state dict without the prefixes of the wrappers it was saved from: DDP's 'module.'
+    and torch.compile's '_orig_mod.', in either order (the authors' B/16 config compiles the
+    DDP model, so their training checkpoints hold '_orig_mod.module.visual...'). The one rule
+    for every checkpoint this project reads."""
+    def strip(key):
+        while key.startswith(('module.', '_orig_mod.')):
+            key = key.removeprefix('module.').removeprefix('_orig_mod.')
+        return key
+    return {strip(k): v for k, v in state_dict.items()}
 
 
 def paths(out_dir):
@@ -129,7 +160,12 @@ def load(path):
         raise CheckpointError(str(e)) from None
     except Exception as e:   # truncated, not a zip, not a checkpoint: many kinds
         raise CheckpointError(f'{type(e).__name__}: {e}'.splitlines()[0]) from None
-    expected = state.pop('sha256', None)   # None: a checkpoint from before checksums
+    return verified(state)
+
+
+def verified(state):
+    """state without its 'sha256', which must match the rest: CheckpointError if it does not."""
+    expected = state.pop('sha256', None)   # None: written by hand, not by train.py
     if expected is not None and digest(state) != expected:
         raise CheckpointError('checksum mismatch: the file changed after it was written '
                               '(a flipped bit on disk or in transfer)')
@@ -145,8 +181,6 @@ def numpy_rng_state():
 
 
 def set_numpy_rng_state(state):
-    if isinstance(state, tuple):   # a checkpoint from before numpy_rng_state: get_state() as is
-        return np.random.set_state(state)
     np.random.set_state((state['kind'], state['keys'].numpy().astype(np.uint32), state['pos'],
                          state['has_gauss'], state['cached_gaussian']))
 
@@ -220,6 +254,46 @@ def agree_on_checkpoint(args, config, rank, ddp):
     if problems:
         sys.exit(' '.join(problems))
     return state
+
+
+def resume(run):
+    """Load the agreed checkpoint (if any) into the run's model, optimizer, scaler, RNGs and
+    loader; the step to start from (0 for a fresh run)."""
+    state = agree_on_checkpoint(run.args, run.config, run.rank, run.ddp)
+    if state is None:
+        return 0
+    run.model.load_state_dict(state['model'])
+    run.optimizer.load_state_dict(state['optimizer'])
+    run.scaler.load_state_dict(state['scaler'])
+    torch.set_rng_state(state['rng']['torch'])
+    set_numpy_rng_state(state['rng']['numpy'])
+    positions = state['loader']
+    if len(positions) != run.world:
+        run.log(f'warning: the checkpoint was written by {len(positions)} ranks, this run has '
+                f'{run.world}: the data order starts afresh from its epoch')
+    run.loader.load_state_dict(positions[run.rank % len(positions)])
+    return state['step']
+
+
+def save_run(run, step, preemption):
+    """Every rank contributes its loader position; rank 0 writes the checkpoint (save)."""
+    positions = [run.loader.state_dict()]
+    if run.ddp:
+        positions = [None] * run.world
+        dist.all_gather_object(positions, run.loader.state_dict())
+    if not run.master:
+        return
+    state = {'model': run.model.state_dict(),   # the plain module: no 'module.' or '_orig_mod.'
+             'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
+             'step': step, 'config': run.record(), 'loader': positions,
+             'rng': {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state()}}
+    preemption.saving = True   # the SIGTERM watchdog lets a checkpoint being written finish
+    try:
+        save(state, run.args.out_dir, run.args.keep)
+    except CheckpointError as e:
+        sys.exit(f'error: {e}')
+    finally:
+        preemption.saving = False
 
 
 def cut_log(path, step):

@@ -182,12 +182,6 @@ class _ShardStream(torch.utils.data.IterableDataset):
 EMPTY_EPOCHS = 10
 
 
-def _is_synthetic(urls):
-    """Whether the shards are the built-in synthetic data's training shards (one caption per line)."""
-    parents = {os.path.dirname(os.path.dirname(os.path.abspath(u))) for u in urls if not u.startswith('pipe:')}
-    return len(parents) == 1 and os.path.isfile(os.path.join(parents.pop(), '.complete'))
-
-
 class ShardLoader:
     """Batches (images (B, 3, S, S) float32, tokens (B, L) int64) from WebDataset shards, for
     one rank: `for images, tokens in loader`. See the module docstring for the order of
@@ -198,14 +192,13 @@ class ShardLoader:
     False gives one epoch per `for` loop, the last batch of each worker possibly short.
     train=False: eval transform, first caption, shards in the given order, no shuffling.
     Skipped samples are counted by kind in .skipped; each kind warns once (DataWarning).
-    caption_lines: True, each line of KEY.txt is a caption (one is drawn each time); False, the
-    whole text is one caption; None (default): True for the built-in synthetic data (shards in
-    DIR/train/ beside synthetic.py's DIR/.complete marker), False otherwise, since web captions
-    (img2dataset) may hold newlines. caption_key: the field of KEY.json read as the caption
+    caption_lines: True, each line of KEY.txt is a caption (one is drawn each time: the built-in
+    data, COCO-style shards); False (default), the whole text is one caption, since web
+    captions (img2dataset) may hold newlines. caption_key: the field of KEY.json read as the caption
     when a sample has no KEY.txt (None: never)."""
 
     def __init__(self, urls, batch_size, image_size, context_length, tokenizer='byte', rank=0, world_size=1,
-                 workers=2, seed=0, shuffle_buffer=1000, resample=True, train=True, caption_lines=None,
+                 workers=2, seed=0, shuffle_buffer=1000, resample=True, train=True, caption_lines=False,
                  caption_key='caption'):
         for name, value, low in (('batch_size', batch_size, 1), ('image_size', image_size, 1),
                                  ('world_size', world_size, 1), ('workers', workers, 0), ('rank', rank, 0),
@@ -218,7 +211,7 @@ class ShardLoader:
         self.urls = expand_urls(urls)
         self.pattern = urls if isinstance(urls, str) else str(urls)
         self.workers, self.roles = workers, max(workers, 1)
-        self.caption_lines = _is_synthetic(self.urls) if caption_lines is None else caption_lines
+        self.caption_lines = caption_lines
         self.stream = _ShardStream(self.urls, self.pattern, batch_size, image_size, context_length, tokenizer,
                                    rank, world_size, self.roles, seed, shuffle_buffer, resample, train,
                                    self.caption_lines, caption_key)

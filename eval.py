@@ -59,6 +59,7 @@ import json
 import os
 import re
 import warnings
+from typing import NamedTuple
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -72,17 +73,14 @@ from eval_data import (ImageFolder, LabelledShards, Truth, caption_folder, capti
                        class_names, clip_benchmark_layout, count_images, image_folder,
                        labelled_batches, load_names, truth_of)
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
-from model import Llip, LlipConfig, TextFeatures, UnsafeCheckpointError, load_official, load_weights
+import checkpoint
+from model import Llip, LlipConfig, TextFeatures, load_official
 
 
 
 # ----------------------------------------------------------------------------- scoring
-def score(model, image_features, text_features, tau=None):
-    """cos(z_ij, z'_j) of a chunk of images against all captions or classes: (N_img, N_txt).
-    model.similarity sizes its chunks of images for the form it runs (loss.default_chunk)."""
-    return model.similarity(image_features, text_features, tau=tau)
-
-
+# model.similarity scores a chunk of images against all captions or classes, (N_img, N_txt),
+# sizing its own chunks of images for the form it runs (loss.default_chunk)
 def _dtype(model):
     return next(model.parameters()).dtype
 
@@ -172,7 +170,7 @@ def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', b
         labels = labels.to(device)
         per_class += torch.bincount(labels.cpu(), minlength=C)
         for tau in taus:
-            top = score(model, img, classes, tau).topk(min(5, C), dim=1).indices  # (B, 5)
+            top = model.similarity(img, classes, tau).topk(min(5, C), dim=1).indices  # (B, 5)
             hit = top == labels[:, None]
             top1[tau] += torch.bincount(labels[hit[:, 0]].cpu(), minlength=C)
             top5[tau] += hit.any(dim=1).sum().item()
@@ -212,7 +210,7 @@ def zeroshot_best_prompt(model, images, labels, classnames, templates, taus=(Non
     for s in range(0, len(images), batch_size):
         img = model.encode_image(images[s:s + batch_size].to(device, _dtype(model)))
         for tau in taus:
-            scores = rearrange(score(model, img, text, tau), 'b (c t) -> b c t', t=T)
+            scores = rearrange(model.similarity(img, text, tau), 'b (c t) -> b c t', t=T)
             best = reduce(scores, 'b c t -> b c', 'max').argmax(dim=1)        # (B,)
             hits[tau] += (best.cpu() == labels[s:s + batch_size]).sum().item()
     return {tau: {'top1_best': hits[tau] / len(images)} for tau in taus}
@@ -266,7 +264,7 @@ def retrieval(model, source, taus=(None,), device='cpu', batch_size=256, progres
     image, true, false = triples.to(device).unbind(dim=1)                                 # (N_tri,)
     results = {}
     for tau in _taus(model, taus):
-        scores = torch.cat([score(model, f, texts, tau).float() for f in features])
+        scores = torch.cat([model.similarity(f, texts, tau).float() for f in features])
         # (N_img, N_all): the first n columns are the candidates, the rest binding captions
         results[tau] = ranking_metrics(scores[:, :n], truth)
         if binding:
@@ -323,47 +321,70 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
     return flatten(synthetic_results(model, root, device, batch_size, taus))
 
 
-# ----------------------------------------------------------------------------- during training (train.py --eval)
+# ----------------------------------------------------------------------------- during training
+class EvalPlan(NamedTuple):
+    """What train.py --eval runs: a zero-shot (folder, class names, templates), a retrieval
+    source, or the synthetic splits' root; each None when absent. `summary` says it in a line."""
+    zeroshot: tuple | None
+    retrieval: str | None
+    synthetic_root: str | None
+    summary: str
+
+    @property
+    def any(self):
+        return any((self.zeroshot, self.retrieval, self.synthetic_root))
+
+
+def class_names_and_templates(folder, classnames=None, templates=None):
+    """Zero-shot class names and templates: the flags, else the folder's classnames.json /
+    templates.json, else clip_benchmark's layout, else the subfolder names and 'a photo of a
+    {}.'. The one resolution eval.py and train.py --zeroshot_data share."""
+    bench = clip_benchmark_layout(folder) or (None, None, None)
+    names = load_names(classnames, 'classnames', folder) or bench[1]
+    templates = load_names(templates, 'templates', folder) or bench[2] or ['a photo of a {}.']
+    if names is None:   # no names anywhere: the folder names are the class names
+        names = sorted(f.name for f in Path(folder).iterdir() if f.is_dir())
+        print(f'no class names given and no {folder}/classnames.json: using the {len(names)} '
+              'folder names')
+    return names, templates
+
+
 def training_plan(args):
-    """What train.py --eval runs, from its flags: (zero-shot (folder, names, templates) or
-    None, retrieval source or None, synthetic root or None), and one line saying so."""
+    """train.py's EvalPlan, from its flags."""
     if not args.eval:
-        return None, None, None, 'eval: off'
+        return EvalPlan(None, None, None, 'eval: off')
     if args.data == 'synthetic':
         root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
-        return None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})'
+        return EvalPlan(None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})')
     zeroshot_plan, said = None, []
     if args.zeroshot_data:
-        names = load_names(args.zeroshot_classnames, 'classnames', args.zeroshot_data)
-        templates = load_names(args.zeroshot_templates, 'templates', args.zeroshot_data)
-        if names is None:
-            names = sorted(f.name for f in os.scandir(args.zeroshot_data) if f.is_dir())
-        zeroshot_plan = (args.zeroshot_data, names, templates or ['a photo of a {}.'])
+        names, templates = class_names_and_templates(args.zeroshot_data, args.zeroshot_classnames,
+                                                     args.zeroshot_templates)
+        zeroshot_plan = (args.zeroshot_data, names, templates)
         said.append(f'zero-shot on {args.zeroshot_data} ({len(names)} classes, '
-                    f'{len(zeroshot_plan[2])} templates)')
+                    f'{len(templates)} templates)')
     if args.retrieval_data:
         said.append(f'retrieval on {args.retrieval_data}')
     if not said:
-        return None, None, None, ('eval: nothing (real --data: give --zeroshot_data and/or '
-                                  '--retrieval_data)')
-    return zeroshot_plan, args.retrieval_data, None, 'eval: ' + ', '.join(said)
+        return EvalPlan(None, None, None, 'eval: nothing (real --data: give --zeroshot_data '
+                                          'and/or --retrieval_data)')
+    return EvalPlan(zeroshot_plan, args.retrieval_data, None, 'eval: ' + ', '.join(said))
 
 
 def evaluate_plan(model, plan, device, autocast):
-    """training_plan's evaluation: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...}."""
-    zeroshot_plan, retrieval_source, synthetic_root = plan[:3]
+    """The EvalPlan's metrics: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...}."""
     model.eval()
     with torch.no_grad(), autocast:
-        if synthetic_root is not None:
-            metrics = evaluate_synthetic(model, synthetic_root, device=device)
+        if plan.synthetic_root is not None:
+            metrics = evaluate_synthetic(model, plan.synthetic_root, device=device)
         else:
             results = {}
-            if zeroshot_plan:
-                folder, names, templates = zeroshot_plan
+            if plan.zeroshot:
+                folder, names, templates = plan.zeroshot
                 name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
                 results[name] = zeroshot(model, folder, names, templates, device=device)
-            if retrieval_source:
-                results['retrieval'] = retrieval(model, retrieval_source, device=device)
+            if plan.retrieval:
+                results['retrieval'] = retrieval(model, plan.retrieval, device=device)
             metrics = flatten(results)
     model.train()
     return metrics
@@ -371,24 +392,26 @@ def evaluate_plan(model, plan, device, autocast):
 
 # ----------------------------------------------------------------------------- loading
 def load_checkpoint(path):
-    """A Llip from a train.py checkpoint: {'model': state dict, 'config': {'model_config': {...}}}."""
+    """A Llip from a train.py checkpoint: {'model': state dict, 'config': {'model_config': {...}}},
+    its checksum verified as train.py verifies it when resuming."""
     try:
-        ckpt = load_weights(path)   # train.py writes only tensors and plain containers
-    except UnsafeCheckpointError as e:
+        ckpt = checkpoint.load_weights(path)   # train.py writes only tensors and plain containers
+        if isinstance(ckpt, dict):
+            ckpt = checkpoint.verified(ckpt)
+    except (checkpoint.UnsafeCheckpointError, checkpoint.CheckpointError) as e:
         raise ValueError(f"--ckpt={path}: {e}") from None
     except Exception as e:
-        raise ValueError(f"--ckpt={path}: not a checkpoint torch.load can read ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--ckpt={path}: not a checkpoint torch.load can read "
+                         f"({type(e).__name__}: {e})") from None
     if not (isinstance(ckpt, dict) and 'model' in ckpt and isinstance(ckpt.get('config'), dict)):
-        hint = (" It looks like the authors' weights: use --official." if isinstance(ckpt, dict) and
-                any('class_embedding' in k for k in ckpt.get('state_dict', ckpt)) else '')
-        raise ValueError(f"--ckpt={path}: not a train.py checkpoint (expected a dict with 'model' and "
-                         f"'config').{hint}")
+        hint = (" It looks like the authors' weights: use --official." if isinstance(ckpt, dict)
+                and any('class_embedding' in k for k in ckpt.get('state_dict', ckpt)) else '')
+        raise ValueError(f"--ckpt={path}: not a train.py checkpoint (expected a dict with 'model' "
+                         f"and 'config').{hint}")
     config = ckpt['config'].get('model_config', ckpt['config'])
     fields = {f.name for f in dataclasses.fields(LlipConfig)}
     model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
-    # a state dict saved from a compiled or DDP-wrapped model carries these prefixes
-    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint.unwrapped(ckpt['model']))
     return model.eval()
 
 
@@ -456,16 +479,11 @@ def run(args):
         elif args.task == 'retrieval':
             results = {'retrieval': retrieval(model, args.data, args.tau, args.device, args.batch_size, progress=True)}
         else:
-            bench = clip_benchmark_layout(args.data) or (None, None, None)   # its names and templates
             if not Path(args.data).is_dir():
                 data.expand_urls(args.data)   # shards with KEY.cls: a pattern that names no file is an error
                 if args.classnames is None:
                     raise ValueError(f"--data={args.data}: shards with KEY.cls need --classnames")
-            names = load_names(args.classnames, 'classnames', args.data) or bench[1]
-            templates = load_names(args.templates, 'templates', args.data) or bench[2] or ['a photo of a {}.']
-            if names is None:   # no names anywhere: the folder names are the class names
-                names = sorted(f.name for f in Path(args.data).iterdir() if f.is_dir())
-                print(f'no --classnames and no {args.data}/classnames.json: using the {len(names)} folder names')
+            names, templates = class_names_and_templates(args.data, args.classnames, args.templates)
             results = {f'zeroshot/{Path(args.data).name}': zeroshot(model, args.data, names, templates, args.tau,
                                                                      args.device, args.batch_size, args.workers,
                                                                      progress=True)}

@@ -24,19 +24,18 @@ Try it:
 print(m(torch.randn(4, 3, 32, 32), torch.randint(1, 49408, (4, 16))))"
 """
 import math
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, einsum
 from torch.utils.checkpoint import checkpoint
 
+from checkpoint import load_weights, unwrapped
 from loss import llip_loss, mix, pairwise_cosine, siglip_loss
 
 POOLS = ('cls', 'registers', 'avg', 'learned', 'llip')
@@ -377,49 +376,13 @@ def config_from_official(sd):
     return c
 
 
-class UnsafeCheckpointError(ValueError):
-    """A .pt file holds pickled objects other than tensors and plain containers."""
-
-
-# Checkpoints from train.py before it stored the numpy RNG state as a tensor hold the numpy
-# array of np.random.get_state(): allowed, so that those runs still load. Rebuilding an array
-# calls none of the file's choosing (an object array's items go through the same checks).
-NUMPY_ARRAY = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype,   # [0]: _reconstruct
-               type(np.dtype(np.uint32))]                           # the state's dtype
-
-
-def load_weights(path):
-    """torch.load with weights_only=True: a .pt file is a pickle, and unpickling an arbitrary
-    object can run arbitrary code, so only tensors and plain containers (dict, list, tuple,
-    str, numbers) are accepted. Anything else raises UnsafeCheckpointError, before it runs."""
-    try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is a page of advice; keep the part that names the refused object
-        what = re.search(r"GLOBAL [\w.]+|got <class '[^']+'>", str(e))
-        raise UnsafeCheckpointError(
-            f"refusing to unpickle {path}: it holds objects other than tensors and plain "
-            f"containers, which torch.load(weights_only=True) rejects because loading them can "
-            f"run code ({what.group(0) if what else 'unsupported content'})") from None
-
-
-def _unwrapped(key):
-    """A key without the prefixes of the wrappers it was saved from: DDP's 'module.' and
-    torch.compile's '_orig_mod.', in either order (the authors' B/16 config compiles the DDP
-    model, so their training checkpoints hold '_orig_mod.module.visual...')."""
-    while key.startswith(('module.', '_orig_mod.')):
-        key = key.removeprefix('module.').removeprefix('_orig_mod.')
-    return key
-
-
 def load_official(path_or_state_dict, **overrides):
     """Build a Llip from the authors' weights: a released file (llip_b16_k32.pt, llip_G14_k64.pt)
     or a training checkpoint of their code ({'state_dict': ...}, keys prefixed by its wrappers)."""
     sd = path_or_state_dict
     if not isinstance(sd, dict):
         sd = load_weights(sd)   # their files are plain tensor dicts: no allow-list needed
-    sd = {_unwrapped(k): v for k, v in sd.get('state_dict', sd).items()}
+    sd = unwrapped(sd.get('state_dict', sd))
     # as the authors' loader does: W_O saved at the top level is pred.out_proj, and a single
     # mixture token saved as a vector is one row
     if 'out_proj' in sd:

@@ -24,6 +24,7 @@ What happens on preemption, a dead rank, NaN, a full disk or a corrupt checkpoin
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import os
@@ -40,12 +41,12 @@ import checkpoint
 import data
 import eval as llip_eval
 import synthetic
-from checkpoint import CheckpointError, Preemption, numpy_rng_state, set_numpy_rng_state
+from checkpoint import Preemption
 from model import PRESETS, Llip, LlipConfig
 
 # ----------------------------------------------------------------------------- flags
 # allow_abbrev=False: a typo such as --step must not silently mean --steps
-p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -60,94 +61,98 @@ def boolean(text):
 
 def bool_flag(name, default, help):
     """--name, --name=true/false (every flag takes --key=value) and --no-name."""
-    p.add_argument(f'--{name}', type=boolean, nargs='?', const=True, default=default,
-                   help=f'{help} (--{name}=true/false, or --no-{name})')
-    p.add_argument(f'--no-{name}', dest=name, action='store_false', help=f'same as --{name}=false')
+    parser.add_argument(f'--{name}', type=boolean, nargs='?', const=True, default=default,
+                        help=f'{help} (--{name}=true/false, or --no-{name})')
+    parser.add_argument(f'--no-{name}', dest=name, action='store_false',
+                        help=f'same as --{name}=false')
 
 
-p.add_argument('--model', default='tiny', choices=sorted(PRESETS),
+parser.add_argument('--model', default='tiny', choices=sorted(PRESETS),
                help='model preset (model.PRESETS)')
-p.add_argument('--data', default='synthetic',
+parser.add_argument('--data', default='synthetic',
                help="training shards: a brace pattern 'dir/{00000..00099}.tar', a directory, or "
                     "'synthetic' (the built-in dataset, generated into --synthetic_dir on first "
                     "use)")
-p.add_argument('--synthetic_dir', default='data/synthetic',
+bool_flag('caption_lines', False,
+          "each line of a sample's .txt is a caption of its own, one drawn each time it is read "
+          '(COCO-style shards; the built-in data always is); default: the whole .txt is one')
+parser.add_argument('--synthetic_dir', default='data/synthetic',
                help='where the built-in synthetic data lives')
-p.add_argument('--synthetic_objects', type=int, default=3,
+parser.add_argument('--synthetic_objects', type=int, default=3,
                help='built-in data: 1 to this many objects per image (at most 5; another value '
                     'needs its own --synthetic_dir)')
-p.add_argument('--synthetic_captions', default=','.join(synthetic.OBJECT_CAPTIONS),
+parser.add_argument('--synthetic_captions', default=','.join(synthetic.OBJECT_CAPTIONS),
                help="built-in data: what is said of each object, of "
                     f"{','.join(synthetic.CAPTION_KINDS)} ('where': the place alone; another "
                     "value needs its own --synthetic_dir)")
-p.add_argument('--out_dir', default='out',
+parser.add_argument('--out_dir', default='out',
                help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
                     'path)')
-p.add_argument('--steps', type=int, default=2500, help='optimizer steps in total')
-p.add_argument('--batch_size', type=int, default=64,
+parser.add_argument('--steps', type=int, default=2500, help='optimizer steps in total')
+parser.add_argument('--batch_size', type=int, default=64,
                help='images (and captions) per rank per micro-step')
-p.add_argument('--grad_accum', type=int, default=1,
+parser.add_argument('--grad_accum', type=int, default=1,
                help='micro-steps per optimizer step. Note: each micro-step is its own contrastive '
                     'batch, so accumulation does not add negatives; it only averages gradients')
-p.add_argument('--lr', type=float, default=3e-4,
+parser.add_argument('--lr', type=float, default=3e-4,
                help='peak learning rate (3e-4: what runs/study.sh picks for the tiny preset, '
                     'pool=llip, on the validation split; paper: 5e-4 for B, 4e-4 for L/H/G)')
-p.add_argument('--min_lr_ratio', type=float, default=0.1,
+parser.add_argument('--min_lr_ratio', type=float, default=0.1,
                help='the cosine decays to lr * min_lr_ratio')
-p.add_argument('--warmup', type=int, default=50, help='linear warmup steps (paper: 2000)')
-p.add_argument('--weight_decay', type=float, default=0.2,
+parser.add_argument('--warmup', type=int, default=50, help='linear warmup steps (paper: 2000)')
+parser.add_argument('--weight_decay', type=float, default=0.2,
                help='AdamW decay on matrices; none on biases, norms, logit scale/bias')
-p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
-p.add_argument('--beta2', type=float, default=0.95,
+parser.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
+parser.add_argument('--beta2', type=float, default=0.95,
                help='AdamW beta2 (0.95 as in SigLIP and the paper)')
-p.add_argument('--eps', type=float, default=1e-6, help='AdamW epsilon')
-p.add_argument('--grad_clip', type=float, default=1.0,
+parser.add_argument('--eps', type=float, default=1e-6, help='AdamW epsilon')
+parser.add_argument('--grad_clip', type=float, default=1.0,
                help='clip the global gradient norm (0: off)')
-p.add_argument('--chunk_size', type=int, default=0,
+parser.add_argument('--chunk_size', type=int, default=0,
                help='llip_loss: images per chunk, each against every caption; 0: picked from '
                     'the shapes')
-p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
+parser.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
                help='autocast dtype; auto = bf16 on GPUs that support it, fp16 + GradScaler on '
                     'older GPUs, fp32 on CPU')
 bool_flag('compile', False, 'torch.compile the model')
 bool_flag('grad_ckpt', False,
           'activation checkpointing in both towers (less memory, ~30%% more compute)')
-p.add_argument('--device', default='auto',
+parser.add_argument('--device', default='auto',
                help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
-p.add_argument('--workers', type=int, default=2, help='data-loading processes per rank')
-p.add_argument('--seed', type=int, default=0, help='seed of the model init and the data order')
-p.add_argument('--log_every', type=int, default=10, help='steps between lines in log.jsonl')
-p.add_argument('--logger', default='none', choices=['none', 'tensorboard', 'wandb'],
+parser.add_argument('--workers', type=int, default=2, help='data-loading processes per rank')
+parser.add_argument('--seed', type=int, default=0, help='seed of the model init and the data order')
+parser.add_argument('--log_every', type=int, default=10, help='steps between lines in log.jsonl')
+parser.add_argument('--logger', default='none', choices=['none', 'tensorboard', 'wandb'],
                help="also send log.jsonl's records to TensorBoard (OUT_DIR/tensorboard) or "
                     "Weights & Biases; the package must be installed")
 bool_flag('eval', True, 'evaluate every --eval_every steps and at the end (rank 0): the synthetic '
                         'splits with --data=synthetic, else --zeroshot_data and --retrieval_data')
-p.add_argument('--eval_every', type=int, default=0,
+parser.add_argument('--eval_every', type=int, default=0,
                help='steps between evaluations (0: only at the end)')
-p.add_argument('--eval_split', default='test', choices=['test', 'val'],
+parser.add_argument('--eval_split', default='test', choices=['test', 'val'],
                help="which synthetic evaluation splits: 'val' to choose settings (e.g. the "
                     "learning rate), 'test' for the numbers that are reported")
-p.add_argument('--zeroshot_data',
+parser.add_argument('--zeroshot_data',
                help="zero-shot during training: an image folder, one subfolder per class (as "
                     "open_clip's --imagenet-val)")
-p.add_argument('--zeroshot_classnames',
+parser.add_argument('--zeroshot_classnames',
                help='its class names, as eval.py --classnames (a JSON list file or a shipped key '
                     'such as imagenet); default: ZEROSHOT_DATA/classnames.json, else the folder '
                     'names')
-p.add_argument('--zeroshot_templates',
+parser.add_argument('--zeroshot_templates',
                help='its prompt templates, as eval.py --templates; default: '
                     'ZEROSHOT_DATA/templates.json, else "a photo of a {}."')
-p.add_argument('--retrieval_data',
+parser.add_argument('--retrieval_data',
                help="retrieval during training: shards or a folder of KEY.jpg + KEY.txt (as "
                     "open_clip's --val-data)")
-p.add_argument('--save_every', type=int, default=250,
+parser.add_argument('--save_every', type=int, default=250,
                help='steps between checkpoints (and one at the end)')
-p.add_argument('--keep', type=int, default=3,
+parser.add_argument('--keep', type=int, default=3,
                help='how many of the newest checkpoints to keep (at least 1)')
-p.add_argument('--resume', default='auto',
+parser.add_argument('--resume', default='auto',
                help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
                     "a path: from that file; 'never': start afresh")
-p.add_argument('--stop_grace', type=float, default=10,
+parser.add_argument('--stop_grace', type=float, default=10,
                help='seconds after SIGTERM within which the step must end before the rank exits '
                     'without saving (a rank blocked on a dead peer must not delay the restart)')
 
@@ -158,8 +163,8 @@ for f in config_fields:
         bool_flag(f.name, None, f'model: override the preset\'s {f.name}')
         continue
     kind = {int: int, 'int': int, float: float, 'float': float}.get(f.type, str)
-    p.add_argument(f'--{f.name}', type=kind, default=None,
-                   help=f"model: override the preset's {f.name}")
+    parser.add_argument(f'--{f.name}', type=kind, default=None,
+                        help=f"model: override the preset's {f.name}")
 
 # at least 1: 0 or less would loop zero times, divide by zero or (for --keep) delete every
 # checkpoint right after writing it. The model's own fields (num_mixture, tau, ...) are checked
@@ -243,25 +248,76 @@ class Tracker:
             (self.writer.close if self.kind == 'tensorboard' else self.writer.finish)()
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Run:
+    """What a run is made of, set up once by main() and read by train() and checkpoint.py.
+    `model` is the plain module (saved, evaluated, logged); `wrapped` is what steps run
+    through: the same module compiled and/or in DistributedDataParallel, or `model` itself."""
+    args: argparse.Namespace
+    config: LlipConfig
+    rank: int
+    world: int
+    ddp: bool
+    device: str
+    autocast: object                 # a context manager: torch.autocast or nullcontext
+    scaler: torch.amp.GradScaler     # enabled for float16 only
+    model: Llip = None
+    wrapped: torch.nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    loader: data.ShardLoader = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *parts):
+        if self.master:
+            tqdm.write(' '.join(str(x) for x in parts))
+
+    def record(self):
+        """The resolved run config saved in config.json and every checkpoint: the flags without
+        nulls, the world size, and the model's fields as resolved."""
+        fields = {f.name for f in config_fields}
+        flags = {k: v for k, v in vars(self.args).items() if k not in fields and v is not None}
+        return {**flags, 'world_size': self.world,
+                'model_config': dataclasses.asdict(self.config)}
+
+
 def main():
-    # everything runs here, not at import: spawned processes (DataLoader workers on macOS and
-    # Windows) import this file as __mp_main__ and must not start a second training run
-    args = p.parse_args()
+    """One training run: flags, set up (ranks, device, precision), build (model, optimizer),
+    data, resume, train, finish. Everything runs here, not at import: spawned processes
+    (DataLoader workers on macOS and Windows) import this file as __mp_main__ and must not start
+    a second training run."""
+    args = parser.parse_args()
     config = check_flags(args)
     plan = llip_eval.training_plan(args)
+    run = set_up(args, config)
+    build(run)
+    run.loader = training_data(run)
+    start_step = checkpoint.resume(run)
+    if run.master:   # only now that the run is accepted: a refused resume leaves the old config
+        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
+            json.dump(run.record(), f, indent=1)
+        checkpoint.cut_log(os.path.join(args.out_dir, 'log.jsonl'), start_step)
+    run.wrapped = wrap(run)
+    run.log(plan.summary)
+    with Preemption(args.stop_grace) as preemption:
+        train(run, start_step, plan, preemption)
+    if run.ddp:
+        dist.destroy_process_group()
 
-    # ------------------------------------------------------------- distributed, device, precision
+
+def set_up(args, config):
+    """Ranks (torchrun's environment alone decides DDP), device and precision."""
     ddp = 'RANK' in os.environ
-    rank, world, local_rank = 0, 1, 0
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
     device = args.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if ddp:
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device == 'cuda':
-            device = f'cuda:{local_rank}'
+            device = f'cuda:{os.environ.get("LOCAL_RANK", 0)}'
             torch.cuda.set_device(device)
         # torchrun keeps its store across --max-restarts: without a prefix per attempt, a
         # restarted rank can read a dead rank's address from the last attempt and never connect
@@ -270,217 +326,180 @@ def main():
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', rank=rank,
                                 world_size=world,
                                 store=dist.PrefixStore(f'attempt{attempt}/', store))
-    master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if args.dtype == 'auto':   # by capability, not by GPU name
         args.dtype = 'float32' if device_type == 'cpu' else \
             'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    ptdtype = getattr(torch, args.dtype)
-    autocast = nullcontext() if ptdtype == torch.float32 else \
-        torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)   # fp16 only
+    dtype = getattr(torch, args.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else \
+        torch.autocast(device_type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 only
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def log(*a):
-        if master:
-            tqdm.write(' '.join(str(x) for x in a))
-
-    # the resolved config, without nulls: the model's fields are in model_config, as resolved
     args.device = device
-    fields = {f.name for f in config_fields}
-    flags = {k: v for k, v in vars(args).items() if k not in fields and v is not None}
-    run_config = {**flags, 'world_size': world, 'model_config': dataclasses.asdict(config)}
     os.makedirs(args.out_dir, exist_ok=True)
+    return Run(args, config, rank, world, ddp, device, autocast, scaler)
 
-    # ------------------------------------------------------------- model and optimizer
+
+def build(run):
+    """The model, the same initial weights on every rank, and AdamW (decay on matrices only)."""
+    args, config = run.args, run.config
     torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = Llip(config).to(device)
+    run.model = model = Llip(config).to(run.device)
     model.set_grad_checkpointing(args.grad_ckpt)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    run.optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
+                                       {'params': no_decay, 'weight_decay': 0.0}],
+                                      lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
     params = sum(p.numel() for p in model.parameters())
-    log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
-        f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
-    log(f'contrastive pairs per step: {args.batch_size} per rank x {world} rank(s) = '
-        f'{args.batch_size * world}' + (f' (x {args.grad_accum} micro-steps, gradients averaged)'
-                                        if args.grad_accum > 1 else ''))
-    log(f'device {device}, {args.dtype}; data {args.data}')
-    log(f'out_dir {args.out_dir}')
-    log(plan[3])
+    run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
+            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
+    accumulated = f' (x {args.grad_accum} micro-steps, gradients averaged)' \
+        if args.grad_accum > 1 else ''
+    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s) = '
+            f'{args.batch_size * run.world}{accumulated}')
+    run.log(f'device {run.device}, {args.dtype}; data {args.data}')
+    run.log(f'out_dir {args.out_dir}')
 
-    # ----------------------------------------------------------------------------- data
+
+def training_data(run):
+    """This rank's ShardLoader; the built-in data is written first (by rank 0) if need be."""
+    args, config = run.args, run.config
+    urls = args.data
     if args.data == 'synthetic':
-        if master:
+        if run.master:
             try:   # settings that differ from the data already there: a message, not a traceback
                 synthetic.make_synthetic(args.synthetic_dir, seed=0, image_size=config.image_size,
                                          max_objects=args.synthetic_objects,
                                          captions=args.synthetic_captions.split(','))
             except ValueError as e:
                 sys.exit(f'error: the built-in data: {e}')
-        if ddp:
+        if run.ddp:
             dist.barrier()
-        train_urls = os.path.join(args.synthetic_dir, 'train')
-    else:
-        train_urls = args.data
+        urls = os.path.join(args.synthetic_dir, 'train')
     try:
-        loader = data.ShardLoader(train_urls, batch_size=args.batch_size,
-                                  image_size=config.image_size,
-                                  context_length=config.context_length, tokenizer=config.tokenizer,
-                                  rank=rank, world_size=world,
-                                  workers=args.workers, seed=args.seed, resample=True)
+        return data.ShardLoader(urls, batch_size=args.batch_size, image_size=config.image_size,
+                                context_length=config.context_length,
+                                tokenizer=config.tokenizer, rank=run.rank, world_size=run.world,
+                                workers=args.workers, seed=args.seed, resample=True,
+                                # the built-in data has one caption per line
+                                caption_lines=args.caption_lines or args.data == 'synthetic')
     except ValueError as e:
         sys.exit(f'error: --data={args.data}: {e}')
 
-    # ----------------------------------------------------------------------------- resume
-    start_step = 0
-    state = checkpoint.agree_on_checkpoint(args, config, rank, ddp)
-    if state is not None:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scaler.load_state_dict(state['scaler'])
-        torch.set_rng_state(state['rng']['torch'])
-        set_numpy_rng_state(state['rng']['numpy'])
-        if len(state['loader']) != world:
-            log(f'warning: the checkpoint was written by {len(state["loader"])} ranks, this run '
-                f'has {world}: the data order starts afresh from its epoch')
-        loader.load_state_dict(state['loader'][rank % len(state['loader'])])
-        start_step = state['step']
-        del state
+
+def wrap(run):
+    """What the steps run through: compiled (--compile), then DistributedDataParallel."""
+    wrapped = torch.compile(run.model) if run.args.compile else run.model
+    if run.ddp:
+        ids = [torch.device(run.device)] if run.device.startswith('cuda') else None
+        wrapped = DistributedDataParallel(wrapped, device_ids=ids)
+    return wrapped
+
+
+# ----------------------------------------------------------------------------- training
+def train(run, start_step, plan, preemption):
+    """The loop: a step, a log line, an evaluation and a checkpoint when due, until --steps or
+    a SIGTERM (then save and exit 0)."""
+    args = run.args
     log_path = os.path.join(args.out_dir, 'log.jsonl')
-    if master:   # only now that the run is accepted: a refused resume leaves the old config.json
-        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
-            json.dump(run_config, f, indent=1)
-        checkpoint.cut_log(log_path, start_step)
-
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        ids = [local_rank] if device_type == 'cuda' else None
-        model = DistributedDataParallel(model, device_ids=ids)
-
-    def save(step, preemption):
-        """Every rank contributes its loader position; rank 0 writes (checkpoint.save)."""
-        positions = [None] * world
-        if ddp:
-            dist.all_gather_object(positions, loader.state_dict())
-        else:
-            positions = [loader.state_dict()]
-        if not master:
-            return
-        state = {'model': raw_model.state_dict(),   # the plain module: no 'module.' or '_orig_mod.'
-                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
-                 'config': run_config, 'loader': positions,
-                 'rng': {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state()}}
-        preemption.saving = True
-        try:
-            checkpoint.save(state, args.out_dir, args.keep)
-        except CheckpointError as e:
-            sys.exit(f'error: {e}')
-        finally:
-            preemption.saving = False
-
-    with Preemption(args.stop_grace) as preemption:
-        tracker = Tracker(args.logger, args.out_dir, run_config) if master else None
-        batches = iter(loader)
-        try:
-            train(args, model, raw_model, batches, optimizer, scaler, autocast, device, rank,
-                  world, ddp, start_step, plan, log_path, log, save, preemption, tracker)
-        finally:
-            batches.close()   # the DataLoader workers end now, however train() ended
-            if tracker:
-                tracker.close()
-    if ddp:
-        dist.destroy_process_group()
-
-
-def train(args, model, raw_model, batches, optimizer, scaler, autocast, device, rank, world, ddp,
-          start_step, plan, log_path, log, save, preemption, tracker):
-    master = rank == 0
-    logfile = open(log_path, 'a') if master else None
+    tracker = Tracker(args.logger, args.out_dir, run.record()) if run.master else None
+    logfile = open(log_path, 'a') if run.master else None
+    stream = iter(run.loader)
     try:
-        pending = [Preemption.deaf_workers(batches)]   # the first batch
-    except (RuntimeError, ValueError) as e:   # e.g. no valid sample in any shard
-        sys.exit(f'error: --data={args.data}: {str(e).strip().splitlines()[-1]}')
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
-               disable=not master, dynamic_ncols=True)
-    t0 = time.time()
-    model.train()
-    for step in bar:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        total = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            images, tokens = pending.pop() if pending else next(batches)
-            images = images.to(device, non_blocking=True)   # (B, 3, S, S)
-            tokens = tokens.to(device, non_blocking=True)   # (B, L)
-            # DDP all-reduces gradients only on the last micro-step
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    loss = model(images, tokens, chunk_size=args.chunk_size or None)
-                    loss = loss / args.grad_accum
-                scaler.scale(loss).backward()
-            total += loss.detach()
-        if ddp:   # the global loss is the mean over ranks; every rank sees the same value
-            dist.all_reduce(total)
-            total /= world
-        total = total.item()
-        scaler.unscale_(optimizer)
-        # gradients are all-reduced already: every rank sees the same norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   args.grad_clip or float('inf'))
-        # fp16: an inf gradient is the GradScaler's to handle (it skips the step, lowers the scale)
-        bad_grad = not scaler.is_enabled() and not torch.isfinite(grad_norm)
-        if not math.isfinite(total) or bad_grad:
-            newest = checkpoint.paths(args.out_dir)
-            what = f'loss is {total}' if not math.isfinite(total) else \
-                f'gradient norm is {grad_norm.item()} (loss {total:.4f})'
-            log(f'error: {what} at step {step + 1}; stopping before the update. '
+        try:
+            first = Preemption.deaf_workers(stream)
+        except (RuntimeError, ValueError) as e:   # e.g. no valid sample in any shard
+            sys.exit(f'error: --data={args.data}: {str(e).strip().splitlines()[-1]}')
+        batches = itertools.chain([first], stream)
+        bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
+                   disable=not run.master, dynamic_ncols=True)
+        t0 = time.time()
+        run.wrapped.train()
+        for step in bar:
+            lr = lr_at(step, args)
+            for group in run.optimizer.param_groups:
+                group['lr'] = lr
+            loss, grad_norm = train_step(run, batches, step)
+            done = step + 1
+            dt, t0 = time.time() - t0, time.time()
+            images_per_s = args.batch_size * args.grad_accum * run.world / dt
+            bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.0f}')
+            record = {}
+            if done % args.log_every == 0 or done == args.steps:
+                record = {'step': done, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm,
+                          'images_per_s': images_per_s,
+                          'logit_scale': run.model.logit_scale.exp().item(),
+                          'logit_bias': run.model.logit_bias.item(), 'time': time.time()}
+            if run.master and plan.any and (
+                    (args.eval_every and done % args.eval_every == 0) or done == args.steps):
+                metrics = llip_eval.evaluate_plan(run.model, plan, run.device, run.autocast)
+                run.log(f'step {done} eval: '
+                        + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
+                record = {'step': done, **record, **metrics}
+            if record and run.master:
+                logfile.write(json.dumps(record) + '\n')
+                logfile.flush()
+                tracker.log(record)
+            stop = torch.tensor(float(preemption.requested), device=run.device)
+            if run.ddp:
+                dist.all_reduce(stop)   # every rank stops at the same step
+            if done % args.save_every == 0 or done == args.steps or stop.item():
+                checkpoint.save_run(run, done, preemption)
+            if stop.item():
+                run.log(f'SIGTERM: saved a checkpoint at step {done}; exiting. '
+                        'Resume with --resume=auto.')
+                break
+    finally:
+        stream.close()   # the DataLoader workers end now, however the loop ended
+        if run.master:
+            logfile.close()
+            tracker.close()
+
+
+def train_step(run, batches, step):
+    """One optimizer step over --grad_accum micro-batches: (the global loss, the gradient
+    norm), both the same on every rank. Stops the run before the update on a non-finite loss
+    or gradient."""
+    args, model, optimizer, scaler = run.args, run.wrapped, run.optimizer, run.scaler
+    total = torch.zeros((), device=run.device)
+    for micro in range(args.grad_accum):
+        images, tokens = next(batches)
+        images = images.to(run.device, non_blocking=True)   # (B, 3, S, S)
+        tokens = tokens.to(run.device, non_blocking=True)   # (B, L)
+        # DDP all-reduces gradients only on the last micro-step
+        last = micro == args.grad_accum - 1
+        with nullcontext() if not run.ddp or last else model.no_sync():
+            with run.autocast:
+                loss = model(images, tokens, chunk_size=args.chunk_size or None)
+                loss = loss / args.grad_accum
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    if run.ddp:   # the global loss is the mean over ranks; every rank sees the same value
+        dist.all_reduce(total)
+        total /= run.world
+    total = total.item()
+    scaler.unscale_(optimizer)
+    # gradients are all-reduced already: every rank sees the same norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
+    # fp16: an inf gradient is the GradScaler's to handle (it skips the step, lowers the scale)
+    bad_grad = not scaler.is_enabled() and not torch.isfinite(grad_norm)
+    if not math.isfinite(total) or bad_grad:
+        newest = checkpoint.paths(args.out_dir)
+        what = f'loss is {total}' if not math.isfinite(total) else \
+            f'gradient norm is {grad_norm.item()} (loss {total:.4f})'
+        run.log(f'error: {what} at step {step + 1}; stopping before the update. '
                 + (f'The newest checkpoint, {newest[0]}, was checked finite when it was written'
                    if newest else 'No checkpoint was written yet')
                 + ': try a lower --lr, --grad_clip or --dtype=bfloat16/float32.')
-            sys.exit(1)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():   # the authors' clamp: a = exp(t) <= 100
-            raw_model.logit_scale.clamp_(0, math.log(100))
-
-        done = step + 1
-        dt, t0 = time.time() - t0, time.time()
-        images_per_s = args.batch_size * args.grad_accum * world / dt
-        bar.set_postfix(loss=f'{total:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.0f}')
-        record = None
-        if done % args.log_every == 0 or done == args.steps:
-            record = {'step': done, 'loss': total, 'lr': lr, 'grad_norm': grad_norm.item(),
-                      'images_per_s': images_per_s,
-                      'logit_scale': raw_model.logit_scale.exp().item(),
-                      'logit_bias': raw_model.logit_bias.item(), 'time': time.time()}
-        if master and any(plan[:3]) and (
-                (args.eval_every and done % args.eval_every == 0) or done == args.steps):
-            metrics = llip_eval.evaluate_plan(raw_model, plan, device, autocast)
-            log(f'step {done} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
-            record = {**(record or {'step': done}), **metrics}
-        if record and master:
-            logfile.write(json.dumps(record) + '\n')
-            logfile.flush()
-            tracker.log(record)
-        stop = torch.tensor(float(preemption.requested), device=device)
-        if ddp:
-            dist.all_reduce(stop)   # every rank stops at the same step
-        if done % args.save_every == 0 or done == args.steps or stop.item():
-            save(done, preemption)
-        if stop.item():
-            log(f'SIGTERM: saved a checkpoint at step {done}; exiting. Resume with --resume=auto.')
-            break
-    if master:
-        logfile.close()
+        sys.exit(1)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():   # the authors' clamp: a = exp(t) <= 100
+        run.model.logit_scale.clamp_(0, math.log(100))
+    return total, grad_norm.item()
 
 
 if __name__ == '__main__':

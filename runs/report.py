@@ -229,9 +229,8 @@ def cmd_lr(args):
     runs = load_runs(args.runs)
     on_test = [run['name'] for run in runs if run['config'].get('eval_split') == 'test']
     if on_test:   # a learning rate chosen on the test split flatters the reported test numbers
-        print(f"warning: evaluated on the test split (eval_split='test', or from before train.py "
-              f"had --eval_split), choose the learning rate on --eval_split=val runs: "
-              f"{', '.join(on_test)}", file=sys.stderr)
+        print("warning: evaluated on the test split (eval_split='test'): choose the learning "
+              f"rate on --eval_split=val runs: {', '.join(on_test)}", file=sys.stderr)
     scores = lr_scores(runs, metrics)
     if not scores:
         raise ValueError(f"no run has all of --metrics={args.metrics}")

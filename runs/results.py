@@ -21,14 +21,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import synthetic
 from model import POOLS
 
 # ----------------------------------------------------------------------------- runs
-# train.py flags added after some runs were made, with the value those older runs had without
-# saying so: scenes of 1 to 3 objects, the default captions, evaluation on the test split
-IMPLICIT = {'synthetic_objects': 3, 'synthetic_captions': ','.join(synthetic.OBJECT_CAPTIONS),
-            'eval_split': 'test'}
 # config.json keys in which the runs of one experiment differ by design (where and how a run is
 # saved and logged, not what it trains): runs differing only in them are not a mixed group;
 # what synthetic_dir holds is fixed by synthetic_objects, synthetic_captions and image_size,
@@ -69,7 +64,7 @@ def read_run(run_dir):
     evaluated = [r for r in read_log(run_dir) if any(is_metric(k) for k in r)]
     metrics = {k: v for k, v in evaluated[-1].items() if is_metric(k)} if evaluated else {}
     # the model's fields last: train.py's flags that override one of them are None when not given
-    return {'name': run_dir.name, 'config': {**IMPLICIT, **config, **model_config},
+    return {'name': run_dir.name, 'config': {**config, **model_config},
             'metrics': metrics}
 
 

@@ -567,12 +567,12 @@ def test_captions_from_json_and_whole_text_by_default(tmp_path):
     assert {'one', 'two'} <= drawn
 
 
-def test_synthetic_shards_keep_one_caption_per_line(tmp_path):
+def test_caption_lines_reads_one_caption_per_line(tmp_path):
+    """What train.py passes for the built-in data (and --caption_lines for COCO-style shards)."""
     from synthetic import make_synthetic
     root = make_synthetic(tmp_path / 'syn', train=4, retrieval=1, zeroshot=1, shard_size=4)
     ld = loader(os.path.join(root, 'train'), workers=0, batch_size=4, resample=False, train=False,
-                context_length=64)
-    assert ld.caption_lines is True
+                context_length=64, caption_lines=True)
     (lines,) = [keys_of(t) for _, t in ld]
     with tarfile.open(os.path.join(root, 'train', '00000.tar')) as tar:
         first = [tar.extractfile(m).read().decode().splitlines()[0] for m in tar if m.name.endswith('.txt')]

@@ -122,20 +122,20 @@ def test_curves_panels_for_lr_grad_norm_and_throughput(tmp_path):
 
 
 # ----------------------------------------------------------------------------- config keys
-def test_group_by_top_level_keys_and_old_runs(tmp_path, capsys):
+def test_group_by_top_level_keys_and_runs_without_the_key(tmp_path, capsys):
     new = dict(top={'lr': 3e-3, 'synthetic_objects': 5, 'eval_split': 'val'},
                model={'embed_dim': 64})
-    runs = [fake_run(tmp_path, 'old', 'llip', 0, {METRICS[0]: 0.5}),   # before these flags existed
+    runs = [fake_run(tmp_path, 'other', 'llip', 0, {METRICS[0]: 0.5},
+                     top={'synthetic_objects': 3}),                  # no lr in its config
             fake_run(tmp_path, 'new', 'llip', 0, {METRICS[0]: 0.7}, **new),
             fake_run(tmp_path, 'new1', 'llip', 1, {METRICS[0]: 0.9}, **new)]
     loaded = results.load_runs(runs)
     groups = results.group_runs(loaded, 'synthetic_objects', METRICS[:1])
     assert [(value, n) for value, n, _ in groups] == [(3, 1), (5, 2)]
     assert groups[1][2][METRICS[0]][0] == pytest.approx(0.8)
-    assert [r['config']['eval_split'] for r in loaded] == ['test', 'val', 'val']
-    groups = results.group_runs(loaded, 'lr', METRICS[:1])          # the old run has no lr
+    groups = results.group_runs(loaded, 'lr', METRICS[:1])          # 'other' has no lr
     assert [(value, n) for value, n, _ in groups] == [(3e-3, 2)]
-    assert 'no lr in the config.json of old' in capsys.readouterr().err
+    assert 'no lr in the config.json of other' in capsys.readouterr().err
     assert [v for v, _, _ in results.group_runs(loaded, 'embed_dim', METRICS[:1])] == [64]
     with pytest.raises(ValueError, match='nothing'):
         results.group_runs(loaded, 'nothing', METRICS[:1])
@@ -268,22 +268,21 @@ def test_lr_picks_the_best_mean_and_breaks_ties_the_same_way(tmp_path, capsys):
 
 
 def test_lr_warns_about_test_split_runs(tmp_path, capsys):
-    # 'old' has no eval_split: from before the flag, when runs evaluated on the test split
     runs = [fake_run(tmp_path, name, 'llip', seed, {METRICS[0]: 0.5},
-                     top={'lr': 1e-3, **({'eval_split': split} if split else {})})
-            for seed, (name, split) in enumerate([('old', None), ('test', 'test'), ('val', 'val')])]
+                     top={'lr': 1e-3, 'eval_split': split})
+            for seed, (name, split) in enumerate([('a', 'test'), ('b', 'test'), ('c', 'val')])]
     report.main(['lr', *runs, f'--metrics={METRICS[0]}', f"--out={tmp_path / 'lr.json'}"])
     err = capsys.readouterr().err
-    assert 'test split' in err and 'val runs: old, test\n' in err    # old and test, not val
+    assert 'test split' in err and 'val runs: a, b\n' in err    # the test runs, not val
 
 
 @pytest.mark.parametrize('by', ['embed_dim', 'synthetic_objects'])
 def test_pressure_writes_paired_numbers(tmp_path, by, is_png):
     """llip - cls at two values of a model_config field (embed_dim) or of a top-level flag
-    (synthetic_objects, whose old runs lack it: 3 objects)."""
+    (synthetic_objects)."""
     diffs = {0: [(0.60, 0.50), (0.80, 0.60), (0.75, 0.70)],        # llip, cls at seeds 0, 1, 2
              1: [(0.20, 0.10), (0.32, 0.20), (0.41, 0.30)]}
-    values = {'embed_dim': (16, 64), 'synthetic_objects': (None, 5)}[by]
+    values = {'embed_dim': (16, 64), 'synthetic_objects': (3, 5)}[by]
     runs = []
     for value, pairs in zip(values, diffs.values()):
         for seed, pair in enumerate(pairs):

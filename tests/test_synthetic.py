@@ -220,7 +220,7 @@ def test_synthetic_zeroshot_colors_are_true(synthetic):
 
 def test_loader_on_synthetic_shards(synthetic):
     ld = data.ShardLoader(os.path.join(synthetic, 'train', '{00000..00002}.tar'), batch_size=8, image_size=32,
-                          context_length=48, workers=0)
+                          context_length=48, workers=0, caption_lines=True)
     images, tokens = next(iter(ld))
     assert images.shape == (8, 3, 32, 32) and tokens.shape == (8, 48)
     texts = {k: caps for k, _, caps in data.read_shards(os.path.join(synthetic, 'train'))}
