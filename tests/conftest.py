@@ -1,11 +1,24 @@
-"""Make the flat top-level modules (model, loss, data, ...) importable from the tests; shared fixtures."""
+"""Make the flat top-level modules (model, loss, data, ...) importable from the tests; the
+fixtures and helpers that several test files share (`from conftest import train, SMALL`)."""
+import json
 import os
+import socket
+import subprocess
 import sys
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dataclasses  # noqa: E402
+
+from model import PRESETS, Llip  # noqa: E402
+from synthetic import make_synthetic  # noqa: E402
 
 
 @pytest.fixture
@@ -24,3 +37,158 @@ def is_png():
         with open(path, 'rb') as f:
             return f.read(8) == b'\x89PNG\r\n\x1a\n'
     return check
+
+
+# ----------------------------------------------------------------------------- train.py runs
+SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32',
+         '--embed_dim=16', '--num_mixture=4', '--vision_head_width=16', '--text_heads=2',
+         '--batch_size=8', '--workers=1', '--warmup=2', '--log_every=1', '--lr=1e-3', '--no-eval']
+
+
+@pytest.fixture(scope='session')
+def synthetic(tmp_path_factory):
+    """The built-in dataset, written once for the whole session (train.py's default data)."""
+    path = str(tmp_path_factory.mktemp('synthetic'))
+    make_synthetic(path, seed=0)
+    return path
+
+
+def train(out_dir, synthetic, *flags, check=True, **popen):
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}',
+           f'--synthetic_dir={synthetic}', *SMALL, *flags]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
+
+
+def log_lines(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*flags):
+    return [sys.executable, '-m', 'torch.distributed.run', *flags]
+
+
+# ----------------------------------------------------------------------------- small models
+def tiny(**overrides):
+    small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
+                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16)
+    return replace(PRESETS['tiny'], **{**small, **overrides})
+
+
+def batch(n, config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, config.image_size, config.image_size, generator=g)
+    tokens = torch.randint(1, 257, (n, config.context_length), generator=g)
+    eot = torch.randint(3, config.context_length, (n,), generator=g)
+    tokens[torch.arange(n), eot] = 258                       # EOT: the largest id
+    tokens[torch.arange(config.context_length)[None] > eot[:, None]] = 0
+    return images, tokens
+
+
+def plotted_tiny(**overrides):
+    """The small config of the plotting and diagnosis tests (mixer_heads=4: Phi per head)."""
+    small = dict(vision_layers=2, text_layers=1, vision_width=64, text_width=64, embed_dim=32,
+                 num_mixture=4, mixer_heads=4, context_length=48, image_size=16,
+                 vision_head_width=16)
+    return replace(PRESETS['tiny'], **{**small, **overrides})
+
+
+def save_checkpoint(path, pool, seed=0):
+    """A random model in train.py's checkpoint format; W_Q scaled up so that Phi is far from
+    uniform."""
+    torch.manual_seed(seed)
+    model = Llip(plotted_tiny(pool=pool))
+    if pool == 'llip':
+        with torch.no_grad():
+            model.q_proj.mul_(20)
+    torch.save({'model': model.state_dict(), 'step': 0,
+                'config': {'seed': seed, 'model_config': dataclasses.asdict(model.config)}}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- bad input
+def big_png(width, height):
+    """A greyscale PNG of width x height black pixels whose bytes are few: what a decompression
+    bomb looks like. Written by hand, row by row, so the test never holds the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+    packer, row = zlib.compressobj(9), b'\0' * (width + 1)      # filter byte 0, then the pixels
+    pixels = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
+            + chunk(b'IDAT', pixels) + chunk(b'IEND', b''))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def eval_tiny(**overrides):
+    """The small config of the evaluation tests."""
+    small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
+                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16, text_heads=4)
+    return replace(PRESETS['tiny'], **{**small, **overrides})
+
+
+def random_model(seed=0, **overrides):
+    """A random evaluation model in float64 (references compare to 1e-9)."""
+    torch.manual_seed(seed)
+    return Llip(eval_tiny(**overrides)).double().eval()
+
+
+def plain_checkpoint(path, **overrides):
+    """A random evaluation model as a train.py-style checkpoint file (no checksum)."""
+    torch.manual_seed(0)
+    c = eval_tiny(**overrides)
+    torch.save({'model': Llip(c).state_dict(), 'config': {'model_config': dataclasses.asdict(c)}}, path)
+    return str(path)
+
+
+def write_folder(root, classes, per_class=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f'{i}.png')
+    return root
+
+
+@torch.no_grad()
+
+
+def reference_one_way(scores, truth, ks=(1, 5, 10), true_first=False):
+    """Recall@k and mAP of each row as a query over its columns, one query at a time: scores
+    and truth are lists of rows of Python floats and bools. Each query's candidates are sorted
+    in a list, best first and, among equal scores, the false ones first (true_first: the other
+    way round)."""
+    recall, ap = {k: [] for k in ks}, []
+    for row, true in zip(scores, truth):
+        order = sorted(range(len(row)), key=lambda c: (-row[c], true[c] != true_first))
+        places = [place for place, c in enumerate(order, 1) if true[c]]   # 1 = the best
+        for k in ks:
+            recall[k].append(places[0] <= k)
+        ap.append(np.mean([found / place for found, place in enumerate(places, 1)]))
+    return {f'r{k}': np.mean(v) for k, v in recall.items()} | {'map': np.mean(ap)}
+
+
+def reference_metrics(scores, truth, true_first=False):
+    """Both ways: rows are images, columns strings."""
+    columns = lambda rows: [list(col) for col in zip(*rows)]   # noqa: E731
+    i2t = reference_one_way(scores, truth, true_first=true_first)
+    t2i = reference_one_way(columns(scores), columns(truth), true_first=true_first)
+    return {f'i2t_{k}': v for k, v in i2t.items()} | {f't2i_{k}': v for k, v in t2i.items()}

@@ -12,7 +12,6 @@
 - every subcommand writes a PNG from a checkpoint in train.py's format and a tiny synthetic
   dataset.
 """
-import dataclasses
 import math
 
 import pytest
@@ -23,32 +22,13 @@ from einops import einsum, rearrange
 import analysis
 import data
 import loss
-from model import PRESETS, Llip
+from conftest import plotted_tiny, save_checkpoint
 from synthetic import make_synthetic
 
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
-
-def tiny(**overrides):
-    small = dict(vision_layers=2, text_layers=1, vision_width=64, text_width=64, embed_dim=32,
-                 num_mixture=4, mixer_heads=4, context_length=48, image_size=16,
-                 vision_head_width=16)
-    return dataclasses.replace(PRESETS['tiny'], **{**small, **overrides})
-
-
-def save_checkpoint(path, pool, seed=0):
-    """A random model in train.py's checkpoint format; W_Q scaled up so that Phi is far from
-    uniform."""
-    torch.manual_seed(seed)
-    model = Llip(tiny(pool=pool))
-    if pool == 'llip':
-        with torch.no_grad():
-            model.q_proj.mul_(20)
-    torch.save({'model': model.state_dict(), 'step': 0,
-                'config': {'seed': seed, 'model_config': dataclasses.asdict(model.config)}}, path)
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +42,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def images_and_captions(files):
-    return analysis.load_images(files['data'], tiny().image_size, 12)
+    return analysis.load_images(files['data'], plotted_tiny().image_size, 12)
 
 
 # ----------------------------------------------------------------------------- spectrum

@@ -25,7 +25,7 @@ import data
 from runs import diagnose
 import synthetic
 from synthetic import make_synthetic
-from test_analysis import save_checkpoint
+from conftest import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from loss import clip_loss, llip_loss, siglip_loss
-from test_model import batch, tiny
+from conftest import batch, tiny
 from model import ImageFeatures, Llip, TextFeatures
 
 N, WORLD = 6, 2

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import checkpoint
-from test_train import ROOT, SMALL, free_port, synthetic, torchrun, train, weights  # noqa: F401
+from conftest import ROOT, SMALL, free_port, torchrun, train, weights
 
 FAST = [a for a in SMALL if not a.startswith('--workers')] + ['--workers=2']
 

@@ -17,23 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import batch, tiny
 from model import POOLS, PRESETS, Attention, Llip
-
-
-def tiny(**overrides):
-    small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
-                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16)
-    return replace(PRESETS['tiny'], **{**small, **overrides})
-
-
-def batch(n, config, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, config.image_size, config.image_size, generator=g)
-    tokens = torch.randint(1, 257, (n, config.context_length), generator=g)
-    eot = torch.randint(3, config.context_length, (n,), generator=g)
-    tokens[torch.arange(n), eot] = 258                       # EOT: the largest id
-    tokens[torch.arange(config.context_length)[None] > eot[:, None]] = 0
-    return images, tokens
 
 
 @pytest.mark.parametrize('pool', POOLS)

@@ -28,7 +28,7 @@ import importlib
 import json
 import os
 import signal
-import socket
+
 import subprocess
 import sys
 import time
@@ -37,52 +37,17 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import make_synthetic
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32',
-         '--embed_dim=16', '--num_mixture=4', '--vision_head_width=16', '--text_heads=2',
-         '--batch_size=8', '--workers=1', '--warmup=2', '--log_every=1', '--lr=1e-3', '--no-eval']
-
-
-@pytest.fixture(scope='module')
-def synthetic(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('synthetic'))
-    make_synthetic(path, seed=0)
-    return path
-
-
-def train(out_dir, synthetic, *flags, check=True, **popen):
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}',
-           f'--synthetic_dir={synthetic}', *SMALL, *flags]
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def weights(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
-
-
-def log_lines(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
+from conftest import ROOT, SMALL, free_port, log_lines, torchrun, train, weights
 
 def assert_same_weights(a, b):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, synthetic):
     out = str(tmp_path_factory.mktemp('full'))
     train(out, synthetic, '--steps=12', '--save_every=4', '--eval')
     return out
-
 
 def test_run_writes_log_config_checkpoints(uninterrupted):
     names = sorted(os.listdir(uninterrupted))
@@ -97,7 +62,6 @@ def test_run_writes_log_config_checkpoints(uninterrupted):
     assert ckpt['step'] == 12 and ckpt['config']['model_config']['num_mixture'] == 4
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
 
-
 def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, uninterrupted):
     out = str(tmp_path)
     train(out, synthetic, '--steps=12', '--save_every=4')
@@ -108,7 +72,6 @@ def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, unin
     assert_same_weights(weights(out), weights(uninterrupted))
     # log.jsonl was cut back to step 4 on resume: steps 5..12 once, not twice
     assert [r['step'] for r in log_lines(out)] == list(range(1, 13))
-
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, sig):
@@ -129,7 +92,6 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupt
     resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=True)['step']
     assert resumed_at == 12 and max(steps) == 12
 
-
 def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=4', '--save_every=2')
@@ -140,7 +102,6 @@ def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
     text = result.stdout + result.stderr
     assert 'skipping checkpoint' in text and 'ckpt_0000002.pt at step 2' in text
 
-
 def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     train_py = importlib.import_module('train')
     np.random.seed(3)
@@ -150,7 +111,6 @@ def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     np.random.seed(99)
     train_py.checkpoint.set_numpy_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True)['numpy'])
     np.testing.assert_array_equal(np.random.randn(5), expected)
-
 
 def test_only_numbered_checkpoints_are_resumed_and_rotated(tmp_path, synthetic):
     out = str(tmp_path)
@@ -163,7 +123,6 @@ def test_only_numbered_checkpoints_are_resumed_and_rotated(tmp_path, synthetic):
     assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == \
         ['ckpt_0000004.pt', 'ckpt_0000006.pt', 'ckpt_best.pt']
 
-
 def test_other_model_config_is_refused(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=2')
@@ -174,7 +133,6 @@ def test_other_model_config_is_refused(tmp_path, synthetic):
     assert 'different model config' in result.stderr and 'num_mixture' in result.stderr
     with open(os.path.join(out, 'config.json')) as f:
         assert f.read() == config, 'the refused launch overwrote config.json'
-
 
 @pytest.mark.parametrize('flag', ['--keep=0', '--keep=-1', '--steps=0', '--grad_accum=0',
                                   '--log_every=0', '--save_every=-5', '--tau=0', '--tau=-1',
@@ -203,7 +161,6 @@ def test_bad_flag_values_are_refused_before_any_work(tmp_path, synthetic, monkey
     assert 'error' in last and flag.split('=')[0] in last, message   # the flag, e.g. '--tau'
     assert not out.exists(), 'out_dir was written before the flags were checked'
 
-
 def test_every_bool_flag_takes_key_value(monkeypatch):
     train_py = importlib.import_module('train')
     args = train_py.parser.parse_args(['--eval=false', '--compile=false', '--grad_ckpt=true',
@@ -212,7 +169,6 @@ def test_every_bool_flag_takes_key_value(monkeypatch):
     args = train_py.parser.parse_args(['--no-eval', '--compile', '--no-qkv_norm'])
     assert (args.eval, args.compile, args.qkv_norm) == (False, True, False)
 
-
 @pytest.mark.parametrize('content', [b'', b'not a tar file, just text\n'])
 def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, content):
     shard = tmp_path / 'bad.tar'
@@ -220,7 +176,6 @@ def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, cont
     result = train(str(tmp_path / 'out'), synthetic, f'--data={shard}', '--steps=2', check=False)
     assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f'error: --data={shard}: ')
-
 
 def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic):
     out = str(tmp_path)
@@ -236,7 +191,6 @@ def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic
     nulls = [k for k, v in {**config, **config['model_config']}.items() if v is None]
     assert not nulls and config['model_config']['num_mixture'] == 4 and config['device'] == 'cpu'
 
-
 def test_learning_rate_schedule_and_module_level_helpers():
     train_py = importlib.import_module('train')
 
@@ -246,7 +200,6 @@ def test_learning_rate_schedule_and_module_level_helpers():
     assert train_py.lr_at(10, Args) == pytest.approx(1.0)          # the peak
     assert train_py.lr_at(110, Args) == pytest.approx(0.1)         # the floor
     assert callable(train_py.checkpoint.save) and callable(train_py.checkpoint.load)
-
 
 def make_real_eval_data(root):
     """A zero-shot folder (2 classes x 2 images) and a caption folder (4 images)."""
@@ -262,7 +215,6 @@ def make_real_eval_data(root):
         image().save(root / 'captions' / f'{i}.png')
         (root / 'captions' / f'{i}.txt').write_text(f'a picture number {i}\n')
 
-
 def test_eval_on_real_data_during_training(tmp_path, synthetic):
     make_real_eval_data(tmp_path)
     out = str(tmp_path / 'out')
@@ -276,7 +228,6 @@ def test_eval_on_real_data_during_training(tmp_path, synthetic):
     quiet = train(str(tmp_path / 'quiet'), synthetic, f'--data={synthetic}/train', '--steps=1',
                   '--eval=true')
     assert 'eval: nothing' in quiet.stdout and '--zeroshot_data' in quiet.stdout
-
 
 def fake_tracker(kind, calls):
     """A stand-in for wandb or torch.utils.tensorboard: records what train.py calls."""
@@ -302,7 +253,6 @@ def fake_tracker(kind, calls):
         module.SummaryWriter = SummaryWriter
     return module
 
-
 @pytest.mark.parametrize('kind', ['wandb', 'tensorboard'])
 def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
         tmp_path, synthetic, monkeypatch, kind):
@@ -321,7 +271,6 @@ def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
     assert sorted({c[1] for c in logged}) == [1, 2]
     assert {'loss', 'lr'} <= {key for c in logged for key in c[2]}
 
-
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=2', '--save_every=2')
@@ -332,17 +281,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
     assert open(os.path.join(out, 'ckpt_0000002.pt'), 'rb').read() == before
     assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == ['ckpt_0000002.pt']
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*flags):
-    return [sys.executable, '-m', 'torch.distributed.run', *flags]
-
-
 def test_two_ranks_with_torchrun(tmp_path, synthetic):
     out = str(tmp_path)
     cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
@@ -352,7 +290,6 @@ def test_two_ranks_with_torchrun(tmp_path, synthetic):
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['config']['world_size'] == 2 and len(ckpt['loader']) == 2
     assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2, 3]
-
 
 def test_two_nodes_on_localhost(tmp_path, synthetic):
     out, port = str(tmp_path), free_port()

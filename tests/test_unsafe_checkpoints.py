@@ -12,7 +12,7 @@ import torch
 
 import eval as llip_eval
 from model import load_official
-from test_train import synthetic, train   # noqa: F401 (synthetic: the module's data fixture)
+from conftest import train
 
 
 class Payload:
