@@ -285,6 +285,13 @@ def add_command(sub, name, func, help, out, out_help='the PNG file to write'):
     return s
 
 
+def run(parser, argv=None):
+    """Parse argv and run the subcommand, without autograd (nothing here trains)."""
+    args = parser.parse_args(argv)
+    with torch.no_grad():
+        run_command(args)
+
+
 def run_command(args):
     try:
         args.func(args)
@@ -297,6 +304,15 @@ def add_data_flag(s):
     """--data: the captioned images a subcommand reads (runs/diagnose.py's too)."""
     s.add_argument('--data', default=str(RETRIEVAL), help='shards with captioned images (brace '
                    'pattern, directory or list); default: the synthetic retrieval split')
+
+
+def one_image_command(sub, name, func, help, which=''):
+    """A subcommand that plots one image of --data (--index) for one checkpoint: NAME.png."""
+    s = add_command(sub, name, func, help, f'{name}.png')
+    s.add_argument('ckpt', help=f'a train.py checkpoint or run directory{which}')
+    add_data_flag(s)
+    s.add_argument('--index', type=int, default=0, help='which image of --data')
+    return s
 
 
 def parser():
@@ -316,23 +332,15 @@ def parser():
     s.add_argument('--labels', help='comma-separated legend labels, one per checkpoint '
                                     '(default: pool, K, directory)')
 
-    s = add_command(sub, 'mixing', cmd_mixing,
-                    "mixing weights Phi of one image for its captions and others' (pool=llip)",
-                    'mixing.png')
-    s.add_argument('ckpt', help='a train.py checkpoint (or run directory) with pool=llip')
-    add_data_flag(s)
-    s.add_argument('--index', type=int, default=0, help='which image of --data')
+    s = one_image_command(sub, 'mixing', cmd_mixing, "mixing weights Phi of one image for its "
+                          "captions and others' (pool=llip)", ' with pool=llip')
     s.add_argument('--unrelated', type=int, default=4,
                    help="how many other images' captions to add")
     s.add_argument('--tau', type=float, default=None,
                    help="mixing temperature (default: the model's)")
 
-    s = add_command(sub, 'attention', cmd_attention,
-                    "each mixture token's attention over the patches, last vision block",
-                    'attention.png')
-    s.add_argument('ckpt', help='a train.py checkpoint or run directory')
-    add_data_flag(s)
-    s.add_argument('--index', type=int, default=0, help='which image of --data')
+    s = one_image_command(sub, 'attention', cmd_attention,
+                          "each mixture token's attention over the patches, last vision block")
     s.add_argument('--head', type=int, default=-1,
                    help='one attention head, or -1 for the average over heads')
     s.add_argument('--alpha', type=float, default=0.6,
@@ -341,9 +349,7 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    with torch.no_grad():
-        run_command(args)
+    run(parser(), argv)
 
 
 if __name__ == '__main__':

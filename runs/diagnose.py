@@ -37,7 +37,7 @@ import data
 import eval as llip_eval
 import synthetic
 from analysis import (add_command, add_data_flag, checkpoint_path, load_images, load_model,
-                      run_command, save, subcommands)
+                      run, save, subcommands)
 from model import Llip
 from runs.report import write_table
 
@@ -279,9 +279,7 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    with torch.no_grad():
-        run_command(args)
+    run(parser(), argv)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
 """Make the flat top-level modules (model, loss, data, ...) importable from the tests; the
 fixtures and helpers that several test files share (`from conftest import train, SMALL`)."""
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 from dataclasses import replace
 
 import numpy as np
@@ -121,7 +123,26 @@ def save_checkpoint(path, pool, seed=0):
     return path
 
 
-# ----------------------------------------------------------------------------- bad input
+# ----------------------------------------------------------------------------- shards and images
+def png(seed, size=8, fmt='PNG'):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path, samples):
+    """samples: [(key, {ext: bytes or str})]"""
+    with tarfile.open(path, 'w') as tar:
+        for key, files in samples:
+            for ext, payload in files.items():
+                payload = payload.encode() if isinstance(payload, str) else payload
+                member = tarfile.TarInfo(f'{key}.{ext}')
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
+    return str(path)
+
+
 def big_png(width, height):
     """A greyscale PNG of width x height black pixels whose bytes are few: what a decompression
     bomb looks like. Written by hand, row by row, so the test never holds the pixels."""

@@ -36,31 +36,12 @@ from PIL import Image
 import data
 import images
 from shards import _braces
-from conftest import big_png
+from conftest import big_png, png, write_tar
 
 BYTE = data.ByteTokenizer()
 
 
 # ----------------------------------------------------------------------------- helpers
-def png(seed, size=8, fmt='PNG'):
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def write_tar(path, samples):
-    """samples: [(key, {ext: bytes or str})]"""
-    with tarfile.open(path, 'w') as tar:
-        for key, files in samples:
-            for ext, payload in files.items():
-                payload = payload.encode() if isinstance(payload, str) else payload
-                member = tarfile.TarInfo(f'{key}.{ext}')
-                member.size = len(payload)
-                tar.addfile(member, io.BytesIO(payload))
-    return str(path)
-
-
 def make_shards(folder, n_shards, per_shard):
     """Shards whose every sample's caption is its key, so a batch's tokens say which samples it holds."""
     paths = []

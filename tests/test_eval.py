@@ -29,7 +29,7 @@
 import dataclasses
 import io
 import json
-import tarfile
+
 
 import numpy as np
 import pytest
@@ -39,7 +39,7 @@ from PIL import Image
 
 import data
 from conftest import (eval_tiny, plain_checkpoint, random_model, reference_metrics,
-                      reference_one_way, write_folder)
+                      reference_one_way, write_folder, write_tar, png)
 from synthetic import make_synthetic
 import eval as llip_eval
 import loss
@@ -214,36 +214,17 @@ def test_unique_captions_give_the_standard_protocol(pool, monkeypatch):
     assert 0 < got['i2t_r1'] < 1 and 0 < got['t2i_r5'] < 1   # not a degenerate case
 
 
-def png_bytes(seed, size=16):
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format='PNG')
-    return buffer.getvalue()
 
-
-def write_tar(path, samples):
-    """samples: [(key, {extension: str or bytes})], written as KEY.extension members."""
-    with tarfile.open(path, 'w') as tar:
-        for key, files in samples:
-            for ext, payload in files.items():
-                payload = payload.encode() if isinstance(payload, str) else payload
-                member = tarfile.TarInfo(f'{key}.{ext}')
-                member.size = len(payload)
-                tar.addfile(member, io.BytesIO(payload))
-    return str(path)
-
-
-@torch.no_grad()
 def test_truth_and_binding_are_read_from_shards_and_folders(tmp_path):
     m = random_model(seed=10, vision_layers=1, text_layers=1)
     truth_a = {'scene': {'objects': []}, 'true_captions': ['one shape', 'a box left of a cat'],
                'binding': [['a red box', 'a blue box', 'color'],
                            ['a big cat', 'a small cat', 'size']]}
-    samples = [('a', {'png': png_bytes(0), 'txt': 'a red box\na big cat',
+    samples = [('a', {'png': png(0, 16), 'txt': 'a red box\na big cat',
                       'json': json.dumps(truth_a)}),
-               ('b', {'png': png_bytes(1), 'txt': 'a big cat\none shape'}),   # real data: no json
-               ('c', {'png': png_bytes(2), 'txt': 'one shape', 'json': '{"true_captions": ['}),
-               ('d', {'png': png_bytes(3), 'txt': 'a blue box', 'json': '[1, 2]'})]   # not a dict
+               ('b', {'png': png(1, 16), 'txt': 'a big cat\none shape'}),   # real data: no json
+               ('c', {'png': png(2, 16), 'txt': 'one shape', 'json': '{"true_captions": ['}),
+               ('d', {'png': png(3, 16), 'txt': 'a blue box', 'json': '[1, 2]'})]   # not a dict
     shard = write_tar(tmp_path / 'shard.tar', samples)
     with pytest.warns(data.DataWarning, match=r"ignored 1 KEY.json that do not parse.*\['c'\]"):
         read = list(data.read_shards(shard, with_json=True))
@@ -275,7 +256,7 @@ def test_truth_and_binding_are_read_from_shards_and_folders(tmp_path):
         assert llip_eval.retrieval(m, folder) == expected
 
     bad = {**truth_a, 'binding': [['a red box', 'a blue box']]}
-    write_tar(tmp_path / 'bad.tar', [('e', {'png': png_bytes(4), 'txt': 'x',
+    write_tar(tmp_path / 'bad.tar', [('e', {'png': png(4, 16), 'txt': 'x',
                                             'json': json.dumps(bad)})])
     with pytest.raises(ValueError, match=r"e\.json: 'binding' is not a list of \[true, false"):
         llip_eval.retrieval(m, str(tmp_path / 'bad.tar'))
@@ -464,7 +445,7 @@ def test_clip_benchmark_webdataset_zeroshot(tmp_path, capfd):
 
 def test_progress_bars_have_totals(tmp_path, capfd):
     ckpt = plain_checkpoint(tmp_path / 'ckpt.pt')
-    shard = write_tar(tmp_path / 'r.tar', [(f'k{i}', {'png': png_bytes(i), 'txt': f'caption {i}'}) for i in range(5)])
+    shard = write_tar(tmp_path / 'r.tar', [(f'k{i}', {'png': png(i, 16), 'txt': f'caption {i}'}) for i in range(5)])
     assert data.count_samples([shard]) == 5
     llip_eval.main([f'--ckpt={ckpt}', '--task=retrieval', f'--data={shard}', '--batch_size=2',
                     f'--out={tmp_path / "r.json"}'])
