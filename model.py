@@ -78,9 +78,11 @@ class LlipConfig:
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}: expected one of {', '.join(POOLS)}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ValueError(f"image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
         if self.embed_dim % self.mixer_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by mixer_heads={self.mixer_heads}")
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by "
+                             f"mixer_heads={self.mixer_heads}")
 
     @property
     def num_tokens(self):
@@ -168,7 +170,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, mlp_ratio, quick_gelu):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, quick_gelu)
+                                     for _ in range(layers)])
         self.grad_ckpt = False   # recompute each block's activations in backward (H/14, G/14)
         # CLIP's init: residual-branch outputs scaled down with depth
         for block in self.blocks:
@@ -195,7 +198,8 @@ class VisionTransformer(nn.Module):
         width, num_patches = c.vision_width, (c.image_size // c.patch_size) ** 2
         self.patch_embed = nn.Linear(3 * c.patch_size ** 2, width, bias=False)
         self.mixture_tokens = nn.Parameter(width ** -0.5 * torch.randn(c.num_tokens, width))
-        self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(c.num_tokens + num_patches, width))
+        positions = c.num_tokens + num_patches
+        self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(positions, width))
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, c.vision_layers, width // c.vision_head_width,
                                        c.vision_mlp_ratio, c.quick_gelu)
@@ -253,13 +257,13 @@ class Llip(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(c.init_logit_bias))              # b
         # the image side of each pool; parameters a pool does not use are not created
         if c.pool in ('cls', 'registers'):
-            self.proj = nn.Parameter(Wv ** -0.5 * torch.randn(Wv, D))                # first token -> D
+            self.proj = nn.Parameter(Wv ** -0.5 * torch.randn(Wv, D))           # first token -> D
         else:
-            self.v_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))           # W_V, per token
+            self.v_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))      # W_V, per token
             self.out_proj = nn.Parameter(D ** -0.5 * torch.randn(D, D))              # W_O
             self.v_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
         if c.pool in ('learned', 'llip'):
-            self.k_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))           # W_K, per token
+            self.k_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))      # W_K, per token
             self.k_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
         if c.pool == 'learned':   # one query shared by every sample (paper: "learned average")
             self.learned_query = nn.Parameter(torch.randn(c.mixer_heads, D // c.mixer_heads))
@@ -299,7 +303,8 @@ class Llip(nn.Module):
         g = self.text(tokens)                                                         # (N, W_t)
         queries = None
         if self.config.pool == 'llip':
-            queries = rearrange(self.q_norm(g @ self.q_proj), 'n (m d) -> n m d', m=self.config.mixer_heads)
+            queries = rearrange(self.q_norm(g @ self.q_proj), 'n (m d) -> n m d',
+                                m=self.config.mixer_heads)
         return TextFeatures(queries=queries, emb=F.normalize(g @ self.text_proj, dim=-1))
 
     def contextualize(self, image_features: ImageFeatures, text_features: TextFeatures, tau=None):
@@ -366,10 +371,12 @@ def config_from_official(sd):
         vision_mlp_ratio=sd['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0] / width,
         tokenizer='clip', vocab_size=sd['token_embedding.weight'].shape[0],
         context_length=sd['positional_embedding'].shape[0], text_width=text_width,
-        text_layers=_count_blocks(sd, 'transformer.resblocks.'), text_heads=max(1, text_width // 64),
+        text_layers=_count_blocks(sd, 'transformer.resblocks.'),
+        text_heads=max(1, text_width // 64),
         embed_dim=sd['text_projection'].shape[1], num_mixture=K, qkv_norm='K_norm.weight' in sd)
     for preset in PRESETS.values():   # same widths as an authors' config: take its heads and tau
-        if (preset.vision_width, preset.text_width, preset.embed_dim) == (width, text_width, c.embed_dim):
+        widths = (preset.vision_width, preset.text_width, preset.embed_dim)
+        if widths == (width, text_width, c.embed_dim):
             c = replace(c, vision_head_width=preset.vision_head_width, text_heads=preset.text_heads,
                         tau=preset.tau)
             break
@@ -391,7 +398,8 @@ def load_official(path_or_state_dict, **overrides):
     if tokens is not None and tokens.dim() == 1:
         sd['visual.class_embedding'] = tokens[None]                     # (W,) -> (1, W)
     required = ['visual.conv1.weight', 'visual.class_embedding', 'visual.positional_embedding',
-                'ln_final.weight', 'text_projection', 'token_embedding.weight', 'positional_embedding',
+                'ln_final.weight', 'text_projection', 'token_embedding.weight',
+                'positional_embedding',
                 'k_proj', 'v_proj', 'q_proj', 'pred.out_proj']
     missing = [k for k in required if k not in sd]
     if missing:

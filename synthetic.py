@@ -4,14 +4,15 @@ property of the image. One image vector has to sit close to all of an image's ca
 once; Llip's caption-driven mixer can pick, for each caption, the mixture tokens it needs.
 That is the situation the paper is about, at a size that a CPU trains on in minutes.
 
-    python synthetic.py --out=data/synthetic                 # write it (seconds; train.py does this itself)
+    python synthetic.py --out=data/synthetic     # write it (seconds; train.py does this itself)
     python synthetic.py --out=/tmp/syn --seed=1 --train=50000 --shard_size=2000
-    python -m pytest tests/test_synthetic.py -q              # deterministic, complete, true to its captions
+    python -m pytest tests/test_synthetic.py -q  # deterministic, complete, true to its captions
 
 What it writes is ordinary data for data.py: WebDataset tar shards for training and
 retrieval, image folders with classnames.json / templates.json for zero-shot (layout: README
 below, also written into the directory).
 """
+
 import argparse
 import io
 import json
@@ -28,13 +29,37 @@ import numpy as np
 from PIL import Image
 
 SHAPES = ('circle', 'square', 'triangle', 'cross', 'diamond', 'ring')
-COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 230), 'yellow': (240, 220, 40),
-          'purple': (140, 60, 190), 'orange': (250, 140, 20), 'pink': (250, 150, 200), 'cyan': (50, 210, 220)}
-BACKGROUNDS = {'black': (15, 15, 15), 'gray': (115, 115, 115), 'white': (240, 240, 240), 'brown': (105, 70, 40)}
+COLORS = {
+    'red': (220, 40, 40),
+    'green': (40, 170, 60),
+    'blue': (40, 80, 230),
+    'yellow': (240, 220, 40),
+    'purple': (140, 60, 190),
+    'orange': (250, 140, 20),
+    'pink': (250, 150, 200),
+    'cyan': (50, 210, 220),
+}
+BACKGROUNDS = {
+    'black': (15, 15, 15),
+    'gray': (115, 115, 115),
+    'white': (240, 240, 240),
+    'brown': (105, 70, 40),
+}
 SIZES = {'small': 3.5, 'large': 6.0}   # radius in pixels of a 32 x 32 image
-PLACES = {'left': (7, 16), 'right': (25, 16), 'top': (16, 7), 'bottom': (16, 25), 'center': (16, 16)}   # (x, y)
-WHERE = {'left': 'on the left', 'right': 'on the right', 'top': 'at the top', 'bottom': 'at the bottom',
-         'center': 'in the center'}
+PLACES = {
+    'left': (7, 16),
+    'right': (25, 16),
+    'top': (16, 7),
+    'bottom': (16, 25),
+    'center': (16, 16),
+}  # (x, y)
+WHERE = {
+    'left': 'on the left',
+    'right': 'on the right',
+    'top': 'at the top',
+    'bottom': 'at the bottom',
+    'center': 'in the center',
+}
 COUNTS = ('one shape', 'two shapes', 'three shapes', 'four shapes', 'five shapes')
 # what is said of each object, one caption per kind (_say); the default data says these four,
 # --synthetic_captions takes any of them and 'where' (the place alone)
@@ -53,7 +78,10 @@ def _scene(rng, n_objects=None, max_objects=3):
                for a in range(n) for b in range(a)):
             break
     colors = rng.sample(sorted(COLORS), n)
-    objects = [{'shape': rng.choice(SHAPES), 'color': c, 'size': s, 'place': p} for c, s, p in zip(colors, sizes, places)]
+    objects = [
+        {'shape': rng.choice(SHAPES), 'color': c, 'size': s, 'place': p}
+        for c, s, p in zip(colors, sizes, places)
+    ]
     return {'background': rng.choice(sorted(BACKGROUNDS)), 'objects': objects}
 
 
@@ -130,7 +158,9 @@ def _captions(scene, kinds=OBJECT_CAPTIONS):
     captions += [COUNTS[len(objects) - 1], f"a {scene['background']} background"]
     for a in range(len(objects)):
         for b in range(a + 1, len(objects)):
-            captions.append(f"{_name(objects[a])} {_relation(objects[a], objects[b])} {_name(objects[b])}")
+            captions.append(
+                f"{_name(objects[a])} {_relation(objects[a], objects[b])} {_name(objects[b])}"
+            )
     return captions
 
 
@@ -168,7 +198,12 @@ def _png(image):
     h, w, _ = image.shape
     rows = np.zeros((h, 1 + 3 * w), np.uint8)
     rows[:, 1:] = image.reshape(h, 3 * w)
-    chunk = lambda tag, body: struct.pack('>I', len(body)) + tag + body + struct.pack('>I', zlib.crc32(tag + body))
+    chunk = (
+        lambda tag, body: struct.pack('>I', len(body))
+        + tag
+        + body
+        + struct.pack('>I', zlib.crc32(tag + body))
+    )
     return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
             + chunk(b'IDAT', zlib.compress(rows.tobytes())) + chunk(b'IEND', b''))
 
@@ -198,9 +233,11 @@ def _captioned(rng, index, image_size, max_objects, with_truth=False, kinds=OBJE
     return f'{index:08d}', files
 
 
-README = """The built-in synthetic dataset of llip, written by `python synthetic.py` (settings: .complete).
+README = """The built-in synthetic dataset of llip, written by `python synthetic.py` \
+(settings: .complete).
 
-train/NNNNN.tar      WebDataset shards: KEY.png ({size}x{size} RGB), KEY.txt (captions, one per line)
+train/NNNNN.tar      WebDataset shards: KEY.png ({size}x{size} RGB), KEY.txt \
+(captions, one per line)
 retrieval/00000.tar  held-out test images with all their captions, for image-text retrieval;
                      KEY.json: the scene, every caption true of it, its binding pairs
 zeroshot/<family>/   one folder per class, classnames.json, templates.json; families:
@@ -233,14 +270,18 @@ def _zeroshot_families(max_objects, kinds=OBJECT_CAPTIONS):
         return make
     counts = COUNTS[:max_objects]
     return {
-        'shape': (SHAPES, ['a {}'] + [_name({'color': c, 'shape': '{}'}) for c in COLORS],
-                  one_object('shape')),
+        'shape': (
+            SHAPES,
+            ['a {}'] + [_name({'color': c, 'shape': '{}'}) for c in COLORS],
+            one_object('shape'),
+        ),
         'color': (tuple(COLORS), ['a {} ' + shape for shape in SHAPES], one_object('color')),
         'size': (tuple(SIZES), [f'a {{}} {shape}' for shape in SHAPES], one_object('size')),
-        'place': (tuple(WHERE[p] for p in PLACES),
-                  (['a shape {}'] if 'where' in kinds else [])
-                  + [f'a {shape} {{}}' for shape in SHAPES],
-                  lambda rng, name: one_object('place')(rng, next(p for p in PLACES if WHERE[p] == name))),
+        'place': (
+            tuple(WHERE[p] for p in PLACES),
+            (['a shape {}'] if 'where' in kinds else []) + [f'a {shape} {{}}' for shape in SHAPES],
+            lambda rng, name: one_object('place')(rng, next(p for p in PLACES if WHERE[p] == name)),
+        ),
         'count': (counts, ['{}'], lambda rng, name: _scene(rng, n_objects=counts.index(name) + 1)),
     }
 
@@ -323,23 +364,37 @@ def _job(out_dir, name, seed, *rest):
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--seed', type=int, default=0, help='everything written follows from this seed')
     p.add_argument('--train', type=int, default=20000, help='training images')
-    p.add_argument('--retrieval', type=int, default=1000, help='held-out images of the retrieval split')
-    p.add_argument('--zeroshot', type=int, default=50, help='images per class of each zero-shot split')
+    p.add_argument(
+        '--retrieval', type=int, default=1000, help='held-out images of the retrieval split'
+    )
+    p.add_argument(
+        '--zeroshot', type=int, default=50, help='images per class of each zero-shot split'
+    )
     p.add_argument('--shard_size', type=int, default=1000, help='samples per training shard')
-    p.add_argument('--image_size', type=int, default=32, help='image side in pixels (objects scale with it)')
-    p.add_argument('--max_objects', type=int, default=3, help='objects per image: 1 to this many (at most 5)')
-    p.add_argument('--captions', default=','.join(OBJECT_CAPTIONS),
-                   type=lambda s: tuple(s.split(',')),
-                   help=f"what is said of each object, comma-separated, of "
-                        f"{','.join(CAPTION_KINDS)} ('where': the place alone: 'a shape on the left')")
+    p.add_argument(
+        '--image_size', type=int, default=32, help='image side in pixels (objects scale with it)'
+    )
+    p.add_argument(
+        '--max_objects', type=int, default=3, help='objects per image: 1 to this many (at most 5)'
+    )
+    p.add_argument(
+        '--captions',
+        default=','.join(OBJECT_CAPTIONS),
+        type=lambda s: tuple(s.split(',')),
+        help=f"what is said of each object, comma-separated, of "
+        f"{','.join(CAPTION_KINDS)} ('where': the place alone: 'a shape on the left')",
+    )
     args = vars(p.parse_args())
     try:   # bad settings: the message, not a traceback
         out = make_synthetic(args.pop('out'), **args)
     except ValueError as e:
         p.error(str(e))
-    print(f"synthetic dataset in {out}: {args['train']} training images, {args['retrieval']} for retrieval, "
-          f"zero-shot splits {', '.join(_zeroshot_families(args['max_objects']))}; see {os.path.join(out, 'README.txt')}")
+    families = ', '.join(_zeroshot_families(args['max_objects']))
+    print(f"synthetic dataset in {out}: {args['train']} training images, {args['retrieval']} for "
+          f"retrieval, zero-shot splits {families}; see {os.path.join(out, 'README.txt')}")

@@ -9,7 +9,8 @@ Plots and tables of finished (or running) trainings of the miniature Llip reprod
     python -m runs.report ablation runs/ablation/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
         --baseline=cls --out=runs/ablation.png --table=runs/ablation.md
     # Figure 6: against K or tau (--baseline=16: each K minus K = 16, paired by seed)
-    python -m runs.report sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 --out=runs/k_sweep.png
+    python -m runs.report sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 \
+        --out=runs/k_sweep.png
     python -m runs.report sweep runs/tau_sweep/*/ --by=tau --out=runs/tau_sweep.png
     # each pool's learning rate from a grid of runs on the validation split (--eval_split=val):
     # the best mean over seeds of the average of the metrics, written as {pool: lr}
@@ -32,6 +33,7 @@ themselves is in analysis.py (feature spectra, mixing weights, attention maps) a
 (captions, probe, spread).
 `python -m runs.report SUBCOMMAND --help` lists the flags.
 """
+
 import json
 import math
 import statistics
@@ -43,10 +45,26 @@ matplotlib.use('Agg')   # files only, no display
 import matplotlib.pyplot as plt
 
 from analysis import add_command, run_command, save, subcommands
-from runs.results import (LEVEL, group_stats, load_runs, markdown_table, metric_stats, metrics_found,
-                     order_key, paired_difference, paired_legend, paired_rows, paired_table,
-                     read_log, report_unpaired, seed_values, seeds_cell, split_runs,
-                     unpaired_notes, warn_if_mixed)
+from runs.results import (
+    LEVEL,
+    group_stats,
+    load_runs,
+    markdown_table,
+    metric_stats,
+    metrics_found,
+    order_key,
+    paired_difference,
+    paired_legend,
+    paired_rows,
+    paired_table,
+    read_log,
+    report_unpaired,
+    seed_values,
+    seeds_cell,
+    split_runs,
+    unpaired_notes,
+    warn_if_mixed,
+)
 
 METRICS = ['zeroshot/color/top1', 'zeroshot/shape/top1', 'retrieval/i2t_map', 'retrieval/t2i_map',
            'retrieval/binding']

@@ -26,13 +26,23 @@ import data
 import model
 import synthetic
 
-VALUES = {'shape': synthetic.SHAPES, 'color': tuple(synthetic.COLORS), 'size': tuple(synthetic.SIZES),
-          'place': tuple(synthetic.PLACES)}
-CAPTION = {'shape': 'color', 'color': 'color', 'size': 'size', 'place': 'place'}   # which caption says it
+VALUES = {
+    'shape': synthetic.SHAPES,
+    'color': tuple(synthetic.COLORS),
+    'size': tuple(synthetic.SIZES),
+    'place': tuple(synthetic.PLACES),
+}
+CAPTION = {
+    'shape': 'color',
+    'color': 'color',
+    'size': 'size',
+    'place': 'place',
+}  # which caption says it
 
 
 def examples(family, n, rng, config):
-    """(images (n, 3, S, S), tokens (n, L), labels (n,)): one object each, `family` set to the label."""
+    """(images (n, 3, S, S), tokens (n, L), labels (n,)): one object each, `family` set to the
+    label."""
     images, captions, labels = [], [], []
     for _ in range(n):
         label = rng.randrange(len(VALUES[family]))
@@ -62,14 +72,20 @@ def train_probe(tower, width, inputs, labels, test_inputs, test_labels, steps, l
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument('--steps', type=int, default=300, help='optimizer steps per tower and attribute')
     p.add_argument('--lr', type=float, default=3e-4, help='AdamW learning rate')
-    p.add_argument('--families', default='shape,color,size,place', help='attributes, comma-separated')
+    p.add_argument(
+        '--families', default='shape,color,size,place', help='attributes, comma-separated'
+    )
     p.add_argument('--seed', type=int, default=0, help='data and initialisation')
     args = p.parse_args()
     config = dataclasses.replace(model.PRESETS['tiny'], pool='cls')
-    print(f'| attribute | chance | image tower | text tower |  ({args.steps} steps, lr {args.lr:g})')
+    print(
+        f'| attribute | chance | image tower | text tower |  ({args.steps} steps, lr {args.lr:g})'
+    )
     print('|---|---|---|---|')
     for family in args.families.split(','):
         rng = random.Random(f'{args.seed}/{family}')
@@ -83,7 +99,10 @@ def main():
         text = model.TextTransformer(config)
         text_acc = train_probe(text, config.text_width, tokens, labels, test_tokens, test_labels,
                                args.steps, args.lr)
-        print(f'| {family} | {1 / len(VALUES[family]):.2f} | {image_acc:.2f} | {text_acc:.2f} |', flush=True)
+        print(
+            f'| {family} | {1 / len(VALUES[family]):.2f} | {image_acc:.2f} | {text_acc:.2f} |',
+            flush=True,
+        )
 
 
 class FirstToken(torch.nn.Module):

@@ -59,7 +59,9 @@ def train(out_dir, synthetic, *flags, check=True, **popen):
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}',
            f'--synthetic_dir={synthetic}', *SMALL, *flags]
     if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -150,18 +152,37 @@ def big_png(width, height):
     import zlib
 
     def chunk(kind, payload):
-        return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+        return (
+            struct.pack('>I', len(payload))
+            + kind
+            + payload
+            + struct.pack('>I', zlib.crc32(kind + payload))
+        )
     packer, row = zlib.compressobj(9), b'\0' * (width + 1)      # filter byte 0, then the pixels
     pixels = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
-            + chunk(b'IDAT', pixels) + chunk(b'IEND', b''))
+    return (
+        b'\x89PNG\r\n\x1a\n'
+        + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
+        + chunk(b'IDAT', pixels)
+        + chunk(b'IEND', b'')
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
 def eval_tiny(**overrides):
     """The small config of the evaluation tests."""
-    small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
-                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16, text_heads=4)
+    small = dict(
+        vision_layers=2,
+        text_layers=2,
+        vision_width=64,
+        text_width=64,
+        embed_dim=32,
+        num_mixture=4,
+        context_length=16,
+        image_size=16,
+        vision_head_width=16,
+        text_heads=4,
+    )
     return replace(PRESETS['tiny'], **{**small, **overrides})
 
 
@@ -175,7 +196,9 @@ def plain_checkpoint(path, **overrides):
     """A random evaluation model as a train.py-style checkpoint file (no checksum)."""
     torch.manual_seed(0)
     c = eval_tiny(**overrides)
-    torch.save({'model': Llip(c).state_dict(), 'config': {'model_config': dataclasses.asdict(c)}}, path)
+    torch.save(
+        {'model': Llip(c).state_dict(), 'config': {'model_config': dataclasses.asdict(c)}}, path
+    )
     return str(path)
 
 

@@ -2,10 +2,11 @@
 two processes on the gloo backend, each with half of the batch, give
 - for a DDP-wrapped Llip model: the same loss (mean over ranks) and the same averaged
   parameter gradients as one process on the whole batch;
-- for llip_loss (both forms), siglip_loss and clip_loss on raw features: the same loss and, for every
-  rank's slice of the inputs, the same gradient (DDP averages over ranks, so a rank's slice
-  gradient divided by the world size is the single-process gradient).
+- for llip_loss (both forms), siglip_loss and clip_loss on raw features: the same loss and, for
+  every rank's slice of the inputs, the same gradient (DDP averages over ranks, so a rank's
+  slice gradient divided by the world size is the single-process gradient).
 """
+
 import os
 import socket
 
@@ -31,7 +32,9 @@ def feature_inputs():
 
 def feature_losses(x, out_proj, a, b):
     """The losses on the given slices; returns {name: loss}."""
-    image, text = ImageFeatures(keys=x['keys'], values=x['values']), TextFeatures(x['queries'], x['text_emb'])
+    image, text = ImageFeatures(keys=x['keys'], values=x['values']), TextFeatures(
+        x['queries'], x['text_emb']
+    )
     return {'llip': llip_loss(image, text, out_proj, 2.0, a, b, chunk_size=2, form='gram'),
             'llip_plain': llip_loss(image, text, out_proj, 2.0, a, b, chunk_size=2, form='plain'),
             'siglip': siglip_loss(x['image_emb'], x['text_emb'], a, b),
@@ -39,7 +42,8 @@ def feature_losses(x, out_proj, a, b):
 
 
 def run_all(rank, world):
-    """Model and raw-feature losses and gradients on this rank's slice (world=1: the whole batch)."""
+    """Model and raw-feature losses and gradients on this rank's slice (world=1: the whole
+    batch)."""
     torch.manual_seed(0)
     config = tiny(num_mixture=3)
     model = Llip(config).double()

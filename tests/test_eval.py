@@ -66,8 +66,13 @@ def brute_force_scores(m, images, names, templates, taus):
         queries = None if feats[0].queries is None else sum(f.queries for f in feats) / len(feats)
         protos.append(TextFeatures(queries, emb))
     alone = [m.encode_image(x[None]) for x in images]
-    return {tau: torch.tensor([[m.similarity(img, proto, tau=tau).item() for proto in protos] for img in alone],
-                              dtype=torch.float64) for tau in taus}
+    return {
+        tau: torch.tensor(
+            [[m.similarity(img, proto, tau=tau).item() for proto in protos] for img in alone],
+            dtype=torch.float64,
+        )
+        for tau in taus
+    }
 
 
 def rank_of(row, target):
@@ -79,7 +84,9 @@ def rank_of(row, target):
 @torch.no_grad()
 def test_zeroshot_matches_one_pair_at_a_time(pool, monkeypatch):
     m = random_model(pool=pool)
-    images = torch.randn(14, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(
+        14, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     taus = (None, 1.0) if pool == 'llip' else (None,)
     # labels chosen from the reference ranking: image i's label is its rank-RANKS[i] class, so
     # the expected top-1 is 4/14 and top-5 8/14 (no other rank is as frequent as 0), and any
@@ -91,13 +98,23 @@ def test_zeroshot_matches_one_pair_at_a_time(pool, monkeypatch):
     got = llip_eval.zeroshot(m, (images, labels), NAMES, TEMPLATES, taus=taus, batch_size=3)
     for tau in taus:
         ranks = [rank_of(reference[tau][i], labels[i]) for i in range(14)]
-        recall = {c: np.mean([r < 1 for r, y in zip(ranks, labels) if y == c]) for c in set(labels.tolist())}
-        expected = {'top1': np.mean([r < 1 for r in ranks]), 'top5': np.mean([r < 5 for r in ranks]),
-                    'mean_per_class_recall': np.mean(list(recall.values()))}   # over the classes with images
+        recall = {
+            c: np.mean([r < 1 for r, y in zip(ranks, labels) if y == c])
+            for c in set(labels.tolist())
+        }
+        expected = {
+            'top1': np.mean([r < 1 for r in ranks]),
+            'top5': np.mean([r < 5 for r in ranks]),
+            'mean_per_class_recall': np.mean(list(recall.values())),
+        }  # over the classes with images
         key = float(m.config.tau if tau is None else tau)
         assert got[key] == pytest.approx(expected), (tau, got[key], expected)
-    assert {k: got[m.config.tau][k] for k in ('top1', 'top5')} == pytest.approx({'top1': 4 / 14, 'top5': 8 / 14})
-    if pool == 'llip':   # tau matters for Llip, so the second tau was really evaluated with its own value
+    assert {k: got[m.config.tau][k] for k in ('top1', 'top5')} == pytest.approx(
+        {'top1': 4 / 14, 'top5': 8 / 14}
+    )
+    if (
+        pool == 'llip'
+    ):  # tau matters for Llip, so the second tau was really evaluated with its own value
         assert not torch.equal(reference[None].argsort(dim=1), reference[1.0].argsort(dim=1))
 
 
@@ -200,14 +217,15 @@ def test_unique_captions_give_the_standard_protocol(pool, monkeypatch):
     owner = [i for i, caps in enumerate(captions) for _ in caps]
     flat = [c for caps in captions for c in caps]
     scores = torch.tensor(one_pair_at_a_time(m, images, flat), dtype=torch.float64)
-    best_own = [min(rank_of(scores[i], j) for j in range(len(flat)) if owner[j] == i)
-                for i in range(n)]                          # image i's best caption: how many beat it
+    best_own = [
+        min(rank_of(scores[i], j) for j in range(len(flat)) if owner[j] == i) for i in range(n)
+    ]  # image i's best caption: how many beat it
     own_image = [rank_of(scores[:, j], owner[j]) for j in range(len(flat))]   # caption j's image
     expected = {}
     for k in (1, 5, 10):
         expected[f'i2t_r{k}'] = np.mean([rank < k for rank in best_own])
         expected[f't2i_r{k}'] = np.mean([rank < k for rank in own_image])
-    expected['t2i_map'] = np.mean([1 / (1 + rank) for rank in own_image])   # AP of 1 true: 1 / place
+    expected['t2i_map'] = np.mean([1 / (1 + rank) for rank in own_image])  # AP of 1 true: 1 / place
     monkeypatch.setattr(loss, 'default_chunk', lambda *_: 3)   # 4 images a batch: chunks of 3 and 1
     got = llip_eval.retrieval(m, (images, captions), batch_size=4)[m.config.tau]
     assert {k: got[k] for k in expected} == pytest.approx(expected)
@@ -266,7 +284,9 @@ def test_truth_and_binding_are_read_from_shards_and_folders(tmp_path):
 def test_one_template_is_plain_evaluation():
     m = random_model(seed=4)
     protos = llip_eval.class_prototypes(m, NAMES, ['a {}'], batch_size=5)
-    plain = m.encode_text(data.tokenize([f'a {n}' for n in NAMES], m.config.context_length, m.config.tokenizer))
+    plain = m.encode_text(
+        data.tokenize([f'a {n}' for n in NAMES], m.config.context_length, m.config.tokenizer)
+    )
     torch.testing.assert_close(protos.queries, plain.queries)
     torch.testing.assert_close(protos.emb, plain.emb)
 
@@ -277,7 +297,9 @@ def test_two_templates_average_queries_and_normalised_embeddings():
     protos = llip_eval.class_prototypes(m, NAMES[:4], ['a {}', 'the {}!'], batch_size=3)
     for c, name in enumerate(NAMES[:4]):
         a, b = encode_one_text(m, f'a {name}'), encode_one_text(m, f'the {name}!')
-        torch.testing.assert_close(protos.queries[c], (a.queries[0] + b.queries[0]) / 2)   # not normalised
+        torch.testing.assert_close(
+            protos.queries[c], (a.queries[0] + b.queries[0]) / 2
+        )  # not normalised
         torch.testing.assert_close(protos.emb[c], F.normalize(a.emb[0] + b.emb[0], dim=0))
     with pytest.raises(ValueError, match="'{}'"):
         llip_eval.class_prototypes(m, NAMES, ['a photo of a {c}'])
@@ -294,12 +316,21 @@ def test_checkpoints(tmp_path):
     expected = m.similarity(m.encode_image(images), m.encode_text(tokens))
     # train.py's layout, a bare config dict, and a compiled model's prefixed keys all load
     compiled = {f'_orig_mod.{k}': v for k, v in m.state_dict().items()}
-    for i, ckpt in enumerate([{'model': m.state_dict(), 'config': {'lr': 1e-3, 'model_config': dataclasses.asdict(c)}},
-                              {'model': compiled, 'config': {**dataclasses.asdict(c), 'steps': 10}}]):
+    for i, ckpt in enumerate(
+        [
+            {
+                'model': m.state_dict(),
+                'config': {'lr': 1e-3, 'model_config': dataclasses.asdict(c)},
+            },
+            {'model': compiled, 'config': {**dataclasses.asdict(c), 'steps': 10}},
+        ]
+    ):
         torch.save(ckpt, tmp_path / f'{i}.pt')
         loaded = llip_eval.load_checkpoint(tmp_path / f'{i}.pt')
         assert loaded.config == c
-        torch.testing.assert_close(loaded.similarity(loaded.encode_image(images), loaded.encode_text(tokens)), expected)
+        torch.testing.assert_close(
+            loaded.similarity(loaded.encode_image(images), loaded.encode_text(tokens)), expected
+        )
     (tmp_path / 'junk.pt').write_bytes(b'hello')
     with pytest.raises(ValueError, match='not a checkpoint'):
         llip_eval.load_checkpoint(tmp_path / 'junk.pt')
@@ -311,7 +342,9 @@ def test_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------- synthetic data
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp('synthetic'), train=1, retrieval=12, zeroshot=2, shard_size=1)
+    return make_synthetic(
+        tmp_path_factory.mktemp('synthetic'), train=1, retrieval=12, zeroshot=2, shard_size=1
+    )
 
 
 @torch.no_grad()
@@ -338,9 +371,16 @@ def test_evaluate_synthetic(synthetic):
     m = random_model(seed=9, image_size=32)
     metrics = llip_eval.evaluate_synthetic(m, synthetic)
     splits = [p.name for p in (synthetic / 'zeroshot').iterdir()]
-    expected = {f'zeroshot/{split}/{k}' for split in splits for k in ('top1', 'top1_best', 'mean_per_class_recall')}
-    expected |= {f'zeroshot/{split}/top5' for split in splits   # not applicable below 5 classes
-                 if len(json.loads((synthetic / 'zeroshot' / split / 'classnames.json').read_text())) >= 5}
+    expected = {
+        f'zeroshot/{split}/{k}'
+        for split in splits
+        for k in ('top1', 'top1_best', 'mean_per_class_recall')
+    }
+    expected |= {
+        f'zeroshot/{split}/top5'
+        for split in splits  # not applicable below 5 classes
+        if len(json.loads((synthetic / 'zeroshot' / split / 'classnames.json').read_text())) >= 5
+    }
     expected |= {f'retrieval/{way}_{k}' for way in ('i2t', 't2i')
                  for k in ('r1', 'r5', 'r10', 'map')}
     expected.add('retrieval/binding')
@@ -358,31 +398,46 @@ def test_evaluate_synthetic(synthetic):
 def test_results_of_a_second_dataset_do_not_replace_the_first(tmp_path, capsys):
     ckpt = plain_checkpoint(tmp_path / 'ckpt.pt')
     for name in ('pets', 'cars'):
-        folder = write_folder(tmp_path / name, ['cat', 'dog'] if name == 'pets' else ['car', 'bus'], 1)
+        folder = write_folder(
+            tmp_path / name, ['cat', 'dog'] if name == 'pets' else ['car', 'bus'], 1
+        )
         llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={folder}', '--workers=0'])
     written = sorted(p.name for p in tmp_path.glob('eval_*.json'))
     assert len(written) == 2 and all(n.startswith('eval_zeroshot_') for n in written)
     assert {json.loads((tmp_path / n).read_text())['data'] for n in written} == {
         str(tmp_path / 'pets'), str(tmp_path / 'cars')}
     # the same data again replaces its own file; another whose name collides is refused
-    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets"}', '--workers=0'])
+    llip_eval.main(
+        [f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets"}', '--workers=0']
+    )
     assert sorted(p.name for p in tmp_path.glob('eval_*.json')) == written
     (tmp_path / 'pets_').mkdir()
     for item in (tmp_path / 'pets').iterdir():
         item.rename(tmp_path / 'pets_' / item.name)
     with pytest.raises(SystemExit, match='name another file with --out'):
-        llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets_"}', '--workers=0'])
+        llip_eval.main(
+            [f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets_"}', '--workers=0']
+        )
     out = tmp_path / 'mine.json'
-    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets_"}', f'--out={out}',
-                    '--workers=0'])
+    llip_eval.main(
+        [
+            f'--ckpt={ckpt}',
+            '--task=zeroshot',
+            f'--data={tmp_path / "pets_"}',
+            f'--out={out}',
+            '--workers=0',
+        ]
+    )
     assert json.loads(out.read_text())['data'] == str(tmp_path / 'pets_')
 
 
-# ----------------------------------------------------------------------------- clip_benchmark, progress
+# ------------------------------------------------------------------------- clip_benchmark, progress
 @torch.no_grad()
 def test_top5_is_not_applicable_below_5_classes_and_per_class_recall(capsys):
     m = random_model(seed=3)
-    images = torch.randn(7, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    images = torch.randn(
+        7, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
+    )
     scores = brute_force_scores(m, images, NAMES[:3], TEMPLATES, (None,))[None]
     best = scores.argmax(dim=1)
     labels = best.clone()
@@ -394,11 +449,14 @@ def test_top5_is_not_applicable_below_5_classes_and_per_class_recall(capsys):
     assert got['mean_per_class_recall'] == pytest.approx(np.mean(recall)) != pytest.approx(6 / 7)
     llip_eval.print_table({'zeroshot/x': {5.0: got}})
     assert 'top5 n/a' in capsys.readouterr().out
-    assert 'zeroshot/x/top5' not in llip_eval.flatten({'zeroshot/x': {5.0: got}})   # train.py logs numbers
+    assert 'zeroshot/x/top5' not in llip_eval.flatten(
+        {'zeroshot/x': {5.0: got}}
+    )  # train.py logs numbers
 
 
 def write_clip_benchmark(root, classes, per_class, seed=0):
-    """clip_benchmark's WebDataset zero-shot layout: classnames.txt, templates, test/N.tar of KEY.webp + KEY.cls."""
+    """clip_benchmark's WebDataset zero-shot layout: classnames.txt, templates, test/N.tar of
+    KEY.webp + KEY.cls."""
     rng = np.random.default_rng(seed)
     (root / 'test').mkdir(parents=True)
     (root / 'classnames.txt').write_text('\n'.join(classes) + '\n')
@@ -412,7 +470,9 @@ def write_clip_benchmark(root, classes, per_class, seed=0):
             samples.append((f'{c}_{i}', {'webp': buffer.getvalue(), 'cls': str(c)}))
     half = len(samples) // 2
     write_tar(root / 'test' / '0.tar', samples[:half])
-    write_tar(root / 'test' / '1.tar', samples[half:] + [('bad', {'webp': b'not an image', 'cls': '0'})])
+    write_tar(
+        root / 'test' / '1.tar', samples[half:] + [('bad', {'webp': b'not an image', 'cls': '0'})]
+    )
     return root, samples
 
 
@@ -431,21 +491,36 @@ def test_clip_benchmark_webdataset_zeroshot(tmp_path, capfd):
     with pytest.warns(UserWarning, match='skipped 1 images'):
         assert llip_eval.zeroshot(m, root, layout[1], layout[2], batch_size=4) == expected
     with pytest.warns(UserWarning, match='skipped 1 images'):
-        assert llip_eval.zeroshot(m, str(root / 'test' / '{0..1}.tar'), layout[1], layout[2], batch_size=4) == expected
-    # from the command line, class names and templates come from the layout; progress bars have totals
+        assert (
+            llip_eval.zeroshot(
+                m, str(root / 'test' / '{0..1}.tar'), layout[1], layout[2], batch_size=4
+            )
+            == expected
+        )
+    # from the command line, class names and templates come from the layout; progress bars
+    # have totals
     ckpt = plain_checkpoint(tmp_path / 'ckpt.pt')
     capfd.readouterr()
-    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={root}', '--workers=0', '--batch_size=4'])
+    llip_eval.main(
+        [f'--ckpt={ckpt}', '--task=zeroshot', f'--data={root}', '--workers=0', '--batch_size=4']
+    )
     err = capfd.readouterr().err
     assert '10/10' in err and 'image' in err                       # 9 images and the broken one
     (out,) = tmp_path.glob('eval_zeroshot_*wds.json')
     written = json.loads(out.read_text())
-    assert written['clip_benchmark']['zeroshot/wds']['5'].keys() == {'acc1', 'acc5', 'mean_per_class_recall'}
+    assert written['clip_benchmark']['zeroshot/wds']['5'].keys() == {
+        'acc1',
+        'acc5',
+        'mean_per_class_recall',
+    }
 
 
 def test_progress_bars_have_totals(tmp_path, capfd):
     ckpt = plain_checkpoint(tmp_path / 'ckpt.pt')
-    shard = write_tar(tmp_path / 'r.tar', [(f'k{i}', {'png': png(i, 16), 'txt': f'caption {i}'}) for i in range(5)])
+    shard = write_tar(
+        tmp_path / 'r.tar',
+        [(f'k{i}', {'png': png(i, 16), 'txt': f'caption {i}'}) for i in range(5)],
+    )
     assert data.count_samples([shard]) == 5
     llip_eval.main([f'--ckpt={ckpt}', '--task=retrieval', f'--data={shard}', '--batch_size=2',
                     f'--out={tmp_path / "r.json"}'])

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 def test_folder_by_name_by_order_and_undecodable_images(tmp_path):
     m = random_model(seed=6)
     names = ['cat', 'dog', 'car']
-    by_name = llip_eval.zeroshot(m, write_folder(tmp_path / 'a', names), names, TEMPLATES, batch_size=4)
+    by_name = llip_eval.zeroshot(
+        m, write_folder(tmp_path / 'a', names), names, TEMPLATES, batch_size=4
+    )
     # ImageNet-style ids: sorted folder i is class i, so the same images give the same result
     ids = write_folder(tmp_path / 'b', ['n01', 'n02', 'n03'])
     assert [label for _, label in llip_eval.image_folder(ids, names)] == [0] * 3 + [1] * 3 + [2] * 3
@@ -63,20 +65,26 @@ def test_bad_folders_are_refused(tmp_path):
         llip_eval.image_folder(tmp_path / 'pets', ['cat', 'dog', 'emu', 'owl'])
 
 
-# ----------------------------------------------------------------------------- bad images, class mapping
+# ----------------------------------------------------------------------- bad images, class mapping
 @torch.no_grad()
 def test_zeroshot_skips_decompression_bombs_and_duplicates(tmp_path):
     m = random_model(seed=6)
     names = ['cat', 'dog']
-    expected = llip_eval.zeroshot(m, write_folder(tmp_path / 'a', names), names, TEMPLATES, batch_size=4)
-    (tmp_path / 'a' / 'dog' / 'bomb.png').write_bytes(big_png(14000, 14000))      # beyond PIL's limit
-    (tmp_path / 'a' / 'cat' / 'huge.png').write_bytes(big_png(5000, 5000))        # beyond data.MAX_PIXELS
+    expected = llip_eval.zeroshot(
+        m, write_folder(tmp_path / 'a', names), names, TEMPLATES, batch_size=4
+    )
+    (tmp_path / 'a' / 'dog' / 'bomb.png').write_bytes(big_png(14000, 14000))  # beyond PIL's limit
+    (tmp_path / 'a' / 'cat' / 'huge.png').write_bytes(big_png(5000, 5000))  # beyond data.MAX_PIXELS
     for workers in (0, 2):
-        with pytest.warns(UserWarning, match=r"skipped 2 images.*(bomb|huge)\.png \((ImageTooLarge)\)"):
+        with pytest.warns(
+            UserWarning, match=r"skipped 2 images.*(bomb|huge)\.png \((ImageTooLarge)\)"
+        ):
             assert llip_eval.zeroshot(m, tmp_path / 'a', names, TEMPLATES, batch_size=4,
                                       workers=workers) == expected
     # the same image twice (a copy and a link) is evaluated twice, as any other image
-    (tmp_path / 'a' / 'cat' / 'copy.png').write_bytes((tmp_path / 'a' / 'cat' / '0.png').read_bytes())
+    (tmp_path / 'a' / 'cat' / 'copy.png').write_bytes(
+        (tmp_path / 'a' / 'cat' / '0.png').read_bytes()
+    )
     (tmp_path / 'a' / 'cat' / 'link.png').symlink_to(tmp_path / 'a' / 'cat' / '0.png')
     with pytest.warns(UserWarning, match='skipped 2 images'):
         twice = llip_eval.zeroshot(m, tmp_path / 'a', names, TEMPLATES, batch_size=4)
@@ -106,7 +114,9 @@ def test_which_folder_is_which_class(tmp_path, capsys):
     assert labels_of(tmp_path / 'ids', mapping) == {'n03': 0, 'n01': 1, 'n02': 2}
     assert llip_eval.class_names(mapping) == ['car', 'cat', 'dog']
     assert llip_eval.class_names({'1': 'dog', '0': 'cat'}) == ['cat', 'dog']
-    assert labels_of(tmp_path / 'v2', {str(i): n for i, n in enumerate(NAMES)}) == {str(i): i for i in range(12)}
+    assert labels_of(tmp_path / 'v2', {str(i): n for i, n in enumerate(NAMES)}) == {
+        str(i): i for i in range(12)
+    }
     # no folder named after a class: sorted order, and a line says so
     assert labels_of(tmp_path / 'ids', ['cat', 'dog', 'car']) == {'n01': 0, 'n02': 1, 'n03': 2}
     assert 'n01 -> cat' in capsys.readouterr().out
@@ -125,13 +135,18 @@ def test_classnames_json_as_a_dict_inside_data_and_by_flag(tmp_path):
     mapping = {'n02': 'dog', 'n01': 'cat'}
     (tmp_path / 'names.json').write_text(json.dumps(mapping))
     (tmp_path / 'by_index.json').write_text(json.dumps({'0': 'dog', '1': 'cat'}))
-    (tmp_path / 'names.txt').write_text('dog\ncat\n')                     # clip_benchmark's classnames.txt
+    (tmp_path / 'names.txt').write_text('dog\ncat\n')  # clip_benchmark's classnames.txt
     results = []
     for flag in ('names.json', 'by_index.json', 'names.txt', None):
         if flag is None:
             (folder / 'classnames.json').write_text(json.dumps(mapping))
-        args = [f'--ckpt={ckpt}', '--task=zeroshot', f'--data={folder}', '--workers=0',
-                f'--out={tmp_path / "out.json"}'] + ([f'--classnames={tmp_path / flag}'] if flag else [])
+        args = [
+            f'--ckpt={ckpt}',
+            '--task=zeroshot',
+            f'--data={folder}',
+            '--workers=0',
+            f'--out={tmp_path / "out.json"}',
+        ] + ([f'--classnames={tmp_path / flag}'] if flag else [])
         llip_eval.main(args)
         results.append(json.loads((tmp_path / 'out.json').read_text())['results'])
     assert results[0] == results[3]      # the dict said n01 is cat: as the flag, so inside --data
@@ -146,5 +161,7 @@ def test_caption_folder_with_a_text_that_is_not_utf8(tmp_path):
     for key, text in (('a', 'a cat'.encode()), ('b', 'caf\xe9'.encode('latin-1'))):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f'{key}.png')
         (tmp_path / f'{key}.txt').write_bytes(text)
-    with pytest.warns(data.DataWarning, match=r"skipped 1 images whose KEY.txt is not UTF-8: \['b.txt'\]"):
+    with pytest.warns(
+        data.DataWarning, match=r"skipped 1 images whose KEY.txt is not UTF-8: \['b.txt'\]"
+    ):
         assert [key for key, *_ in llip_eval.caption_folder(tmp_path)] == ['a']

@@ -62,6 +62,11 @@ def test_clip_benchmark_names():
     ours = {'top1': 0.5, 'top5': None, 'mean_per_class_recall': 0.4, 'top1_best': 0.6,
             'i2t_r1': 0.1, 'i2t_r5': 0.2, 't2i_r1': 0.3, 't2i_r10': 0.4, 'i2t_map': 0.9}
     assert llip_metrics.clip_benchmark_names(ours) == {
-        'acc1': 0.5, 'acc5': None, 'mean_per_class_recall': 0.4,
-        'text_retrieval_recall@1': 0.1, 'text_retrieval_recall@5': 0.2,      # an image finds a caption
-        'image_retrieval_recall@1': 0.3, 'image_retrieval_recall@10': 0.4}   # a caption finds its image
+        'acc1': 0.5,
+        'acc5': None,
+        'mean_per_class_recall': 0.4,
+        'text_retrieval_recall@1': 0.1,
+        'text_retrieval_recall@5': 0.2,  # an image finds a caption
+        'image_retrieval_recall@1': 0.3,
+        'image_retrieval_recall@10': 0.4,
+    }  # a caption finds its image

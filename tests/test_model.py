@@ -66,7 +66,9 @@ def test_similarity_has_no_leakage_across_the_batch(qkv_norm, num_mixture):
     full = m.similarity(img, txt, chunk_size=3)
     for i in range(4):
         for j in range(4):
-            alone = m.similarity(m.encode_image(images[i:i + 1].double()), m.encode_text(tokens[j:j + 1]))
+            alone = m.similarity(
+                m.encode_image(images[i : i + 1].double()), m.encode_text(tokens[j : j + 1])
+            )
             torch.testing.assert_close(full[i, j], alone[0, 0], rtol=1e-10, atol=1e-12)
     # and the contextualisation matters: a different tau gives different similarities
     assert not torch.allclose(full, m.similarity(img, txt, tau=0.1))

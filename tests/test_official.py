@@ -23,12 +23,22 @@ def block_keys(prefix, width, shape):
     out = {}
     for i in range(LAYERS):
         p = f'{prefix}.{i}.'
-        out.update({p + 'ln_1.weight': shape(width), p + 'ln_1.bias': shape(width),
-                    p + 'attn.in_proj_weight': shape(3 * width, width), p + 'attn.in_proj_bias': shape(3 * width),
-                    p + 'attn.out_proj.weight': shape(width, width), p + 'attn.out_proj.bias': shape(width),
-                    p + 'ln_2.weight': shape(width), p + 'ln_2.bias': shape(width),
-                    p + 'mlp.c_fc.weight': shape(4 * width, width), p + 'mlp.c_fc.bias': shape(4 * width),
-                    p + 'mlp.c_proj.weight': shape(width, 4 * width), p + 'mlp.c_proj.bias': shape(width)})
+        out.update(
+            {
+                p + 'ln_1.weight': shape(width),
+                p + 'ln_1.bias': shape(width),
+                p + 'attn.in_proj_weight': shape(3 * width, width),
+                p + 'attn.in_proj_bias': shape(3 * width),
+                p + 'attn.out_proj.weight': shape(width, width),
+                p + 'attn.out_proj.bias': shape(width),
+                p + 'ln_2.weight': shape(width),
+                p + 'ln_2.bias': shape(width),
+                p + 'mlp.c_fc.weight': shape(4 * width, width),
+                p + 'mlp.c_fc.bias': shape(4 * width),
+                p + 'mlp.c_proj.weight': shape(width, 4 * width),
+                p + 'mlp.c_proj.bias': shape(width),
+            }
+        )
     return out
 
 
@@ -36,13 +46,26 @@ def official_state_dict(use_norm, seed=0):
     """The authors' key names and shapes (as in llip_b16_k32.pt, smaller), random values."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: 0.2 * torch.randn(*s, generator=g)
-    sd = {'visual.conv1.weight': r(W, 3, PATCH, PATCH), 'visual.class_embedding': r(K, W),
-          'visual.positional_embedding': r(P + K, W), 'visual.ln_pre.weight': 1 + r(W),
-          'visual.ln_pre.bias': r(W), 'visual.ln_post.weight': 1 + r(W), 'visual.ln_post.bias': r(W),
-          'token_embedding.weight': r(VOCAB, WT), 'positional_embedding': r(CTX, WT),
-          'ln_final.weight': 1 + r(WT), 'ln_final.bias': r(WT), 'text_projection': r(WT, D),
-          'logit_scale': torch.tensor(2.3), 'logit_bias': torch.tensor(-9.0),
-          'k_proj': r(K, W, D), 'v_proj': r(K, W, D), 'q_proj': r(WT, D), 'pred.out_proj': r(D, D)}
+    sd = {
+        'visual.conv1.weight': r(W, 3, PATCH, PATCH),
+        'visual.class_embedding': r(K, W),
+        'visual.positional_embedding': r(P + K, W),
+        'visual.ln_pre.weight': 1 + r(W),
+        'visual.ln_pre.bias': r(W),
+        'visual.ln_post.weight': 1 + r(W),
+        'visual.ln_post.bias': r(W),
+        'token_embedding.weight': r(VOCAB, WT),
+        'positional_embedding': r(CTX, WT),
+        'ln_final.weight': 1 + r(WT),
+        'ln_final.bias': r(WT),
+        'text_projection': r(WT, D),
+        'logit_scale': torch.tensor(2.3),
+        'logit_bias': torch.tensor(-9.0),
+        'k_proj': r(K, W, D),
+        'v_proj': r(K, W, D),
+        'q_proj': r(WT, D),
+        'pred.out_proj': r(D, D),
+    }
     sd.update(block_keys('visual.transformer.resblocks', W, r))
     sd.update(block_keys('transformer.resblocks', WT, r))
     if use_norm:
@@ -58,9 +81,23 @@ def authors_forward(sd, images, text, tau):
             p = f'{prefix}.{i}.'
             y = F.layer_norm(x, (width,), sd[p + 'ln_1.weight'], sd[p + 'ln_1.bias'])
             y, _ = F.multi_head_attention_forward(
-                y, y, y, width, HEADS, sd[p + 'attn.in_proj_weight'], sd[p + 'attn.in_proj_bias'],
-                None, None, False, 0.0, sd[p + 'attn.out_proj.weight'], sd[p + 'attn.out_proj.bias'],
-                training=False, need_weights=False, attn_mask=mask)
+                y,
+                y,
+                y,
+                width,
+                HEADS,
+                sd[p + 'attn.in_proj_weight'],
+                sd[p + 'attn.in_proj_bias'],
+                None,
+                None,
+                False,
+                0.0,
+                sd[p + 'attn.out_proj.weight'],
+                sd[p + 'attn.out_proj.bias'],
+                training=False,
+                need_weights=False,
+                attn_mask=mask,
+            )
             x = x + y
             y = F.layer_norm(x, (width,), sd[p + 'ln_2.weight'], sd[p + 'ln_2.bias'])
             y = F.linear(y, sd[p + 'mlp.c_fc.weight'], sd[p + 'mlp.c_fc.bias'])
@@ -73,11 +110,18 @@ def authors_forward(sd, images, text, tau):
     n = images.shape[0]
     x = F.conv2d(images, sd['visual.conv1.weight'], stride=PATCH).reshape(n, W, -1).permute(0, 2, 1)
     x = torch.cat([sd['visual.class_embedding'][None].expand(n, -1, -1), x], dim=1)
-    x = F.layer_norm(x + sd['visual.positional_embedding'], (W,), sd['visual.ln_pre.weight'], sd['visual.ln_pre.bias'])
+    x = F.layer_norm(
+        x + sd['visual.positional_embedding'],
+        (W,),
+        sd['visual.ln_pre.weight'],
+        sd['visual.ln_pre.bias'],
+    )
     x = blocks(x.permute(1, 0, 2), 'visual.transformer.resblocks', W, None).permute(1, 0, 2)
     h = F.layer_norm(x[:, :K], (W,), sd['visual.ln_post.weight'], sd['visual.ln_post.bias'])
     keys = norm(h.transpose(0, 1) @ sd['k_proj'], 'K').reshape(K, n, M, D // M).permute(1, 2, 0, 3)
-    values = norm(h.transpose(0, 1) @ sd['v_proj'], 'V').reshape(K, n, M, D // M).permute(1, 2, 0, 3)
+    values = (
+        norm(h.transpose(0, 1) @ sd['v_proj'], 'V').reshape(K, n, M, D // M).permute(1, 2, 0, 3)
+    )
 
     t = text.shape[0]
     mask = torch.full((CTX, CTX), float('-inf'), dtype=torch.float64).triu(1)
@@ -109,8 +153,19 @@ def test_similarities_equal_the_authors_forward(use_norm):
     sd = official_state_dict(use_norm)
     m = load_official(sd).double()
     c = m.config
-    assert (c.num_mixture, c.vision_width, c.patch_size, c.image_size, c.embed_dim) == (K, W, PATCH, 16, D)
-    assert (c.vision_layers, c.text_layers, c.context_length, c.vocab_size) == (LAYERS, LAYERS, CTX, VOCAB)
+    assert (c.num_mixture, c.vision_width, c.patch_size, c.image_size, c.embed_dim) == (
+        K,
+        W,
+        PATCH,
+        16,
+        D,
+    )
+    assert (c.vision_layers, c.text_layers, c.context_length, c.vocab_size) == (
+        LAYERS,
+        LAYERS,
+        CTX,
+        VOCAB,
+    )
     assert c.qkv_norm == use_norm and c.quick_gelu and c.tokenizer == 'clip'
     images, text = inputs()
     with torch.no_grad():
@@ -174,13 +229,19 @@ def test_config_read_off_the_released_shapes(preset, K, norm):
     e = lambda *s: torch.empty(*s, device='meta')
     grid = (224 // c.patch_size) ** 2
     mlp = int(c.vision_width * c.vision_mlp_ratio)
-    sd = {'visual.conv1.weight': e(c.vision_width, 3, c.patch_size, c.patch_size),
-          'visual.class_embedding': e(K, c.vision_width),
-          'visual.positional_embedding': e(grid + K, c.vision_width),
-          'ln_final.weight': e(c.text_width), 'text_projection': e(c.text_width, c.embed_dim),
-          'token_embedding.weight': e(49408, c.text_width), 'positional_embedding': e(77, c.text_width),
-          'visual.transformer.resblocks.0.mlp.c_fc.weight': e(mlp, c.vision_width)}
-    sd.update({f'visual.transformer.resblocks.{i}.ln_1.weight': e(1) for i in range(c.vision_layers)})
+    sd = {
+        'visual.conv1.weight': e(c.vision_width, 3, c.patch_size, c.patch_size),
+        'visual.class_embedding': e(K, c.vision_width),
+        'visual.positional_embedding': e(grid + K, c.vision_width),
+        'ln_final.weight': e(c.text_width),
+        'text_projection': e(c.text_width, c.embed_dim),
+        'token_embedding.weight': e(49408, c.text_width),
+        'positional_embedding': e(77, c.text_width),
+        'visual.transformer.resblocks.0.mlp.c_fc.weight': e(mlp, c.vision_width),
+    }
+    sd.update(
+        {f'visual.transformer.resblocks.{i}.ln_1.weight': e(1) for i in range(c.vision_layers)}
+    )
     sd.update({f'transformer.resblocks.{i}.ln_1.weight': e(1) for i in range(c.text_layers)})
     if norm:
         sd['K_norm.weight'] = e(c.embed_dim)

@@ -15,7 +15,9 @@ BYTE = data.ByteTokenizer()
 
 def test_byte_tokenizer_ids_padding_and_cut():
     ids = BYTE(['a cat'], 8)
-    assert ids.tolist() == [[257, 98, 33, 100, 98, 117, 258, 0]]   # SOT, 'a'+1, ' '+1, 'c'+1, ..., EOT, pad
+    assert ids.tolist() == [
+        [257, 98, 33, 100, 98, 117, 258, 0]
+    ]  # SOT, 'a'+1, ' '+1, 'c'+1, ..., EOT, pad
     cut = BYTE(['abcdefgh', 'é'], 5)
     assert cut.tolist() == [[257, 98, 99, 100, 258], [257, 0xc3 + 1, 0xa9 + 1, 258, 0]]
     assert (cut.argmax(dim=1) == torch.tensor([4, 3])).all()       # the text tower pools at EOT
@@ -49,7 +51,9 @@ def test_clip_pretokenizer_splits_like_clip(clip):
         return [clip.tokens[i] for i in clip.encode(text)]
     assert pieces("it's 2024!") == ['it</w>', "'s</w>", '2</w>', '0</w>', '2</w>', '4</w>', '!</w>']
     assert pieces('hi_there') == ['hi</w>', '_</w>', 'there</w>']
-    assert pieces('x\u00b2')[-1] == clip.tokens[clip.encode('\u00b2')[0]]   # '²' is a number: its own word
+    assert (
+        pieces('x\u00b2')[-1] == clip.tokens[clip.encode('\u00b2')[0]]
+    )  # '²' is a number: its own word
     assert len(pieces('x\u00b2')) == 2
     assert pieces('a  b\n\tc') == ['a</w>', 'b</w>', 'c</w>']
 
@@ -68,20 +72,38 @@ def reference_bpe(word, merges):
 
 
 def test_clip_bpe_matches_merge_by_rank_reference(clip):
-    with gzip.open(os.path.join(ROOT, 'data', 'bpe_simple_vocab_16e6.txt.gz'), 'rt', encoding='utf-8') as f:
+    with gzip.open(
+        os.path.join(ROOT, 'data', 'bpe_simple_vocab_16e6.txt.gz'), 'rt', encoding='utf-8'
+    ) as f:
         merges = [tuple(line.split()) for line in f.read().split('\n')[1:48895]]
-    for word in ['unbelievably', 'tokenization', 'photograph', 'llip', 'xylophones', 'caf\u00e9', 'zzzzzz', 'aaaaaaa']:
+    for word in [
+        'unbelievably',
+        'tokenization',
+        'photograph',
+        'llip',
+        'xylophones',
+        'caf\u00e9',
+        'zzzzzz',
+        'aaaaaaa',
+    ]:
         chars = ''.join(clip.byte_char[b] for b in word.encode('utf-8'))
         expected = reference_bpe(chars, merges)
         assert [clip.tokens[i] for i in clip.encode(word)] == expected, word
 
 
 def test_clip_round_trip_and_cut(clip):
-    for text in ['a red circle left of a blue square', 'über café, naïve résumé', '東京タワー at night 🌃',
-                 'numbers 3.14 and 1,000,000', "don't stop-believin'!"]:
+    for text in [
+        'a red circle left of a blue square',
+        'über café, naïve résumé',
+        '東京タワー at night 🌃',
+        'numbers 3.14 and 1,000,000',
+        "don't stop-believin'!",
+    ]:
         ids = clip([text], 77)[0]
         assert clip.decode(ids).replace(' ', '') == text.lower().replace(' ', '')
-        assert ids.argmax().item() == (ids != 0).sum().item() - 1      # EOT is the largest id, last non-pad
+        assert (
+            ids.argmax().item() == (ids != 0).sum().item() - 1
+        )  # EOT is the largest id, last non-pad
     long = clip(['word ' * 200], 77)[0]
     assert long[0] == 49406 and long[-1] == 49407 and (long != 0).all()
 
@@ -93,5 +115,3 @@ def test_tokenize_dispatch_and_cache(clip):
     assert data.get_tokenizer('clip') is data.get_tokenizer('clip')
     with pytest.raises(ValueError, match="'bpe'"):
         data.tokenize(['a'], 10, 'bpe')
-
-
