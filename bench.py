@@ -115,20 +115,29 @@ def bench_loss(args):
                   f" {both / 1e3:>9.0f}{ratios}", flush=True)
 
 
-def one_step_setup(pool, batch, seed=0):
-    """The tiny preset with this pool, AdamW, and a random batch: returns a function doing one step."""
+def one_step_setup(pool, batch, seed=0, preset='tiny', image_size=None, form='auto'):
+    """A preset with this pool, AdamW, and a random batch: returns a function doing one step.
+    For pool=llip, form other than 'auto' runs llip_loss in that form (the model's forward
+    with the form forced); 'auto' is the model's own forward."""
     from dataclasses import replace
+    from loss import llip_loss
     from model import PRESETS, Llip
     torch.manual_seed(seed)
-    c = replace(PRESETS['tiny'], pool=pool)
+    c = replace(PRESETS[preset], pool=pool, image_size=image_size or PRESETS[preset].image_size)
     m = Llip(c)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.2)
     images = torch.randn(batch, 3, c.image_size, c.image_size)
     tokens = torch.randint(1, c.vocab_size, (batch, c.context_length))
 
+    def loss_of(images, tokens):
+        if form == 'auto':
+            return m(images, tokens)
+        img, txt = m.encode_image(images), m.encode_text(tokens)
+        return llip_loss(img, txt, m.out_proj, c.tau, m.logit_scale.exp(), m.logit_bias, form=form)
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = m(images, tokens)
+        loss = loss_of(images, tokens)
         loss.backward()
         opt.step()
         return loss.item()
@@ -136,32 +145,52 @@ def one_step_setup(pool, batch, seed=0):
 
 
 def bench_step(args):
-    """One training step (forward, backward, AdamW) of the tiny preset, pool=llip against pool=avg
-    at the same K (same towers, same number of mixture tokens), interleaved, median of the repeats."""
+    """One training step (forward, backward, AdamW) of a preset, pool=llip against pool=avg at
+    the same K (same towers, same number of mixture tokens), interleaved, median of the repeats.
+    Wall time and CPU time (process_time) are both taken: on a shared machine with --threads 1
+    CPU time leaves out the time other jobs held the core, though not their use of the caches.
+    --forms adds llip steps with loss.llip_loss's form forced ('auto' is what training runs)."""
     import statistics
+    from dataclasses import replace
+    from loss import pick_form
     from model import PRESETS
-    c = PRESETS['tiny']
+    c = replace(PRESETS[args.preset], image_size=args.image_size or PRESETS[args.preset].image_size)
+    d = c.embed_dim // c.mixer_heads
+    auto = pick_form('auto', torch.zeros(1, c.mixer_heads, c.num_mixture, d))
     print(f"$ python bench.py {' '.join(sys.argv[1:])}")
-    print(f"training step of the tiny preset (D={c.embed_dim}, K={c.num_mixture}, M={c.mixer_heads}), batch "
-          f"{args.batch}, random images and tokens, fp32, CPU, {torch.get_num_threads()} threads")
-    steps = {pool: one_step_setup(pool, args.batch) for pool in ('avg', 'llip')}
+    print(f"training step of the {args.preset} preset (image {c.image_size}, D={c.embed_dim}, "
+          f"K={c.num_mixture}, M={c.mixer_heads}), batch {args.batch}, random images and tokens, "
+          f"fp32, CPU, {torch.get_num_threads()} threads; llip's default form here: {auto}")
+    runs = {'avg': ('avg', 'auto')}
+    runs.update({('llip' if f == 'auto' else f'llip/{f}'): ('llip', f) for f in args.forms})
+    steps = {name: one_step_setup(pool, args.batch, 0, args.preset, args.image_size, form)
+             for name, (pool, form) in runs.items()}
     for step in steps.values():
         step()                                          # warm-up (allocations, AdamW state)
-    times = {pool: [] for pool in steps}
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     for r in range(args.repeats):
-        for pool in (('avg', 'llip') if r % 2 == 0 else ('llip', 'avg')):   # alternate the order
-            start = time.perf_counter()
-            steps[pool]()
-            times[pool].append(time.perf_counter() - start)
-    med = {pool: statistics.median(t) for pool, t in times.items()}
-    flops = {pool: step_flops(step) for pool, step in steps.items()}
-    print(f"{'pool':>6} {'median s':>9} {'min s':>7} {'max s':>7} {'GFLOP':>7} {'GFLOP/s':>8}  (of {args.repeats})")
-    for pool in ('avg', 'llip'):
-        print(f"{pool:>6} {med[pool]:>9.3f} {min(times[pool]):>7.3f} {max(times[pool]):>7.3f}"
-              f" {flops[pool] / 1e9:>7.1f} {flops[pool] / 1e9 / med[pool]:>8.1f}")
-    print(f"llip/avg median step time: {med['llip'] / med['avg']:.3f}")
-    print(f"llip/avg matmul FLOPs:     {flops['llip'] / flops['avg']:.3f}  (the time ratio if every FLOP ran "
-          f"at the same speed and nothing else cost time)")
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):   # alternate the order
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    med = {name: statistics.median(t) for name, t in wall.items()}
+    med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
+    flops = {name: step_flops(step) for name, step in steps.items()}
+    print(f"{'pool':>11} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>7} {'GFLOP':>7} "
+          f"{'GFLOP/s':>8} {'time/avg':>9} {'CPU/avg':>8} {'FLOP/avg':>9} {'CPU:FLOP':>9}"
+          f"  (of {args.repeats})")
+    for name in steps:
+        ratios = (med[name] / med['avg'], med_cpu[name] / med_cpu['avg'], flops[name] / flops['avg'])
+        print(f"{name:>11} {med[name]:>9.3f} {min(wall[name]):>7.3f} {max(wall[name]):>7.3f}"
+              f" {med_cpu[name]:>7.3f} {flops[name] / 1e9:>7.1f} {flops[name] / 1e9 / med[name]:>8.1f}"
+              f" {ratios[0]:>9.3f} {ratios[1]:>8.3f} {ratios[2]:>9.3f} {ratios[1] / ratios[2]:>9.3f}")
+    if 'llip' in steps:
+        print(f"llip/avg median step time: {med['llip'] / med['avg']:.3f} (CPU time "
+              f"{med_cpu['llip'] / med_cpu['avg']:.3f})")
+        print(f"llip/avg matmul FLOPs:     {flops['llip'] / flops['avg']:.3f}  (the time ratio if "
+              f"every FLOP ran at the same speed and nothing else cost time)")
 
 
 def step_flops(step):
@@ -237,6 +266,13 @@ if __name__ == '__main__':
                    help='chunk_size of llip_loss and similarity: images per chunk (0: the default)')
     p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram'], help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
+    p.add_argument('--preset', default='tiny', help='step: the model preset (model.PRESETS)')
+    p.add_argument('--image_size', type=int, default=0,
+                   help="step: image size (0: the preset's; smaller keeps a big preset's mixer "
+                        "with cheaper towers)")
+    p.add_argument('--forms', nargs='+', default=['auto'],
+                   help="step: llip_loss forms to run for pool=llip ('auto': training's default; "
+                        "plain, gram, mixed: forced)")
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--repeats', type=int, default=None,
                    help='timed repeats (default 2; step: 10, and the median is reported; others: the fastest)')

@@ -112,6 +112,9 @@ def llip_loss(image, text, out_proj, tau, logit_scale, logit_bias, chunk_size=No
             offset = rank * n + s                                        # its first positive
             total = total + checkpoint(_plain_loss_sum, part, text, out_proj, tau, a, b, offset,
                                        use_reentrant=False)
+    elif form == 'mixed':
+        total = loss_gram.mixed_loss_sum(image.keys, image.values, text.queries, text.emb,
+                                         out_proj, tau, a, b, rank * n, chunk)
     else:   # the same sum, fast: loss_gram.py
         total = loss_gram.gram_loss_sum(image.keys, image.values, text.queries, text.emb, out_proj,
                                         tau, a, b, rank * n, chunk)
@@ -138,8 +141,8 @@ def pairwise_cosine(image, text, out_proj, tau, chunk_size=None, form='auto'):
     if form == 'plain':
         return torch.cat([contextual_cosine(_image_chunk(image, s, chunk), text, out_proj, tau)
                           for s in range(0, image.keys.shape[0], chunk)])
-    return loss_gram.gram_cosine(image.keys, image.values, text.queries, text.emb, out_proj, tau,
-                                 chunk)
+    fast = loss_gram.mixed_cosine if form == 'mixed' else loss_gram.gram_cosine
+    return fast(image.keys, image.values, text.queries, text.emb, out_proj, tau, chunk)
 
 
 def _image_chunk(image, start, size):
@@ -153,11 +156,11 @@ def pick_form(form, keys):
     """'plain' (this file) or 'gram' (loss_gram.py): the two compute the same numbers. 'auto'
     takes the Gram form when M K <= D: per pair it pays (M K)^2 where the plain form pays D^2
     for W_O (and it writes its gradients by hand instead of recomputing)."""
-    if form not in ('auto', 'plain', 'gram'):
+    if form not in ('auto', 'plain', 'gram', 'mixed'):
         raise ValueError(f"form={form!r}: expected 'auto', 'plain' or 'gram'")
     if form == 'auto':
         heads, k, d = keys.shape[1:]
-        return 'gram' if heads * k <= heads * d else 'plain'
+        return 'gram' if heads * k <= heads * d else 'mixed'
     return form
 
 

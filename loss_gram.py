@@ -24,6 +24,8 @@ caption:
 
     python -m pytest tests/test_loss.py     # this form == the readable one, value and gradients
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
@@ -193,6 +195,166 @@ class _GramSigmoidLoss(torch.autograd.Function):
                                   grad_text.to(text_out.dtype),
                                   grad_out_gram.to(out_gram.dtype), grad_a.to(a.dtype),
                                   grad_b.to(b.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [g * grad_total.to(g.dtype) if need else None
+                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
+
+# ----------------------------------------------------------------------------- the mixed form
+# When M K > D (the tiny preset: 128 > 64) G_i is bigger than W_O itself. The mixed form keeps
+# the mixed heads x_ij = concat_m Phi_ij^m V_i^m (D per pair, what loss.mix returns) and takes
+#     z_ij . z'_j = x_ij . s_j        |z_ij|^2 = x_ij^T H x_ij,   H = W_O W_O^T (D x D, once)
+# so per pair it pays D^2 where the Gram form pays (M K)^2, the rest alike; one (D, D) @ (D, I T)
+# matmul for a chunk. The softmax is left unnormalised: e = exp(logits - max_k), S = sum_k e,
+# and 1/S is applied to x and to dl/dx (d numbers per head) instead of to e (K per head).
+def _heads_side(keys, values, queries, text_out, tau, dtype):
+    """Keys (M, I K, d) and values (M, I, K, d) heads first; queries / tau and s_j as (M, d, T)."""
+    return (rearrange(keys, 'i m k d -> m (i k) d').to(dtype).contiguous(),
+            rearrange(values, 'i m k d -> m i k d').to(dtype).contiguous(),
+            rearrange(queries / tau, 't m d -> m d t').to(dtype).contiguous(),
+            rearrange(text_out, 't m d -> m d t').to(dtype).contiguous())
+
+
+def _mixed_pairs(keys_c, values_c, q, s, out_gram, scratch):
+    """The mixed form on a chunk of I images x T captions. keys_c (M, I K, d), values_c (M I, K, d),
+    q and s (M, d, T), out_gram = H (D, D). Returns e (M I, K, T), S (M I, 1, T), x (M I, d, T)
+    and x with (m d) rows (D, I T), H x (D, I T), and z_ij . z'_j, |z_ij| (I, T). Every big
+    tensor is written into `scratch` (_Scratch): fresh ones cost more than the arithmetic here."""
+    heads, d, n_txt = q.shape
+    n_img = values_c.shape[0] // heads
+    logits = torch.bmm(keys_c, q, out=scratch.pairs('e', heads, keys_c.shape[1], n_txt))
+    logits = logits.view(heads * n_img, -1, n_txt)                       # (M I, K, T)
+    e = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()             # eq. 1, unnormalised
+    total = e.sum(dim=1, keepdim=True)                                   # S, >= 1
+    x = torch.bmm(values_c.transpose(1, 2), e, out=scratch.pairs('x', heads * n_img, d, n_txt))
+    x.div_(total)                                                        # eq. 2: (M I, d, T)
+    x_rows = scratch.pairs('x_rows', heads * d, n_img * n_txt)           # the same, (m d) rows
+    x_rows.view(heads, d, n_img, n_txt).copy_(rearrange(x, '(m i) d t -> m d i t', m=heads))
+    hx = torch.mm(out_gram, x_rows, out=scratch.pairs('hx', heads * d, n_img * n_txt))
+    product = scratch.pairs('product', heads * d, n_img, n_txt)
+    dot = torch.mul(x_rows.view_as(product), s.view(heads * d, 1, n_txt), out=product).sum(0)
+    norm = torch.mul(x_rows, hx, out=product.view_as(hx)).sum(dim=0)
+    norm = norm.clamp_min_(1e-24).sqrt_().view(n_img, n_txt)             # |z_ij|, as F.normalize
+    return e, total, x, x_rows, hx, dot, norm
+
+
+class _Scratch:
+    """Flat buffers, one per name, allocated for the first (largest) chunk and reused: a view of
+    the first elements is contiguous whatever the chunk's size."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.flat = dtype, device, {}
+
+    def pairs(self, name, *shape):
+        numel = math.prod(shape)
+        if name not in self.flat or self.flat[name].numel() < numel:
+            self.flat[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self.flat[name][:numel].view(shape)
+
+
+def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
+    """cos(z_ij, z'_j) for every image and caption in the mixed form, `chunk` images at a time:
+    (I, T). For inference only (its steps work in place): no gradients."""
+    with torch.no_grad():
+        text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
+        keys_h, values_h, q, s = _heads_side(keys, values, queries, text_out, tau, keys.dtype)
+        heads, k = keys.shape[1:3]
+        scratch, parts = _Scratch(keys.dtype, keys.device), []
+        for st in range(0, keys.shape[0], chunk):
+            keys_c = keys_h[:, st * k:(st + chunk) * k]
+            values_c = values_h[:, st:st + chunk].reshape(-1, k, values_h.shape[3])
+            *_, dot, norm = _mixed_pairs(keys_c, values_c, q, s, out_proj @ out_proj.T,
+                                         scratch)
+            parts.append(dot / norm)
+        return torch.cat(parts)
+
+
+def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, logit_scale, logit_bias,
+                   offset, chunk):
+    """gram_loss_sum in the mixed form: the same sum, the same arguments."""
+    text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
+    return _MixedSigmoidLoss.apply(tau, chunk, offset, keys, values, queries, text_out,
+                                   out_proj @ out_proj.T, logit_scale, logit_bias)
+
+
+class _MixedSigmoidLoss(torch.autograd.Function):
+    """The summed sigmoid loss in the mixed form, gradients by hand in the same pass, as in
+    _GramSigmoidLoss (same inputs, same gradients returned). Per pair, with c = dot / n:
+        dl/dx      = along s_j - across H x       (along = dl/dc / n, across = dl/dc c / n^2)
+        dl/ds_j    = sum_i along x_ij             dl/dH = sum_ij -across / 2 x_ij x_ij^T
+        dl/dV^mk   = sum_j Phi^mk dl/dx^m         dl/dPhi^mk = V^mk . dl/dx^m
+        dl/dlogits = Phi (dl/dPhi - x^m . dl/dx^m)   (the softmax: sum_k Phi^k V^k = x^m)
+    with Phi = e / S, the 1/S goes into g = dl/dx / S: dl/dlogits = e (V . g - x . g)."""
+
+    @staticmethod
+    def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
+        device = keys.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else keys.dtype
+        # bf16 pairs -> an fp32 loss
+        exact = torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)
+        need_grads = any(ctx.needs_input_grad)
+        n_img, heads, k, d = keys.shape
+        with torch.autocast(device, enabled=False):
+            keys_h, values_h, q, s = _heads_side(keys, values, queries, text_out, tau, dtype)
+            out_gram_ = out_gram.detach().to(dtype)
+            a_, b_ = a.to(exact), b.to(exact)
+            total = torch.zeros((), dtype=exact, device=keys.device)
+            scratch = _Scratch(dtype, keys.device)
+            if need_grads:
+                grad_keys, grad_values = torch.empty_like(keys_h), torch.empty_like(values_h)
+                grad_q, grad_s = torch.zeros_like(q, dtype=exact), torch.zeros_like(s, dtype=exact)
+                grad_out_gram = torch.zeros_like(out_gram_, dtype=exact)
+                grad_a, grad_b = torch.zeros_like(total), torch.zeros_like(total)
+            for st in range(0, n_img, chunk):
+                n = min(chunk, n_img - st)                                # images in this chunk
+                keys_c = keys_h[:, st * k:(st + n) * k]                   # (M, I K, d)
+                values_c = values_h[:, st:st + n].reshape(heads * n, k, d)   # (M I, K, d)
+                e, sums, x, x_rows, hx, dot, norm = _mixed_pairs(keys_c, values_c, q, s,
+                                                                 out_gram_, scratch)
+                cos = dot.to(exact) / norm.to(exact)                      # (I, T)
+                y_x = a_ * cos + b_
+                # -log sigmoid(y x): softplus(x) for y = -1, softplus(x) - x for y = +1 (the
+                # positives are a diagonal of the chunk)
+                total += -F.logsigmoid(-y_x).sum() - y_x.diagonal(offset + st).sum()
+                if not need_grads:
+                    continue
+                grad_x = torch.sigmoid(y_x)                               # dl/dx
+                grad_x.diagonal(offset + st).sub_(1)                      # sigmoid(x) - [y = +1]
+                grad_a += (grad_x * cos).sum()
+                grad_b += grad_x.sum()
+                along = a_ * grad_x / norm                                # dl/dc / n, (I, T)
+                across = (along * cos / norm).to(dtype).view(1, -1)       # dl/dc c / n^2
+                along = along.to(dtype).view(1, n, -1)
+                x_pairs = x_rows.view(heads * d, n, -1)                   # (D, I, T)
+                product = scratch.pairs('product', heads * d, n, x_pairs.shape[2])
+                grad_s += torch.mul(x_pairs, along, out=product).sum(dim=1).view_as(s)
+                grad_out_gram += x_rows @ torch.mul(x_rows, across / -2, out=product.view_as(hx)).T
+                # dl/dx in place of H x, then g = dl/dx / S, heads first like x
+                grad_mixed = hx.mul_(-across).view(heads * d, n, -1)
+                grad_mixed.addcmul_(s.view(heads * d, 1, -1), along)
+                g = scratch.pairs('g', heads * n, d, x_pairs.shape[2])
+                torch.div(rearrange(grad_mixed, '(m d) i t -> m i d t', m=heads),
+                          sums.view(heads, n, 1, -1), out=g.view(heads, n, d, -1))
+                x_dot_g = torch.mul(x, g, out=product.view_as(g)).sum(dim=1, keepdim=True)
+                grad_logits = torch.bmm(values_c, g, out=scratch.pairs('grad', *e.shape))
+                grad_logits.sub_(x_dot_g).mul_(e)                         # (M I, K, T)
+                grad_values[:, st:st + n] = torch.bmm(e, g.transpose(1, 2)).view(heads, n, k, d)
+                grad_logits = grad_logits.view(heads, n * k, -1)          # (M, I K, T)
+                grad_keys[:, st * k:(st + n) * k] = torch.bmm(grad_logits, q.transpose(1, 2))
+                grad_q += torch.bmm(keys_c.transpose(1, 2), grad_logits)
+        if need_grads:
+            ctx.save_for_backward(
+                rearrange(grad_keys, 'm (i k) d -> i m k d', k=k).to(keys.dtype),
+                rearrange(grad_values, 'm i k d -> i m k d').to(values.dtype),
+                (rearrange(grad_q, 'm d t -> t m d') / tau).to(queries.dtype),
+                rearrange(grad_s, 'm d t -> t m d').to(text_out.dtype),
+                grad_out_gram.to(out_gram.dtype), grad_a.to(a.dtype), grad_b.to(b.dtype))
         return total
 
     @staticmethod
