@@ -156,7 +156,7 @@ def bench_step(args):
     from model import PRESETS
     c = replace(PRESETS[args.preset], image_size=args.image_size or PRESETS[args.preset].image_size)
     d = c.embed_dim // c.mixer_heads
-    auto = pick_form('auto', torch.zeros(1, c.mixer_heads, c.num_mixture, d))
+    auto = pick_form('auto', torch.zeros(1, c.mixer_heads, c.num_mixture, d), args.batch)
     print(f"$ python bench.py {' '.join(sys.argv[1:])}")
     print(f"training step of the {args.preset} preset (image {c.image_size}, D={c.embed_dim}, "
           f"K={c.num_mixture}, M={c.mixer_heads}), batch {args.batch}, random images and tokens, "

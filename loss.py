@@ -12,19 +12,21 @@ order: the mixer (eq. 1-2), the contextual cosine, the sigmoid loss (eq. 3), the
 llip_loss and pairwise_cosine take the feature tuples the model returns (model.ImageFeatures:
 keys, values (N_img, M, K, D/M); model.TextFeatures: queries (N_txt, M, D/M) and emb (N_txt, D),
 normalised) and the mixer's parameters (out_proj = W_O (D, D), tau). They never hold more than
-one chunk of pairs: `chunk_size` is always images per chunk, against every caption. Two exact
+one chunk of pairs: `chunk_size` is always images per chunk, against every caption. Three exact
 forms, chosen in one place, `pick_form`:
   plain  this file: z_ij built chunk by chunk with `mix`, autograd, each chunk recomputed in
-         backward (torch.utils.checkpoint);
-  gram   loss_gram.py: W_O moved off the pair axis, gradients written by hand; the default
-         when M K <= D, i.e. every paper configuration.
+         backward (torch.utils.checkpoint): the readable reference the tests hold the others to;
+  gram   loss_gram.py: W_O moved off the pair axis, |z_ij|^2 through a per-image (MK x MK) Gram
+         matrix, gradients written by hand: the default when M K < D (ViT-B/16, L/14, H/14, G/14);
+  mixed  loss_gram.py: the same, |z_ij|^2 through H = W_O W_O^T (D x D) on the mixed heads: the
+         default when M K > D (the tiny preset); at M K = D (ViT-B/32) pick_form weighs them.
 `llip_loss_reference` materialises every z_ij (N_img x N_txt x D) at once: bench.py's baseline.
 
 Across ranks each rank passes its own slice; the captions (and for CLIP the images) are
 all-gathered with autograd, so DDP's gradient averaging gives exactly the gradient of the
 single-process loss on the global batch (every rank must pass the same batch size).
 
-    python -m pytest tests/test_loss.py     # both forms == a pair-by-pair loop, 1 rank == 2 ranks
+    python -m pytest tests/test_loss.py     # every form == a pair-by-pair loop
 """
 import torch
 import torch.distributed as dist
@@ -96,13 +98,13 @@ def llip_loss(image, text, out_proj, tau, logit_scale, logit_bias, chunk_size=No
     (N_img, M, K, D/M); text: queries (N_txt, M, D/M) and emb (N_txt, D), normalised; out_proj
     (D, D) = W_O; logit_scale = a (already exp'd), logit_bias = b. Image i's positive is
     caption i of the same rank. chunk_size: images per chunk (None: default_chunk); form:
-    'plain', 'gram' or 'auto' (see pick_form)."""
+    'plain', 'gram', 'mixed' or 'auto' (see pick_form)."""
     rank, _ = rank_and_world()
     n = image.keys.shape[0]
     text = text._replace(queries=gather(text.queries), emb=gather(text.emb))
     a, b = (x if torch.is_tensor(x) else torch.tensor(float(x), device=image.keys.device)
             for x in (logit_scale, logit_bias))
-    form = pick_form(form, image.keys)
+    form = pick_form(form, image.keys, text.emb.shape[0])
     chunk = chunk_size or default_chunk(form, text.emb.shape[0], image.keys)
     if form == 'plain':
         total = 0.0
@@ -112,12 +114,10 @@ def llip_loss(image, text, out_proj, tau, logit_scale, logit_bias, chunk_size=No
             offset = rank * n + s                                        # its first positive
             total = total + checkpoint(_plain_loss_sum, part, text, out_proj, tau, a, b, offset,
                                        use_reentrant=False)
-    elif form == 'mixed':
-        total = loss_gram.mixed_loss_sum(image.keys, image.values, text.queries, text.emb,
-                                         out_proj, tau, a, b, rank * n, chunk)
     else:   # the same sum, fast: loss_gram.py
-        total = loss_gram.gram_loss_sum(image.keys, image.values, text.queries, text.emb, out_proj,
-                                        tau, a, b, rank * n, chunk)
+        fast = loss_gram.mixed_loss_sum if form == 'mixed' else loss_gram.gram_loss_sum
+        total = fast(image.keys, image.values, text.queries, text.emb, out_proj, tau, a, b,
+                     rank * n, chunk)
     return total / n
 
 
@@ -135,8 +135,10 @@ def llip_loss_reference(image, text, out_proj, tau, logit_scale, logit_bias):
 
 def pairwise_cosine(image, text, out_proj, tau, chunk_size=None, form='auto'):
     """contextual_cosine for every image and caption, `chunk_size` images at a time: (I, T).
-    For inference (model.Llip.similarity)."""
-    form = pick_form(form, image.keys)
+    For inference (model.Llip.similarity); differentiable where autograd is on."""
+    form = pick_form(form, image.keys, text.emb.shape[0])
+    if form == 'mixed' and torch.is_grad_enabled():
+        form = 'plain'      # mixed_cosine works in place, without autograd: the same numbers
     chunk = chunk_size or default_chunk(form, text.emb.shape[0], image.keys)
     if form == 'plain':
         return torch.cat([contextual_cosine(_image_chunk(image, s, chunk), text, out_proj, tau)
@@ -152,21 +154,46 @@ def _image_chunk(image, start, size):
 
 
 # ----------------------------------------------------------------------------- the one switch
-def pick_form(form, keys):
-    """'plain' (this file) or 'gram' (loss_gram.py): the two compute the same numbers. 'auto'
-    takes the Gram form when M K <= D: per pair it pays (M K)^2 where the plain form pays D^2
-    for W_O (and it writes its gradients by hand instead of recomputing)."""
+# 'auto' takes the form whose training step (forward + backward) costs least per image-caption
+# pair, counted from the code: its multiply-adds, plus TRAFFIC_MACS for every element of a
+# pair-sized tensor it reads or writes (softmax, sums, copies: work at memory speed, not matmul
+# speed). Both fast forms pay 6 K D for eq. 1-2 and its gradients; beyond that
+#     gram   2 (MK)^2 (G_i Phi and dl/dG_i), G_i per image shared by the captions; ~39 MK moved
+#     mixed  2 D^2 (H x and dl/dH); ~17 MK + 29 D moved
+#     plain  its forward twice (checkpoint) and backward: 4 (2 K D + D^2), never the cheapest.
+# Measured (python bench.py loss --threads 1 --impls gram mixed, N = 256, M = 8, 1 CPU thread,
+# shared machine) the faster form was mixed at D, K = 64, 16; 128, 16; 128, 32; 256, 32; 512, 64
+# and gram at 256, 16; 512, 32; this model agrees at every TRAFFIC_MACS from 0 to 6.8 (mixed
+# wins at M K = D: gram's G_i costs K D^2 per image). GPUs: not measured, no GPU was at hand.
+TRAFFIC_MACS = 4
+
+
+def pair_cost(form, heads, k, d, n_txt):
+    """Multiply-adds per image-caption pair of a training step in `form`, memory traffic
+    included at TRAFFIC_MACS per element (see above)."""
+    dim, mk = heads * d, heads * k
+    if form == 'plain':
+        return 4 * (2 * k * dim + dim * dim) + TRAFFIC_MACS * (18 * mk + 18 * dim)
+    if form == 'gram':
+        per_image = k * dim * dim + mk * mk * d                 # G_i from H, forward
+        return 6 * k * dim + 2 * mk * mk + 3 * per_image / n_txt + TRAFFIC_MACS * 39 * mk
+    return 6 * k * dim + 2 * dim * dim + TRAFFIC_MACS * (17 * mk + 29 * dim)
+
+
+def pick_form(form, keys, n_txt):
+    """'plain' (this file), 'gram' or 'mixed' (loss_gram.py): all three compute the same
+    numbers. 'auto': the cheapest by pair_cost for keys (I, M, K, d) against n_txt captions."""
     if form not in ('auto', 'plain', 'gram', 'mixed'):
-        raise ValueError(f"form={form!r}: expected 'auto', 'plain' or 'gram'")
+        raise ValueError(f"form={form!r}: expected 'auto', 'plain', 'gram' or 'mixed'")
     if form == 'auto':
         heads, k, d = keys.shape[1:]
-        return 'gram' if heads * k <= heads * d else 'mixed'
+        return min(('gram', 'mixed'), key=lambda f: pair_cost(f, heads, k, d, n_txt))
     return form
 
 
 def default_chunk(form, n_txt, keys):
     """Images per chunk when none is given: PAIRS_PER_CHUNK pairs of z_ij (plain), or
-    loss_gram.ELEMENTS_PER_CHUNK mixing weights (gram)."""
+    loss_gram.ELEMENTS_PER_CHUNK mixing weights (gram, mixed)."""
     if form == 'plain':
         return max(1, PAIRS_PER_CHUNK // n_txt)
     heads, k = keys.shape[1:3]

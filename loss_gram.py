@@ -1,8 +1,9 @@
 """
-The fast exact form of Llip's pairwise part: the same cosines cos(z_ij, z'_j) and the same loss
+The fast exact forms of Llip's pairwise part: the same cosines cos(z_ij, z'_j) and the same loss
 as loss.py's readable form, with W_O moved off the pair axis and, for the loss, the gradients
-written by hand. loss.pick_form is the one place that chooses it (form='auto': when M K <= D,
-as in every paper configuration); tests/test_loss.py checks it against the readable form.
+written by hand. loss.pick_form is the one place that chooses between them (form='auto': the
+gram form when M K < D, as in ViT-B/16 and larger; the mixed form when M K > D, as in the tiny
+preset); tests/test_loss.py checks both against the readable form.
 
 Write U_i^{mk} = V_i^{mk} W_O^m (what token k of head m adds to z_ij per unit of mixing weight;
 W_O^m = rows m*d..(m+1)*d of W_O). Then z_ij = sum_mk Phi_ij^{mk} U_i^{mk}, so
@@ -15,14 +16,16 @@ Per pair this costs 2 K D + (M K)^2 instead of 2 K D + D^2: cheaper whenever M K
     logits and A   (2M, I K, d) @ (2M, d, T)      heads (and keys | values) as the batch axis
     G_i Phi_i      (I, MK, MK) @ (I, MK, T)       images as the batch axis
 so the pair tensors live head-major, (M, I, K, T), with one copy to image-major for G.
+The mixed form (below) takes |z_ij|^2 through H = W_O W_O^T instead, for when M K > D.
 
 Shapes as in loss.py: keys, values (I, M, K, d); queries (T, M, d); text_emb (T, D), normalised;
-out_proj (D, D) = W_O; d = D/M. Both entry points take `chunk` images at a time, against every
+out_proj (D, D) = W_O; d = D/M. Every entry point takes `chunk` images at a time, against every
 caption:
     gram_cosine     (I, T) cosines, for inference (model.Llip.similarity), autograd if enabled
     gram_loss_sum   the summed sigmoid loss of eq. 3, gradients by hand (_GramSigmoidLoss)
+    mixed_cosine, mixed_loss_sum    the same two in the mixed form (_MixedSigmoidLoss)
 
-    python -m pytest tests/test_loss.py     # this form == the readable one, value and gradients
+    python -m pytest tests/test_loss.py     # these forms == the readable one, value and gradients
 """
 import math
 
@@ -307,7 +310,8 @@ class _MixedSigmoidLoss(torch.autograd.Function):
             total = torch.zeros((), dtype=exact, device=keys.device)
             scratch = _Scratch(dtype, keys.device)
             if need_grads:
-                grad_keys, grad_values = torch.empty_like(keys_h), torch.empty_like(values_h)
+                grad_keys = torch.empty_like(keys_h, dtype=exact)
+                grad_values = torch.empty_like(values_h, dtype=exact)
                 grad_q, grad_s = torch.zeros_like(q, dtype=exact), torch.zeros_like(s, dtype=exact)
                 grad_out_gram = torch.zeros_like(out_gram_, dtype=exact)
                 grad_a, grad_b = torch.zeros_like(total), torch.zeros_like(total)

@@ -1,13 +1,15 @@
 """What this proves about loss.py and loss_gram.py (run: python -m pytest tests/test_loss.py):
-- llip_loss, in both forms (plain: chunks of images, each recomputed in backward by
-  torch.utils.checkpoint; gram, loss_gram.py: hand-written gradients taken in the forward pass),
-  equals a naive per-pair reference that builds every z_ij by hand — value and every gradient,
-  float64, for chunk sizes that do and do not divide N; so does the materialising
+- llip_loss, in all three forms (plain: chunks of images, each recomputed in backward by
+  torch.utils.checkpoint; gram and mixed, loss_gram.py: hand-written gradients taken in the
+  forward pass), equals a naive per-pair reference that builds every z_ij by hand — value and
+  every gradient, float64, for chunk sizes that do and do not divide N, and for a slice of the
+  images whose positives start at an offset (another rank's); so does the materialising
   llip_loss_reference;
-- neither form keeps anything per pair for backward (the materialising reference does);
-- the two forms agree to 1e-5 in fp32 at M K < D (loss, every gradient, inference cosines, and
-  the Gram cosines' own autograd gradients); the Gram matrix built from H = W_O W_O^T equals
-  U U^T; a scaled loss scales the gradients; an unknown form is refused by name;
+- no form keeps anything per pair for backward (the materialising reference does);
+- the fast forms agree with the plain one to 1e-5 in fp32 at M K < D and at M K > D (loss,
+  every gradient, inference cosines, and the Gram cosines' own autograd gradients); the Gram
+  matrix built from H = W_O W_O^T equals U U^T; a scaled loss scales the gradients; an unknown
+  form is refused by name; 'auto' takes the form that was measured faster at seven shapes;
 - siglip_loss and clip_loss equal their textbook formulas;
 - with uniform mixing (all keys zero) Llip's loss is SigLIP's loss on the averaged tokens;
 - huge logits stay finite (logsigmoid, no exp/log by hand); bf16 autocast runs and agrees.
@@ -19,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import loss_gram
-from loss import (clip_loss, contextual_cosine, llip_loss, llip_loss_reference, mix, mixing_weights,
-                  pairwise_cosine, pick_form, siglip_loss)
+from loss import (clip_loss, contextual_cosine, llip_loss, llip_loss_reference, mix,
+                  mixing_weights, pairwise_cosine, pick_form, siglip_loss, sigmoid_loss_sum)
 from model import ImageFeatures, TextFeatures
 
 N, M, K, d = 7, 2, 3, 4
@@ -66,7 +68,10 @@ def value_and_grads(fn, inputs):
     return loss.detach(), {k: v.grad for k, v in leaves.items()}
 
 
-@pytest.mark.parametrize('form', ['plain', 'gram'])
+FORMS = ['plain', 'gram', 'mixed']
+
+
+@pytest.mark.parametrize('form', FORMS)
 @pytest.mark.parametrize('chunk_size', [1, 2, 3, 7, 100, None])
 def test_llip_loss_chunked_equals_naive(chunk_size, form):
     inputs = make_inputs()
@@ -109,7 +114,7 @@ def largest_saved_for_backward(fn, inputs):
     return max(sizes)
 
 
-@pytest.mark.parametrize('form', ['plain', 'gram'])
+@pytest.mark.parametrize('form', FORMS)
 def test_nothing_per_pair_is_kept_for_backward(form):
     """Per pair z_ij has D numbers: the chunked forms keep no tensor that large, only tensors
     of the inputs' size (plain: checkpoint keeps the inputs; gram: the finished gradients)."""
@@ -148,28 +153,61 @@ def test_gram_cosines_equal_plain_cosines_in_fp32():
         torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+# (heads, K, d): M K = 12 < D = 32, where the Gram form is the default, and M K = 36 > D = 16
+SHAPES = [(4, 3, 8), (4, 9, 4)]
+
+
+@pytest.mark.parametrize('form', ['gram', 'mixed'])
+@pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('chunk_size', [4, 5, None])
-def test_llip_loss_gram_equals_plain_in_fp32(chunk_size):
-    """The fast form (gradients by hand, images chunked) against the readable one, M K < D."""
-    x = fp32_inputs(7, 12, 12, 4, 3, 8)
+def test_fast_forms_equal_plain_in_fp32(chunk_size, shape, form):
+    """The fast forms (gradients by hand, images chunked) against the readable one."""
+    x = fp32_inputs(7, 12, 12, *shape)
     plain = value_and_grads(on_features(llip_loss, 2.0, chunk_size=5, form='plain'), x)
-    gram = value_and_grads(on_features(llip_loss, 2.0, chunk_size=chunk_size, form='gram'), x)
-    torch.testing.assert_close(gram[0], plain[0], rtol=1e-5, atol=1e-5)
+    fast = value_and_grads(on_features(llip_loss, 2.0, chunk_size=chunk_size, form=form), x)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
     for name in x:
-        torch.testing.assert_close(gram[1][name], plain[1][name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(fast[1][name], plain[1][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_llip_loss_gram_scaled_loss_and_partial_grads():
+@pytest.mark.parametrize('form', ['gram', 'mixed'])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_fast_forms_on_another_ranks_slice_equal_plain_in_float64(shape, form):
+    """Images 3..8 of a batch against all 12 captions: their positives are captions 3..8 (the
+    offset a rank passes), value and every gradient as the plain sum, float64."""
+    x = {k: v.double() for k, v in fp32_inputs(12, 12, 12, *shape).items()}
+    x['keys'], x['values'] = x['keys'][3:9], x['values'][3:9]
+    fast_sum = loss_gram.mixed_loss_sum if form == 'mixed' else loss_gram.gram_loss_sum
+
+    def fast(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias):
+        return fast_sum(keys, values, queries, text_emb, out_proj, 2.0, logit_scale, logit_bias,
+                        offset=3, chunk=4)
+
+    def plain(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias):
+        cos = contextual_cosine(ImageFeatures(keys=keys, values=values),
+                                TextFeatures(queries, text_emb), out_proj, 2.0)
+        return sigmoid_loss_sum(cos, logit_scale, logit_bias, offset=3)
+    expected, expected_grads = value_and_grads(plain, x)
+    loss, grads = value_and_grads(fast, x)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for name in x:
+        assert grads[name].shape == x[name].shape, name      # logit_scale, logit_bias: 0-d
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-10, atol=1e-12,
+                                   msg=name)
+
+
+@pytest.mark.parametrize('form', ['gram', 'mixed'])
+def test_fast_forms_scaled_loss_and_partial_grads(form):
     """backward scales the stored gradients by the incoming gradient; inputs without
     requires_grad get none; under no_grad the value is the same."""
     x = make_inputs(seed=8)
-    gram = on_features(llip_loss, 1.5, chunk_size=3, form='gram')
-    loss, grads = value_and_grads(gram, x)
+    fast = on_features(llip_loss, 1.5, chunk_size=3, form=form)
+    loss, grads = value_and_grads(fast, x)
     keys = x['keys'].clone().requires_grad_()
-    (3 * gram(**{**x, 'keys': keys})).backward()
+    (3 * fast(**{**x, 'keys': keys})).backward()
     torch.testing.assert_close(keys.grad, 3 * grads['keys'], rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(on_features(llip_loss, 1.5, form='gram')(**x), loss,
+        torch.testing.assert_close(on_features(llip_loss, 1.5, form=form)(**x), loss,
                                    rtol=1e-12, atol=1e-12)
 
 
@@ -180,21 +218,32 @@ def test_gram_from_out_gram_equals_u_ut():
                                u @ u.transpose(1, 2))
 
 
+@pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('chunk_size', [1, 4, 100, None])
-def test_pairwise_cosine_forms_agree(chunk_size):
-    x = fp32_inputs(10, 9, 11, 4, 3, 8)
-    image, text = ImageFeatures(keys=x['keys'], values=x['values']), TextFeatures(x['queries'], x['text_emb'])
+def test_pairwise_cosine_forms_agree(chunk_size, shape):
+    x = fp32_inputs(10, 9, 11, *shape)
+    image = ImageFeatures(keys=x['keys'], values=x['values'])
+    text = TextFeatures(x['queries'], x['text_emb'])
     plain = contextual_cosine(image, text, x['out_proj'], 3.0)
     with torch.no_grad():
-        for form in ('plain', 'gram', 'auto'):
-            torch.testing.assert_close(pairwise_cosine(image, text, x['out_proj'], 3.0, chunk_size, form), plain,
-                                       rtol=1e-5, atol=1e-5)
+        for form in ('plain', 'gram', 'mixed', 'auto'):
+            torch.testing.assert_close(pairwise_cosine(image, text, x['out_proj'], 3.0, chunk_size,
+                                                       form), plain, rtol=1e-5, atol=1e-5)
+    # the mixed form has no autograd: asked for gradients it gives the plain form's
+    out_proj = x['out_proj'].clone().requires_grad_()
+    with_grad = pairwise_cosine(image, text, out_proj, 3.0, chunk_size, 'mixed')
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), plain, rtol=1e-5, atol=1e-5)
 
 
-def test_the_switch_picks_gram_when_m_k_fits_in_d_and_refuses_unknown_forms():
-    assert pick_form('auto', torch.zeros(1, 4, 3, 8)) == 'gram'          # M K = 12 <= D = 32
-    assert pick_form('auto', torch.zeros(1, 4, 9, 8)) == 'plain'         # M K = 36 > D = 32
-    assert pick_form('plain', torch.zeros(1, 4, 3, 8)) == 'plain'
+def test_the_switch_takes_the_form_measured_faster_and_refuses_unknown_forms():
+    """pick_form('auto') against the forms measured faster (loss.py's comment at the switch:
+    bench.py loss, N = 256, M = 8, one CPU thread), by (D, K)."""
+    measured = {(64, 16): 'mixed', (128, 16): 'mixed', (128, 32): 'mixed', (256, 16): 'gram',
+                (256, 32): 'mixed', (512, 32): 'gram', (512, 64): 'mixed'}
+    for (dim, k), faster in measured.items():
+        assert pick_form('auto', torch.zeros(1, 8, k, dim // 8), 256) == faster, (dim, k)
+    assert pick_form('plain', torch.zeros(1, 4, 3, 8), 256) == 'plain'
     x = make_inputs()
     with pytest.raises(ValueError, match='form='):
         on_features(llip_loss, 1.0, form='fast')(**x)
@@ -215,7 +264,7 @@ def test_siglip_and_clip_match_formulas():
     torch.testing.assert_close(clip_loss(img, txt, a), (i2t + t2i) / 2)
 
 
-@pytest.mark.parametrize('form', ['plain', 'gram'])
+@pytest.mark.parametrize('form', FORMS)
 def test_uniform_mixing_reduces_to_siglip(form):
     x = make_inputs(seed=3)
     x['keys'] = torch.zeros_like(x['keys'])            # every logit 0 -> Phi = 1/K
@@ -224,7 +273,7 @@ def test_uniform_mixing_reduces_to_siglip(form):
     torch.testing.assert_close(on_features(llip_loss, 5.0, chunk_size=3, form=form)(**x), expected)
 
 
-@pytest.mark.parametrize('form', ['plain', 'gram'])
+@pytest.mark.parametrize('form', FORMS)
 def test_huge_logits_stay_finite(form):
     x = make_inputs(seed=4, dtype=torch.float32)
     x['logit_scale'] = torch.tensor(1e6)
@@ -233,7 +282,7 @@ def test_huge_logits_stay_finite(form):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize('form', ['plain', 'gram'])
+@pytest.mark.parametrize('form', FORMS)
 def test_bf16_autocast_agrees_with_fp32(form):
     x = make_inputs(seed=5, dtype=torch.float32)
     llip = on_features(llip_loss, 5.0, chunk_size=3, form=form)
