@@ -2,10 +2,10 @@
 Speed and memory, side by side with a reference in the same run (these machines are shared
 and noisy: read the ratios).
 
-    python bench.py loss                          # llip_loss fwd+bwd: naive, plain, gram; N = 256, 512, 1024
-    python bench.py loss --dim=1280 --k=64        # bigG's mixer; naive is skipped where it would not fit
-    python bench.py step                          # tiny preset training step, batch 256: pool=llip vs avg,
-                                                  # time and matmul FLOPs
+    python bench.py loss            # llip_loss fwd+bwd: naive, plain, gram, mixed; N = 256 .. 1024
+    python bench.py loss --dim=1280 --k=64        # bigG's mixer; naive skipped where it won't fit
+    python bench.py step            # tiny preset training step, batch 256: pool=llip vs avg,
+                                    # time and matmul FLOPs (--forms plain gram: those forms too)
     python bench.py zeroshot --n 256              # zero-shot img/s, 1000 classes: Llip vs CLIP
 
 Each loss measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
@@ -45,17 +45,19 @@ def one_loss_run(impl, n, dim, k, heads, chunk, repeats, threads):
     a, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
     args = (image, text, out_proj, 5.0, a, b)
     before = rss_kib('VmRSS')
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if impl == 'naive':
             loss = llip_loss_reference(*args)
         else:
             loss = llip_loss(*args, chunk_size=chunk, form=impl)
         loss.backward()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     used = n if impl == 'naive' else chunk or default_chunk(impl, n, image.keys)
-    return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024, 'chunk': used}
+    return {'seconds': min(times), 'cpu_seconds': min(cpu), 'chunk': used,
+            'peak_mib': (rss_kib('VmHWM') - before) / 1024}
 
 
 def macs_per_pair(impl, n, D, K, M):
@@ -63,12 +65,16 @@ def macs_per_pair(impl, n, D, K, M):
     naive/plain: logits K D, mixing K D, W_O D^2; backward twice the forward, and plain
     recomputes the forward once more. gram: logits and A 2 K D, G_i Phi (MK)^2; backward
     4 K D + (MK)^2 (gradients by hand, no recompute); plus, per image, G_i from H = W_O W_O^T,
-    K D^2 + (MK)^2 D/M forward and twice that backward, spread over the n captions."""
+    K D^2 + (MK)^2 D/M forward and twice that backward, spread over the n captions. mixed:
+    logits and mixing 2 K D, H x D^2; backward 4 K D + D^2 (dl/dH), by hand."""
     if impl in ('naive', 'plain'):
         fwd = 2 * K * D + D * D
         return fwd, fwd * (3 if impl == 'naive' else 4)
+    if impl == 'mixed':
+        return 2 * K * D + D * D, 6 * K * D + 2 * D * D
     per_image = K * D * D + (M * K) ** 2 * D // M
-    return 2 * K * D + (M * K) ** 2 + per_image / n, 6 * K * D + 2 * (M * K) ** 2 + 3 * per_image / n
+    return (2 * K * D + (M * K) ** 2 + per_image / n,
+            6 * K * D + 2 * (M * K) ** 2 + 3 * per_image / n)
 
 
 def naive_bytes(n, D):
@@ -85,14 +91,14 @@ def available_bytes():
 def bench_loss(args):
     D, K, M = args.dim, args.k, args.heads
     print(f"$ python bench.py {' '.join(sys.argv[1:])}")
-    print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, D={D}, K={K}, M={M}, "
-          f"best of {args.repeats}")
+    print(f"llip_loss forward+backward, fp32, CPU, {torch.get_num_threads()} threads, D={D}, "
+          f"K={K}, M={M}, best of {args.repeats} (wall and CPU time)")
     print("naive: materialise all z_ij (llip_loss_reference); plain: chunks of images,\n"
-          "autograd, each chunk recomputed in backward (torch.utils.checkpoint); gram: W_O off\n"
-          "the pair axis, gradients by hand in the same pass (loss_gram.py);\n"
+          "autograd, each chunk recomputed in backward (torch.utils.checkpoint); gram, mixed: W_O\n"
+          "off the pair axis, gradients by hand in the same pass (loss_gram.py);\n"
           "MAC/pair from the shapes (fwd, fwd+bwd)")
-    print(f"{'N':>6} {'impl':>6} {'chunk':>6} {'seconds':>9} {'peak MiB':>10} {'kMAC fwd':>9} {'kMAC f+b':>9}"
-          f" {'time/naive':>11} {'mem/naive':>10}")
+    print(f"{'N':>6} {'impl':>6} {'chunk':>6} {'seconds':>9} {'CPU s':>7} {'peak MiB':>10} "
+          f"{'kMAC fwd':>9} {'kMAC f+b':>9} {'time/naive':>11} {'mem/naive':>10}")
     for n in args.n:
         rows = {}
         for impl in args.impls:
@@ -105,14 +111,18 @@ def bench_loss(args):
             cmd = [sys.executable, '-c', f"import json, bench; print(json.dumps({call}))"]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
             if out.returncode:
-                print(f"{n:>6} {impl:>6}  failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
+                why = (out.stderr.strip().splitlines() or ['killed'])[-1]
+                print(f"{n:>6} {impl:>6}  failed: {why}")
                 continue
             rows[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
             fwd, both = macs_per_pair(impl, n, D, K, M)
-            ratios = (f" {r['seconds'] / rows['naive']['seconds']:>11.2f} {r['peak_mib'] / rows['naive']['peak_mib']:>10.3f}"
-                      if 'naive' in rows and impl != 'naive' else '')
-            print(f"{n:>6} {impl:>6} {r['chunk']:>6} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f} {fwd / 1e3:>9.0f}"
-                  f" {both / 1e3:>9.0f}{ratios}", flush=True)
+            ratios = ''
+            if 'naive' in rows and impl != 'naive':
+                ratios = (f" {r['seconds'] / rows['naive']['seconds']:>11.2f}"
+                          f" {r['peak_mib'] / rows['naive']['peak_mib']:>10.3f}")
+            print(f"{n:>6} {impl:>6} {r['chunk']:>6} {r['seconds']:>9.2f} {r['cpu_seconds']:>7.2f}"
+                  f" {r['peak_mib']:>10.0f} {fwd / 1e3:>9.0f} {both / 1e3:>9.0f}{ratios}",
+                  flush=True)
 
 
 def one_step_setup(pool, batch, seed=0, preset='tiny', image_size=None, form='auto'):
@@ -179,13 +189,16 @@ def bench_step(args):
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     flops = {name: step_flops(step) for name, step in steps.items()}
     print(f"{'pool':>11} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>7} {'GFLOP':>7} "
-          f"{'GFLOP/s':>8} {'time/avg':>9} {'CPU/avg':>8} {'FLOP/avg':>9} {'CPU:FLOP':>9}"
+          f"{'GFLOP/s':>8} {'time/avg':>9} {'CPU/avg':>8} {'FLOP/avg':>9} {'time:FLOP':>10}"
+          f" {'CPU:FLOP':>9}"
           f"  (of {args.repeats})")
     for name in steps:
-        ratios = (med[name] / med['avg'], med_cpu[name] / med_cpu['avg'], flops[name] / flops['avg'])
+        time_r, cpu_r = med[name] / med['avg'], med_cpu[name] / med_cpu['avg']
+        flop_r, gflop = flops[name] / flops['avg'], flops[name] / 1e9
         print(f"{name:>11} {med[name]:>9.3f} {min(wall[name]):>7.3f} {max(wall[name]):>7.3f}"
-              f" {med_cpu[name]:>7.3f} {flops[name] / 1e9:>7.1f} {flops[name] / 1e9 / med[name]:>8.1f}"
-              f" {ratios[0]:>9.3f} {ratios[1]:>8.3f} {ratios[2]:>9.3f} {ratios[1] / ratios[2]:>9.3f}")
+              f" {med_cpu[name]:>7.3f} {gflop:>7.1f} {gflop / med[name]:>8.1f}"
+              f" {time_r:>9.3f} {cpu_r:>8.3f} {flop_r:>9.3f} {time_r / flop_r:>10.3f}"
+              f" {cpu_r / flop_r:>9.3f}")
     if 'llip' in steps:
         print(f"llip/avg median step time: {med['llip'] / med['avg']:.3f} (CPU time "
               f"{med_cpu['llip'] / med_cpu['avg']:.3f})")
@@ -264,7 +277,8 @@ if __name__ == '__main__':
     p.add_argument('--heads', type=int, default=8, help='mixer heads M')
     p.add_argument('--chunk', type=int, default=0,
                    help='chunk_size of llip_loss and similarity: images per chunk (0: the default)')
-    p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram'], help='loss: which forms to run')
+    p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram', 'mixed'],
+                   help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
     p.add_argument('--preset', default='tiny', help='step: the model preset (model.PRESETS)')
     p.add_argument('--image_size', type=int, default=0,
