@@ -215,7 +215,8 @@ def step_flops(step):
     attention = {aten._scaled_dot_product_flash_attention_for_cpu:
                  lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
                  aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                 lambda grad, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
+                 lambda grad, q, k, v, *_, **__:
+                 flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=attention) as counter:
         step()
     return counter.get_total_flops()

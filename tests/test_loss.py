@@ -34,7 +34,8 @@ def make_inputs(seed=0, dtype=torch.float64, n_img=N, n_txt=N):
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
     return dict(keys=r(n_img, M, K, d), values=r(n_img, M, K, d), queries=r(n_txt, M, d),
                 text_emb=F.normalize(r(n_txt, D), dim=-1), out_proj=r(D, D) / math.sqrt(D),
-                logit_scale=torch.tensor(3.0, dtype=dtype), logit_bias=torch.tensor(-2.0, dtype=dtype))
+                logit_scale=torch.tensor(3.0, dtype=dtype),
+                logit_bias=torch.tensor(-2.0, dtype=dtype))
 
 
 def on_features(fn, tau, **kwargs):
@@ -76,7 +77,8 @@ FORMS = ['plain', 'gram', 'mixed']
 def test_llip_loss_chunked_equals_naive(chunk_size, form):
     inputs = make_inputs()
     ref_loss, ref_grads = value_and_grads(lambda **x: naive_llip(**x, tau=0.7), inputs)
-    loss, grads = value_and_grads(on_features(llip_loss, 0.7, chunk_size=chunk_size, form=form), inputs)
+    llip = on_features(llip_loss, 0.7, chunk_size=chunk_size, form=form)
+    loss, grads = value_and_grads(llip, inputs)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     for name in inputs:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
@@ -129,7 +131,8 @@ def test_nothing_per_pair_is_kept_for_backward(form):
 
 def fp32_inputs(seed, I, T, heads, k, d):
     g = torch.Generator().manual_seed(seed)
-    return dict(keys=torch.randn(I, heads, k, d, generator=g), values=torch.randn(I, heads, k, d, generator=g),
+    return dict(keys=torch.randn(I, heads, k, d, generator=g),
+                values=torch.randn(I, heads, k, d, generator=g),
                 queries=torch.randn(T, heads, d, generator=g),
                 text_emb=F.normalize(torch.randn(T, heads * d, generator=g), dim=-1),
                 out_proj=torch.randn(heads * d, heads * d, generator=g) / (heads * d) ** 0.5,
@@ -150,7 +153,8 @@ def test_gram_cosines_equal_plain_cosines_in_fp32():
     results = [value_and_grads(lambda **v: (f(**v) * weights).sum(), x) for f in (plain, gram)]
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name in x:
-        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-5,
+                                   msg=name)
 
 
 # (heads, K, d): M K = 12 < D = 32, where the Gram form is the default, and M K = 36 > D = 16
@@ -213,8 +217,10 @@ def test_fast_forms_scaled_loss_and_partial_grads(form):
 
 def test_gram_from_out_gram_equals_u_ut():
     x = make_inputs(seed=9)
-    u = torch.einsum('imkd,mde->imke', x['values'], x['out_proj'].reshape(M, d, D)).reshape(N, M * K, D)
-    torch.testing.assert_close(loss_gram.gram_from_out_gram(x['values'], x['out_proj'] @ x['out_proj'].T),
+    u = torch.einsum('imkd,mde->imke', x['values'], x['out_proj'].reshape(M, d, D))
+    u = u.reshape(N, M * K, D)
+    out_gram = x['out_proj'] @ x['out_proj'].T
+    torch.testing.assert_close(loss_gram.gram_from_out_gram(x['values'], out_gram),
                                u @ u.transpose(1, 2))
 
 
