@@ -161,19 +161,18 @@ def _image_chunk(image, start, size):
 #     gram   2 (MK)^2 (G_i Phi and dl/dG_i), G_i per image shared by the captions; ~39 MK moved
 #     mixed  2 D^2 (H x and dl/dH); ~17 MK + 29 D moved
 #     plain  its forward twice (checkpoint) and backward: 4 (2 K D + D^2), never the cheapest.
-# Measured (python bench.py loss --threads 1 --impls gram mixed, N = 256, M = 8, 1 CPU thread,
-# shared machine) the faster form was mixed at D, K = 64, 16; 128, 16; 128, 32; 256, 32; 512, 64
-# and gram at 256, 16; 512, 32; this model agrees at every TRAFFIC_MACS from 0 to 6.8 (mixed
-# wins at M K = D: gram's G_i costs K D^2 per image). GPUs: not measured, no GPU was at hand.
+# Measured (llip_loss forward + backward as bench.py loss runs it, N = 256, M = 8, CPU time of
+# one thread on a shared machine), the faster form was mixed at D, K = 64, 16; 128, 16; 128, 32;
+# 256, 32; 512, 64 (by 1.3 to 2.7x) and gram at 256, 16; 512, 32 (by 1.3x); this model agrees
+# at every TRAFFIC_MACS from 0 to 6.8 (mixed wins at M K = D: gram's G_i costs K D^2 per image).
+# GPUs: not measured, no GPU was at hand.
 TRAFFIC_MACS = 4
 
 
 def pair_cost(form, heads, k, d, n_txt):
-    """Multiply-adds per image-caption pair of a training step in `form`, memory traffic
-    included at TRAFFIC_MACS per element (see above)."""
+    """Multiply-adds per image-caption pair of a training step in form 'gram' or 'mixed', memory
+    traffic included at TRAFFIC_MACS per element (see above)."""
     dim, mk = heads * d, heads * k
-    if form == 'plain':
-        return 4 * (2 * k * dim + dim * dim) + TRAFFIC_MACS * (18 * mk + 18 * dim)
     if form == 'gram':
         per_image = k * dim * dim + mk * mk * d                 # G_i from H, forward
         return 6 * k * dim + 2 * mk * mk + 3 * per_image / n_txt + TRAFFIC_MACS * 39 * mk
