@@ -248,7 +248,9 @@ def _mixed_pairs(keys_c, values_c, q, s, out_gram, scratch):
 
 class _Scratch:
     """Flat buffers, one per name, allocated for the first (largest) chunk and reused: a view of
-    the first elements is contiguous whatever the chunk's size."""
+    the first elements is contiguous whatever the chunk's size. (Fresh tensors of a chunk's size
+    come from the OS page by page: with them the tiny preset's loss took 170 ms, 131 ms without,
+    CPU time, one thread.)"""
 
     def __init__(self, dtype, device):
         self.dtype, self.device, self.flat = dtype, device, {}
