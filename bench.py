@@ -331,7 +331,8 @@ def bench_accum(args):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['loss', 'step', 'zeroshot', 'accum'], help='which benchmark to run')
+    p.add_argument('what', choices=['loss', 'step', 'zeroshot', 'accum'],
+                   help='which benchmark to run')
     p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
