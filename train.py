@@ -13,8 +13,11 @@ and torchrun's environment change.
         --out_dir=/shared/run1                          # on each node; one shared --out_dir
 
 DDP is decided by torchrun's environment alone (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on
-CUDA, gloo on CPU. --batch_size is per rank; the loss of each rank covers its images against
-every rank's captions (loss.py), so the contrastive batch is batch_size x world size.
+CUDA, gloo on CPU. --batch_size is per rank per micro-batch; the loss of each rank covers its
+images against every rank's captions (loss.py), and --grad_accum micro-batches are one
+contrastive batch (accumulation.py caches their features), so a step's contrastive batch is
+batch_size x world size x grad_accum. --global_batch=N asks for that product and derives the
+other two from N and the world size: the same command trains the same batch on 8 or 256 GPUs.
 Every flag is --key=value (bools too: --eval=false); `python train.py --help` lists them. Any
 LlipConfig field can be overridden (--num_mixture=64 --tau=8 ...). On several nodes, --out_dir
 must be one shared filesystem path: rank 0 picks the checkpoint and every rank reads it.
@@ -37,6 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import accumulation
 import checkpoint
 import data
 import eval as llip_eval
@@ -45,6 +49,7 @@ from checkpoint import Preemption
 from model import PRESETS, Llip, LlipConfig
 
 # ----------------------------------------------------------------------------- flags
+DEFAULT_BATCH_SIZE = 64   # images per rank per micro-batch unless told otherwise
 # allow_abbrev=False: a typo such as --step must not silently mean --steps
 parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,11 +94,18 @@ parser.add_argument('--out_dir', default='out',
                help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
                     'path)')
 parser.add_argument('--steps', type=int, default=2500, help='optimizer steps in total')
-parser.add_argument('--batch_size', type=int, default=64,
-               help='images (and captions) per rank per micro-step')
-parser.add_argument('--grad_accum', type=int, default=1,
-               help='micro-steps per optimizer step. Note: each micro-step is its own contrastive '
-                    'batch, so accumulation does not add negatives; it only averages gradients')
+parser.add_argument('--batch_size', type=int, default=None,
+               help=f'images (and captions) per rank per micro-batch (default '
+                    f'{DEFAULT_BATCH_SIZE}; with --global_batch, derived from it)')
+parser.add_argument('--grad_accum', type=int, default=None,
+               help='micro-batches per optimizer step, all one contrastive batch: every image '
+                    'meets every caption of all of them (feature-cached accumulation, '
+                    'accumulation.py: activation memory of one micro-batch, one more forward of '
+                    'the towers). Default 1; with --global_batch, derived from it')
+parser.add_argument('--global_batch', type=int, default=None,
+               help='the contrastive batch of a step, batch_size x world size x grad_accum '
+                    '(paper: 32768); --batch_size and --grad_accum are derived from it and the '
+                    'world size, or checked against it when given')
 parser.add_argument('--lr', type=float, default=3e-4,
                help='peak learning rate (3e-4: what runs/study.sh picks for the tiny preset, '
                     'pool=llip, on the validation split; paper: 5e-4 for B, 4e-4 for L/H/G)')
@@ -169,7 +181,8 @@ for f in config_fields:
 # at least 1: 0 or less would loop zero times, divide by zero or (for --keep) delete every
 # checkpoint right after writing it. The model's own fields (num_mixture, tau, ...) are checked
 # by LlipConfig.
-AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size')
+AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size',
+                'global_batch')
 AT_LEAST_ZERO = ('eval_every', 'workers', 'warmup', 'chunk_size')
 TRACKERS = {'tensorboard': 'torch.utils.tensorboard', 'wandb': 'wandb'}
 
@@ -179,8 +192,14 @@ def check_flags(args):
     any work."""
     for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
         for name in names:
-            if getattr(args, name) < low:
+            if getattr(args, name) is not None and getattr(args, name) < low:
                 sys.exit(f'error: --{name}={getattr(args, name)}: must be an integer >= {low}')
+    world = int(os.environ['WORLD_SIZE']) if 'RANK' in os.environ else 1   # as set_up decides
+    try:
+        args.batch_size, args.grad_accum = split_batch(args.global_batch, world, args.batch_size,
+                                                       args.grad_accum)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if args.device not in ('auto', 'cpu') and not args.device.startswith('cuda'):
         sys.exit(f'error: --device={args.device}: expected auto, cpu or cuda')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -211,6 +230,34 @@ def check_flags(args):
         sys.exit(f'error: --vocab_size={config.vocab_size}: the {config.tokenizer} tokenizer '
                  f'needs at least {needed}')
     return config
+
+
+def split_batch(global_batch, world, batch_size=None, grad_accum=None):
+    """(batch_size, grad_accum) per rank, so that batch_size x world x grad_accum is
+    --global_batch; the flags given are kept and checked, the others derived (batch_size: the
+    largest divisor of global_batch / world up to DEFAULT_BATCH_SIZE). Without --global_batch,
+    the defaults. A ValueError names what does not divide or agree."""
+    if global_batch is None:
+        return batch_size or DEFAULT_BATCH_SIZE, grad_accum or 1
+    what = f'--global_batch={global_batch}'
+    if global_batch % world:
+        raise ValueError(f'{what} is not divisible by the {world} ranks')
+    per_rank = global_batch // world
+    if batch_size is None and grad_accum is not None:
+        if per_rank % grad_accum:
+            raise ValueError(f'{what}: {per_rank} images a rank ({world} ranks) is not divisible '
+                             f'by --grad_accum={grad_accum}')
+        batch_size = per_rank // grad_accum
+    if batch_size is None:
+        batch_size = max(b for b in range(1, min(per_rank, DEFAULT_BATCH_SIZE) + 1)
+                         if per_rank % b == 0)
+    if per_rank % batch_size:
+        raise ValueError(f'{what}: {per_rank} images a rank ({world} ranks) is not a multiple '
+                         f'of --batch_size={batch_size}')
+    if grad_accum is not None and batch_size * grad_accum != per_rank:
+        raise ValueError(f'{what} contradicts --batch_size={batch_size} x {world} ranks x '
+                         f'--grad_accum={grad_accum} = {batch_size * world * grad_accum}')
+    return batch_size, per_rank // batch_size
 
 
 def lr_at(step, args):
@@ -252,8 +299,9 @@ class Tracker:
 @dataclasses.dataclass
 class Run:
     """What a run is made of, set up once by main() and read by train() and checkpoint.py.
-    `model` is the plain module (saved, evaluated, logged); `wrapped` is what steps run
-    through: the same module compiled and/or in DistributedDataParallel, or `model` itself."""
+    `model` is the plain module (saved, evaluated, logged); `wrapped` is what steps run the
+    towers through: accumulation.Towers of the same module, compiled and/or in
+    DistributedDataParallel."""
     args: argparse.Namespace
     config: LlipConfig
     rank: int
@@ -355,10 +403,9 @@ def build(run):
     params = sum(p.numel() for p in model.parameters())
     run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
             f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
-    accumulated = f' (x {args.grad_accum} micro-steps, gradients averaged)' \
-        if args.grad_accum > 1 else ''
-    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s) = '
-            f'{args.batch_size * run.world}{accumulated}')
+    micro = f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''
+    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s)'
+            f'{micro} = {args.batch_size * run.world * args.grad_accum}')
     run.log(f'device {run.device}, {args.dtype}; data {args.data}')
     run.log(f'out_dir {args.out_dir}')
 
@@ -390,8 +437,10 @@ def training_data(run):
 
 
 def wrap(run):
-    """What the steps run through: compiled (--compile), then DistributedDataParallel."""
-    wrapped = torch.compile(run.model) if run.args.compile else run.model
+    """What the steps run the towers through (accumulation.Towers: one forward for both, so
+    that a wrapper sees it): compiled (--compile), then DistributedDataParallel."""
+    towers = accumulation.Towers(run.model)
+    wrapped = torch.compile(towers) if run.args.compile else towers
     if run.ddp:
         ids = [torch.device(run.device)] if run.device.startswith('cuda') else None
         wrapped = DistributedDataParallel(wrapped, device_ids=ids)
@@ -459,23 +508,18 @@ def train(run, start_step, plan, preemption):
 
 
 def train_step(run, batches, step):
-    """One optimizer step over --grad_accum micro-batches: (the global loss, the gradient
-    norm), both the same on every rank. Stops the run before the update on a non-finite loss
-    or gradient."""
-    args, model, optimizer, scaler = run.args, run.wrapped, run.optimizer, run.scaler
-    total = torch.zeros((), device=run.device)
-    for micro in range(args.grad_accum):
-        images, tokens = next(batches)
-        images = images.to(run.device, non_blocking=True)   # (B, 3, S, S)
-        tokens = tokens.to(run.device, non_blocking=True)   # (B, L)
-        # DDP all-reduces gradients only on the last micro-step
-        last = micro == args.grad_accum - 1
-        with nullcontext() if not run.ddp or last else model.no_sync():
-            with run.autocast:
-                loss = model(images, tokens, chunk_size=args.chunk_size or None)
-                loss = loss / args.grad_accum
-            scaler.scale(loss).backward()
-        total += loss.detach()
+    """One optimizer step on the contrastive batch of --grad_accum micro-batches (every image
+    against every caption of all of them, accumulation.train_step): (the global loss, the
+    gradient norm), both the same on every rank. Stops the run before the update on a
+    non-finite loss or gradient. The step's micro-batches are drawn here, all before the
+    update: a checkpoint (only between steps) always holds the loader after a whole step."""
+    args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
+    micro_batches = [(images.to(run.device, non_blocking=True),     # (B, 3, S, S)
+                      tokens.to(run.device, non_blocking=True))     # (B, L)
+                     for images, tokens in itertools.islice(batches, args.grad_accum)]
+    # DDP all-reduces the gradients once, in the step's last backward
+    total = accumulation.train_step(run.wrapped, model, micro_batches, args.chunk_size or None,
+                                    autocast=run.autocast, scale=scaler.scale)
     if run.ddp:   # the global loss is the mean over ranks; every rank sees the same value
         dist.all_reduce(total)
         total /= run.world

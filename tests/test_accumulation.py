@@ -8,10 +8,20 @@ tests/test_accumulation.py), in float64 on a small Llip:
   exactly as many all-reduce calls as a step without accumulation;
 - the replay of a micro-batch draws the same random numbers as its first forward (a dropout put
   on the image tower gives the same features twice), and the generator ends where one forward
-  of every micro-batch would leave it.
+  of every micro-batch would leave it;
+- train.py with --grad_accum: a run killed mid-step (checkpoints are written between steps
+  only) resumes to the same weights as an uninterrupted run;
+- --global_batch=N derives --batch_size and --grad_accum from N and the world size, keeps and
+  checks the ones given, and refuses with a one-line error an N that does not divide or
+  contradicts them.
 """
+import importlib
+import json
 import os
+import signal
 import socket
+import sys
+import time
 
 import pytest
 import torch
@@ -24,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from accumulation import Towers, train_step
 from model import Llip
 from test_model import batch, tiny
+from test_train import SMALL, assert_same_weights, synthetic, train, weights  # noqa: F401
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
 CASES = [('cls', 'plain'), ('llip', 'plain'), ('llip', 'gram')]   # the form is llip's only
@@ -153,3 +164,68 @@ def test_replay_draws_the_same_random_numbers(one_thread):
         torch.testing.assert_close(replay, first, rtol=0, atol=0)
     assert not torch.equal(seen[0], seen[1])           # the draws do differ between micro-batches
     assert torch.equal(torch.get_rng_state(), after_one_pass)
+
+
+ACCUM_RUN = ['--grad_accum=3', '--batch_size=4', '--steps=6']
+
+
+def test_killed_mid_step_resumes_to_the_same_weights(tmp_path, synthetic):   # noqa: F811
+    full, out = str(tmp_path / 'full'), str(tmp_path / 'killed')
+    train(full, synthetic, *ACCUM_RUN, '--save_every=3')
+    proc = train(out, synthetic, *ACCUM_RUN, '--save_every=2', popen=True)
+    while not os.path.exists(os.path.join(out, 'ckpt_0000002.pt')) and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)                        # into step 3's micro-batches
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert not os.path.exists(os.path.join(out, 'ckpt_0000006.pt')), 'the run ended first'
+    result = train(out, synthetic, *ACCUM_RUN, '--save_every=3')
+    assert 'resuming from' in result.stdout + result.stderr
+    assert_same_weights(weights(out), weights(full))
+
+
+@pytest.mark.parametrize('given, world, want', [
+    ((None, None, None), 1, (64, 1)),                # no --global_batch: the defaults
+    ((None, 8, 2), 1, (8, 2)),
+    ((32768, None, None), 8, (64, 64)),              # 4096 a rank: micro-batch 64, 64 of them
+    ((32768, None, None), 256, (64, 2)),
+    ((32768, 128, None), 256, (128, 1)),
+    ((32768, None, 16), 8, (256, 16)),
+    ((300, None, None), 2, (50, 3)),                 # 150 a rank: the largest divisor <= 64
+    ((24, 4, 3), 2, (4, 3)),
+])
+def test_global_batch_derives_the_micro_batch_and_accumulation(given, world, want):
+    split_batch = importlib.import_module('train').split_batch
+    global_batch, batch_size, grad_accum = given
+    got = split_batch(global_batch, world, batch_size, grad_accum)
+    assert got == want and (global_batch is None or got[0] * world * got[1] == global_batch)
+
+
+@pytest.mark.parametrize('flags, world, words', [
+    (['--global_batch=10'], 3, 'not divisible by the 3 ranks'),
+    (['--global_batch=24', '--batch_size=5'], 1, 'not a multiple of --batch_size=5'),
+    (['--global_batch=24', '--grad_accum=5'], 2, 'not divisible by --grad_accum=5'),
+    (['--global_batch=24', '--batch_size=4', '--grad_accum=2'], 1, 'contradicts'),
+    (['--global_batch=0'], 1, 'must be an integer >= 1'),
+])
+def test_bad_global_batch_is_a_one_line_error(tmp_path, monkeypatch, flags, world, words):
+    train_py = importlib.import_module('train')
+    if world > 1:   # as torchrun would set it; check_flags runs before any process group
+        monkeypatch.setenv('RANK', '0')
+        monkeypatch.setenv('WORLD_SIZE', str(world))
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={tmp_path / "out"}', *flags])
+    with pytest.raises(SystemExit) as stop:
+        train_py.check_flags(train_py.parser.parse_args())
+    message = str(stop.value.code)
+    assert message.startswith('error: --global_batch=') and words in message, message
+    assert len(message.splitlines()) == 1
+
+
+def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):   # noqa: F811
+    out = str(tmp_path)   # SMALL's --batch_size=8 is overridden by the later flag
+    result = train(out, synthetic, '--global_batch=12', '--batch_size=4', '--steps=1')
+    assert 'contrastive pairs per step: 4 per rank x 1 rank(s) x 3 micro-batches = 12' \
+        in result.stdout
+    with open(os.path.join(out, 'config.json')) as f:
+        config = json.load(f)
+    assert (config['global_batch'], config['batch_size'], config['grad_accum']) == (12, 4, 3)
