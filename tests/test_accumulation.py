@@ -11,6 +11,7 @@ tests/test_accumulation.py), in float64 on a small Llip:
   of every micro-batch would leave it;
 - train.py with --grad_accum: a run killed mid-step (checkpoints are written between steps
   only) resumes to the same weights as an uninterrupted run;
+- two ranks under torchrun train with --global_batch (accumulation under DDP, end to end);
 - --global_batch=N derives --batch_size and --grad_accum from N and the world size, keeps and
   checks the ones given, and refuses with a one-line error an N that does not divide or
   contradicts them.
@@ -20,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -34,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from accumulation import Towers, train_step
 from model import Llip
 from test_model import batch, tiny
-from test_train import SMALL, assert_same_weights, synthetic, train, weights  # noqa: F401
+from test_train import (ROOT, SMALL, assert_same_weights, free_port, log_lines,  # noqa: F401
+                        synthetic, torchrun, train, weights)
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
 CASES = [('cls', 'plain'), ('llip', 'plain'), ('llip', 'gram')]   # the form is llip's only
@@ -229,3 +232,16 @@ def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):   # noqa: F8
     with open(os.path.join(out, 'config.json')) as f:
         config = json.load(f)
     assert (config['global_batch'], config['batch_size'], config['grad_accum']) == (12, 4, 3)
+
+
+def test_two_ranks_with_torchrun_and_global_batch(tmp_path, synthetic):   # noqa: F811
+    out = str(tmp_path)
+    cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
+                   f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL,
+                   '--global_batch=16', '--batch_size=4', '--steps=2', '--save_every=2')
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '4 per rank x 2 rank(s) x 2 micro-batches = 16' in result.stdout
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['config']['grad_accum'] == 2 and len(ckpt['loader']) == 2
+    assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2]
