@@ -53,7 +53,8 @@ class Towers(nn.Module):
 def contrastive_loss(llip, image, text, chunk_size=None, form='auto'):
     """The training loss on features, as Llip.forward computes it after the towers: eq. 3 on the
     contextualised pairs for pool=llip, SigLIP's loss on the embeddings for the other pools.
-    This rank's images against every rank's captions (loss.py)."""
+    This rank's images against every rank's captions (loss.py). Kept the same as Llip.forward
+    by tests/test_accumulation.py, whose reference is Llip.forward on the whole batch."""
     a = llip.logit_scale.exp()
     if image.emb is not None:
         return siglip_loss(image.emb, text.emb, a, llip.logit_bias)
@@ -64,11 +65,13 @@ def contrastive_loss(llip, image, text, chunk_size=None, form='auto'):
 def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autocast=None,
                scale=None):
     """Forward and backward of one optimizer step over `micro_batches`, a list of (images,
-    tokens) on the device, all of one size; leaves the gradients in .grad (under DDP averaged
-    over ranks) and returns this rank's loss, detached. towers: Towers(llip), maybe wrapped;
-    llip: the plain model. autocast: the precision context of the forwards; scale: applied to
-    the loss before its gradient (GradScaler.scale under fp16). One micro-batch: the plain step,
-    one forward with autograd. Several: cache, loss, replay (this file's docstring)."""
+    tokens) on the device (every rank's whole batch the same size, as loss.py needs). Leaves
+    the gradients in .grad (under DDP averaged over ranks) and returns this rank's loss,
+    detached. towers: Towers(llip), maybe wrapped; llip: the plain model. autocast: the
+    precision context of the forwards; scale: applied to the loss before its gradient
+    (GradScaler.scale under fp16). One micro-batch: the plain step, one forward with autograd.
+    Several: cache, loss, replay (this file's docstring). The micro-batches' inputs stay on
+    the device for the step (at 224 px, fp32: 0.6 MB an image)."""
     autocast = autocast or nullcontext()
     scale = scale or (lambda loss: loss)
     if len(micro_batches) == 1:
