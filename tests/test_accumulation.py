@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,10 +33,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from accumulation import Towers, train_step
+from conftest import ROOT, SMALL, batch, free_port, log_lines, tiny, torchrun, train, weights
 from model import Llip
-from test_model import batch, tiny
-from test_train import (ROOT, SMALL, assert_same_weights, free_port, log_lines,  # noqa: F401
-                        synthetic, torchrun, train, weights)
+from test_train import assert_same_weights
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
 CASES = [('cls', 'plain'), ('llip', 'plain'), ('llip', 'gram')]   # the form is llip's only
@@ -129,10 +127,7 @@ def worker(rank, port, out):
 
 
 def test_two_ranks_equal_the_whole_batch(tmp_path, one_thread):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path / 'rank')), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), str(tmp_path / 'rank')), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f'rank.{r}', weights_only=False) for r in range(WORLD)]
     for pool, form in CASES:
         want = reference(pool, WORLD)
@@ -172,7 +167,7 @@ def test_replay_draws_the_same_random_numbers(one_thread):
 ACCUM_RUN = ['--grad_accum=3', '--batch_size=4', '--steps=6']
 
 
-def test_killed_mid_step_resumes_to_the_same_weights(tmp_path, synthetic):   # noqa: F811
+def test_killed_mid_step_resumes_to_the_same_weights(tmp_path, synthetic):
     full, out = str(tmp_path / 'full'), str(tmp_path / 'killed')
     train(full, synthetic, *ACCUM_RUN, '--save_every=3')
     proc = train(out, synthetic, *ACCUM_RUN, '--save_every=2', popen=True)
@@ -224,7 +219,7 @@ def test_bad_global_batch_is_a_one_line_error(tmp_path, monkeypatch, flags, worl
     assert len(message.splitlines()) == 1
 
 
-def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):   # noqa: F811
+def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):
     out = str(tmp_path)   # SMALL's --batch_size=8 is overridden by the later flag
     result = train(out, synthetic, '--global_batch=12', '--batch_size=4', '--steps=1')
     assert 'contrastive pairs per step: 4 per rank x 1 rank(s) x 3 micro-batches = 12' \
@@ -234,7 +229,7 @@ def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):   # noqa: F8
     assert (config['global_batch'], config['batch_size'], config['grad_accum']) == (12, 4, 3)
 
 
-def test_two_ranks_with_torchrun_and_global_batch(tmp_path, synthetic):   # noqa: F811
+def test_two_ranks_with_torchrun_and_global_batch(tmp_path, synthetic):
     out = str(tmp_path)
     cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
                    f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL,
