@@ -8,6 +8,8 @@ and torchrun's environment change.
         --zeroshot_classnames=imagenet --zeroshot_templates=imagenet --retrieval_data=coco/val \\
         --eval_every=1000 --logger=tensorboard  # evaluation on real data during training
     torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=...   # 1 node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=... \\
+        --global_batch=32768 --batch_size=256   # the paper's batch: 8 GPUs x 256 x 16 micro-batches
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         --rdzv_id=llip --max-restarts=3 train.py --model=vit_b16 --data=... --resume=auto \\
         --out_dir=/shared/run1                          # on each node; one shared --out_dir
