@@ -1,9 +1,10 @@
 """What this proves about feature-cached accumulation (accumulation.py; run: python -m pytest
 tests/test_accumulation.py), in float64 on a small Llip:
 - the loss and the gradient of every parameter after accumulating micro-batches equal those of
-  one step on the whole batch without accumulation (Llip.forward), for pools cls and llip and
-  both loss forms (plain, gram), on 1 rank and on 2 gloo ranks under DDP (whose gradient average
-  then equals the single process's gradient of the global batch);
+  one step on the whole batch without accumulation (Llip.forward), for pools cls, avg (W_O in
+  the image tower) and llip, both loss forms (plain, gram), on 1 rank and on 2 gloo ranks
+  under DDP (whose gradient average then equals the single process's gradient of the global
+  batch);
 - under DDP the gradients are all-reduced once per optimizer step: an accumulated step makes
   exactly as many all-reduce calls as a step without accumulation;
 - the replay of a micro-batch draws the same random numbers as its first forward (a dropout put
@@ -38,7 +39,7 @@ from model import Llip
 from test_train import assert_same_weights
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
-CASES = [('cls', 'plain'), ('llip', 'plain'), ('llip', 'gram')]   # the form is llip's only
+CASES = [('cls', 'plain'), ('avg', 'plain'), ('llip', 'plain'), ('llip', 'gram')]   # form: llip's
 
 
 def make_model(pool):
