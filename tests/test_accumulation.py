@@ -2,7 +2,7 @@
 tests/test_accumulation.py), in float64 on a small Llip:
 - the loss and the gradient of every parameter after accumulating micro-batches equal those of
   one step on the whole batch without accumulation (Llip.forward), for pools cls, avg (W_O in
-  the image tower) and llip, both loss forms (plain, gram), on 1 rank and on 2 gloo ranks
+  the image tower) and llip, every loss form (plain, gram, mixed), on 1 rank and on 2 gloo ranks
   under DDP (whose gradient average then equals the single process's gradient of the global
   batch);
 - under DDP the gradients are all-reduced once per optimizer step: an accumulated step makes
@@ -39,7 +39,8 @@ from model import Llip
 from test_train import assert_same_weights
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
-CASES = [('cls', 'plain'), ('avg', 'plain'), ('llip', 'plain'), ('llip', 'gram')]   # form: llip's
+CASES = [('cls', 'plain'), ('avg', 'plain'),                     # the form is llip's only
+         ('llip', 'plain'), ('llip', 'gram'), ('llip', 'mixed')]
 
 
 def make_model(pool):
