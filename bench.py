@@ -342,7 +342,7 @@ if __name__ == '__main__':
     p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram', 'mixed'],
                    help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
-    p.add_argument('--preset', default='tiny', help='step: the model preset (model.PRESETS)')
+    p.add_argument('--preset', default='tiny', help='step, accum: the model preset (model.PRESETS)')
     p.add_argument('--image_size', type=int, default=0,
                    help="step: image size (0: the preset's; smaller keeps a big preset's mixer "
                         "with cheaper towers)")
@@ -355,7 +355,6 @@ if __name__ == '__main__':
     p.add_argument('--accum', type=int, nargs='+', default=[1, 2, 4, 8],
                    help='accum: micro-batches per step (--grad_accum)')
     p.add_argument('--micro', type=int, default=32, help='accum: images per micro-batch')
-    p.add_argument('--preset', default='tiny', help='accum: model preset')
     p.add_argument('--pool', default='llip', help='accum: pool')
     args = p.parse_args()
     args.repeats = args.repeats or (10 if args.what == 'step' else 2)
