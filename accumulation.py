@@ -17,6 +17,7 @@ at the activation memory of one micro-batch (Gao et al.'s gradient cache; open_c
 Exactness: a rank's loss is S_r / n (S_r its images' sum of pair losses, n its images per step)
 and the data-parallel average of the ranks' gradients is then the gradient of S / (ranks x n),
 the loss of one step on the whole batch. The cost is one more forward of the towers per step.
+`split_batch` turns train.py's --global_batch into a micro-batch and a number of them per rank.
 
 DDP, compile: `train_step` calls the towers through `towers`, a `Towers` module that may be
 wrapped (DistributedDataParallel, torch.compile), so a wrapper sees every forward. Under DDP the
@@ -35,6 +36,8 @@ import torch
 import torch.nn as nn
 
 from loss import llip_loss, siglip_loss
+
+DEFAULT_BATCH_SIZE = 64   # images per rank per micro-batch unless told otherwise
 
 
 class Towers(nn.Module):
@@ -117,6 +120,35 @@ def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autoca
                 outputs_grads += [g for _, g in head_grads]
             torch.autograd.backward(outputs, outputs_grads)
     return loss.detach()
+
+
+# ----------------------------------------------------------------------------- the batch
+def split_batch(global_batch, world, batch_size=None, grad_accum=None):
+    """(batch_size, grad_accum) per rank, so that batch_size x world x grad_accum is
+    --global_batch; the flags given are kept and checked, the others derived (batch_size: the
+    largest divisor of global_batch / world up to DEFAULT_BATCH_SIZE). Without --global_batch,
+    the defaults. A ValueError names what does not divide or agree."""
+    if global_batch is None:
+        return batch_size or DEFAULT_BATCH_SIZE, grad_accum or 1
+    what = f'--global_batch={global_batch}'
+    if global_batch % world:
+        raise ValueError(f'{what} is not divisible by the {world} ranks')
+    per_rank = global_batch // world
+    if batch_size is None and grad_accum is not None:
+        if per_rank % grad_accum:
+            raise ValueError(f'{what}: {per_rank} images a rank ({world} ranks) is not divisible '
+                             f'by --grad_accum={grad_accum}')
+        batch_size = per_rank // grad_accum
+    if batch_size is None:
+        batch_size = max(b for b in range(1, min(per_rank, DEFAULT_BATCH_SIZE) + 1)
+                         if per_rank % b == 0)
+    if per_rank % batch_size:
+        raise ValueError(f'{what}: {per_rank} images a rank ({world} ranks) is not a multiple '
+                         f'of --batch_size={batch_size}')
+    if grad_accum is not None and batch_size * grad_accum != per_rank:
+        raise ValueError(f'{what} contradicts --batch_size={batch_size} x {world} ranks x '
+                         f'--grad_accum={grad_accum} = {batch_size * world * grad_accum}')
+    return batch_size, per_rank // batch_size
 
 
 # ----------------------------------------------------------------------------- helpers

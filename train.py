@@ -51,7 +51,6 @@ from checkpoint import Preemption
 from model import PRESETS, Llip, LlipConfig
 
 # ----------------------------------------------------------------------------- flags
-DEFAULT_BATCH_SIZE = 64   # images per rank per micro-batch unless told otherwise
 # allow_abbrev=False: a typo such as --step must not silently mean --steps
 parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +97,7 @@ parser.add_argument('--out_dir', default='out',
 parser.add_argument('--steps', type=int, default=2500, help='optimizer steps in total')
 parser.add_argument('--batch_size', type=int, default=None,
                help=f'images (and captions) per rank per micro-batch (default '
-                    f'{DEFAULT_BATCH_SIZE}; with --global_batch, derived from it)')
+                    f'{accumulation.DEFAULT_BATCH_SIZE}; with --global_batch, derived from it)')
 parser.add_argument('--grad_accum', type=int, default=None,
                help='micro-batches per optimizer step, all one contrastive batch: every image '
                     'meets every caption of all of them (feature-cached accumulation, '
@@ -198,8 +197,8 @@ def check_flags(args):
                 sys.exit(f'error: --{name}={getattr(args, name)}: must be an integer >= {low}')
     world = int(os.environ['WORLD_SIZE']) if 'RANK' in os.environ else 1   # as set_up decides
     try:
-        args.batch_size, args.grad_accum = split_batch(args.global_batch, world, args.batch_size,
-                                                       args.grad_accum)
+        args.batch_size, args.grad_accum = accumulation.split_batch(
+            args.global_batch, world, args.batch_size, args.grad_accum)
     except ValueError as e:
         sys.exit(f'error: {e}')
     if args.device not in ('auto', 'cpu') and not args.device.startswith('cuda'):
@@ -232,34 +231,6 @@ def check_flags(args):
         sys.exit(f'error: --vocab_size={config.vocab_size}: the {config.tokenizer} tokenizer '
                  f'needs at least {needed}')
     return config
-
-
-def split_batch(global_batch, world, batch_size=None, grad_accum=None):
-    """(batch_size, grad_accum) per rank, so that batch_size x world x grad_accum is
-    --global_batch; the flags given are kept and checked, the others derived (batch_size: the
-    largest divisor of global_batch / world up to DEFAULT_BATCH_SIZE). Without --global_batch,
-    the defaults. A ValueError names what does not divide or agree."""
-    if global_batch is None:
-        return batch_size or DEFAULT_BATCH_SIZE, grad_accum or 1
-    what = f'--global_batch={global_batch}'
-    if global_batch % world:
-        raise ValueError(f'{what} is not divisible by the {world} ranks')
-    per_rank = global_batch // world
-    if batch_size is None and grad_accum is not None:
-        if per_rank % grad_accum:
-            raise ValueError(f'{what}: {per_rank} images a rank ({world} ranks) is not divisible '
-                             f'by --grad_accum={grad_accum}')
-        batch_size = per_rank // grad_accum
-    if batch_size is None:
-        batch_size = max(b for b in range(1, min(per_rank, DEFAULT_BATCH_SIZE) + 1)
-                         if per_rank % b == 0)
-    if per_rank % batch_size:
-        raise ValueError(f'{what}: {per_rank} images a rank ({world} ranks) is not a multiple '
-                         f'of --batch_size={batch_size}')
-    if grad_accum is not None and batch_size * grad_accum != per_rank:
-        raise ValueError(f'{what} contradicts --batch_size={batch_size} x {world} ranks x '
-                         f'--grad_accum={grad_accum} = {batch_size * world * grad_accum}')
-    return batch_size, per_rank // batch_size
 
 
 def lr_at(step, args):

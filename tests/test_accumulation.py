@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from accumulation import Towers, train_step
+from accumulation import Towers, split_batch, train_step
 from conftest import ROOT, SMALL, batch, free_port, log_lines, tiny, torchrun, train, weights
 from model import Llip
 from test_train import assert_same_weights
@@ -195,7 +195,6 @@ def test_killed_mid_step_resumes_to_the_same_weights(tmp_path, synthetic):
     ((24, 4, 3), 2, (4, 3)),
 ])
 def test_global_batch_derives_the_micro_batch_and_accumulation(given, world, want):
-    split_batch = importlib.import_module('train').split_batch
     global_batch, batch_size, grad_accum = given
     got = split_batch(global_batch, world, batch_size, grad_accum)
     assert got == want and (global_batch is None or got[0] * world * got[1] == global_batch)
