@@ -12,8 +12,9 @@ trained on; with it, such a file is refused like a truncated one and the previou
 
 Also here, what decides when a run resumes or stops: resume and save_run (a run's state in and
 out), agree_on_checkpoint (rank 0 picks the checkpoint, every rank reads that one or the run
-stops with a message), cut_log (log.jsonl back to the checkpoint's step) and Preemption (SIGTERM:
-save and exit 0, never hang). README, "Reliability", lists each fault, what happens and its test.
+stops with a message), cut_log (log.jsonl back to the checkpoint's step) and Preemption (SIGTERM,
+SIGHUP, Ctrl-C: save and exit 0, never hang). README, "Reliability", lists each fault, what
+happens and its test.
 """
 import dataclasses
 import errno
@@ -28,10 +29,13 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import run_dir
 
 
 NAME = re.compile(r'ckpt_(\d+)\.pt')   # ckpt_<step>.pt; a user's ckpt_best.pt is never touched
@@ -127,32 +131,69 @@ def save(state, out_dir, keep):
                               f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
     state = {**state, 'sha256': digest(state)}
     path = path_of(out_dir, state['step'])
-    try:
-        with open(path + '.tmp', 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
-        if isinstance(e, Exception) and _no_space(e):
+    try:   # the .tmp is new and no link is followed (run_dir.open_new)
+        run_dir.write_atomic(path, lambda f: torch.save(state, f))
+    except run_dir.RunDirError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:
+        if _no_space(e):
             raise CheckpointError(f'no space left on {out_dir}: checkpoint '
                                   f'{os.path.basename(path)} not written (the previous ones are '
                                   'intact)') from None
         raise
-    os.replace(path + '.tmp', path)
     latest = os.path.join(out_dir, 'ckpt.pt')   # the newest, for eval.py --ckpt=out/ckpt.pt
-    if os.path.exists(latest + '.tmp'):
-        os.remove(latest + '.tmp')
+    if os.path.lexists(latest + '.tmp'):
+        os.remove(latest + '.tmp')   # a link is removed, never followed
     os.link(path, latest + '.tmp')
     os.replace(latest + '.tmp', latest)
-    for old in paths(out_dir)[keep:]:
-        os.remove(old)
+    rotate(out_dir, keep, path)
     return path
+
+
+_reported = set()   # files rotate() has warned about once already
+
+
+def rotate(out_dir, keep, newest):
+    """Delete all but the `keep` newest checkpoints, counting only those that open as a
+    checkpoint (a zip holding data.pkl, as torch.save writes) and never `newest`, the one just
+    written: a junk ckpt_0009999.pt must neither count as one of the kept nor make the new one
+    look old. Files that are not checkpoints are left alone, with a warning once."""
+    step = int(NAME.fullmatch(os.path.basename(newest)).group(1))
+    kept = [newest]
+    for path in paths(out_dir):
+        problem = not_a_checkpoint(path)
+        later = int(NAME.fullmatch(os.path.basename(path)).group(1)) > step
+        if path != newest and (problem or later) and path not in _reported:
+            _reported.add(path)
+            print(f'warning: {path} is not counted toward --keep and is left alone: '
+                  + (problem or f'its step is beyond this run\'s step {step}'), file=sys.stderr)
+        if path == newest or problem or later:
+            continue
+        if len(kept) < keep:
+            kept.append(path)
+        else:
+            os.remove(path)
+
+
+def not_a_checkpoint(path):
+    """Why path cannot be a checkpoint (one line), or None: a cheap look at its zip directory,
+    not a full load (that is for resuming)."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return 'not a regular file'
+    size = os.path.getsize(path)
+    if not zipfile.is_zipfile(path):
+        return f'not a checkpoint: {size} bytes that are not the zip file torch.save writes'
+    with zipfile.ZipFile(path) as z:
+        if not any(name.endswith('/data.pkl') for name in z.namelist()):
+            return f'not a checkpoint: a zip file ({size} bytes) without data.pkl'
+    return None
 
 
 def load(path):
     """The checkpoint at path, verified; CheckpointError (one line) if it cannot be used."""
+    problem = not_a_checkpoint(path)
+    if problem:   # a clear reason, not torch's 'KeyError: 174812789' for a junk file
+        raise CheckpointError(problem)
     try:   # weights_only: tensors and plain containers, never code
         state = load_weights(path)
         state['model'], state['step']
@@ -190,7 +231,7 @@ def choose_checkpoint(args, config):
     """Rank 0: (state or None, messages, error or None): the newest checkpoint that loads and
     verifies; a truncated or corrupt one is skipped with a warning."""
     if args.resume == 'never':
-        return None, [], None
+        return None, [], refuse_fresh_start(args.out_dir)
     auto = args.resume == 'auto'
     messages = []
     for path in paths(args.out_dir) if auto else [args.resume]:
@@ -210,6 +251,18 @@ def choose_checkpoint(args, config):
         state['path'] = path
         return state, messages + [f'resuming from {path} at step {state["step"]}'], None
     return None, messages, None
+
+
+def refuse_fresh_start(out_dir):
+    """--resume=never where checkpoints are: the error (a fresh run there would mix its log
+    with checkpoints of higher steps, which the next --resume=auto would take), or None."""
+    found = paths(out_dir)
+    if not found:
+        return None
+    step = int(NAME.fullmatch(os.path.basename(found[0])).group(1))
+    return (f'error: --resume=never, but --out_dir={out_dir} holds checkpoints up to step '
+            f'{step} ({found[0]}): continue them with --resume=auto, or start afresh in another '
+            '--out_dir (nothing was changed)')
 
 
 def agree_on_checkpoint(args, config, rank, ddp):
@@ -311,41 +364,47 @@ def cut_log(path, step):
         if record.get('step', 0) <= step:
             kept.append(json.dumps(record) + '\n')
     if len(kept) != len(lines):
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(path + '.tmp', path)
+        run_dir.write_atomic(path, lambda f: f.writelines(kept), binary=False)
 
 
 # ----------------------------------------------------------------------------- preemption
 class Preemption:
-    """SIGTERM (SLURM or torchrun stopping the job; they signal the whole process group): the
-    loop finishes its step, saves and exits 0. A context manager: the previous handler is back
-    however main() ends (a leaked handler makes a later multiprocessing pool hang).
-    - torch gives DataLoader workers a SIGTERM handler that kills them, and the trainer then
-      fails before saving; deaf_workers() starts them with SIGTERM blocked (it stays pending in
-      them; they exit on their own once the trainer is gone).
+    """SIGTERM (SLURM or torchrun stopping the job; they signal the whole process group),
+    SIGHUP (the terminal closed) and Ctrl-C (SIGINT): the loop finishes its step, saves and exits
+    0; a second Ctrl-C exits at once (130), without saving. A context manager: the previous
+    handlers are back however main() ends (a leaked handler makes a later multiprocessing pool
+    hang).
+    - torch gives DataLoader workers a SIGTERM handler that kills them, and a Ctrl-C reaches the
+      whole foreground group; either way the trainer would fail before saving. deaf_workers()
+      starts them with these signals blocked (they stay pending in them; they exit on their own
+      once the trainer is gone).
     - Python runs handlers only between bytecodes of the main thread: a rank blocked in a
       collective on a dead peer never gets there, and would delay torchrun's restart. The
       signal also wakes a watchdog thread (signal.set_wakeup_fd), which ends the process
       unless the step and the save are done within `grace` seconds."""
 
+    SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C', signal.SIGHUP: 'SIGHUP'}
+
     def __init__(self, grace):
         self.grace, self.requested, self.saving = grace, False, False
+        self.name = 'SIGTERM'   # the signal that stopped the run, as the messages say it
         self.done = threading.Event()
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self.on_sigterm)
+        self.previous = {s: signal.signal(s, self.on_sigterm) for s in self.SIGNALS}
         self.wake_r, wake_w = socket.socketpair()
         wake_w.setblocking(False)
         self.wake_w = wake_w
         self.previous_fd = signal.set_wakeup_fd(wake_w.fileno())
+        self.heard = []   # the stop signals the watchdog has seen, in order
         threading.Thread(target=self.watch, daemon=True).start()
         self.children = set(multiprocessing.active_children())
         return self
 
     def __exit__(self, *exc):
         self.done.set()
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
         signal.set_wakeup_fd(self.previous_fd)
         # DataLoader workers still alive (an exception kept their iterator): multiprocessing
         # ends children at exit with SIGTERM, which they do not hear, and would wait forever.
@@ -361,6 +420,8 @@ class Preemption:
         return False
 
     def on_sigterm(self, signum, frame):
+        if not self.requested:
+            self.name = self.SIGNALS.get(signum, 'SIGTERM')
         self.requested = True
 
     def watch(self):
@@ -372,11 +433,24 @@ class Preemption:
                 self.on_wakeup(woken)
 
     def on_wakeup(self, woken):
-        if signal.SIGTERM in woken and not self.done.wait(self.grace):
+        for signum in (s for s in woken if s in self.SIGNALS):
+            if signum == signal.SIGINT and signal.SIGINT in self.heard:
+                print('Ctrl-C again: exiting now, without saving', file=sys.stderr, flush=True)
+                os._exit(130)
+            if not self.heard:   # the first: the step must end within the grace period
+                if signum == signal.SIGINT:
+                    print('\nCtrl-C: saving at the end of this step, then exiting (Ctrl-C again '
+                          'to exit at once, without saving)', file=sys.stderr, flush=True)
+                threading.Thread(target=self.deadline, args=(self.SIGNALS[signum],),
+                                 daemon=True).start()
+            self.heard.append(signum)
+
+    def deadline(self, name):
+        if not self.done.wait(self.grace):
             while self.saving:   # a checkpoint being written is let finish
                 time.sleep(0.1)
             if not self.done.is_set():
-                print(f'SIGTERM: the step did not end within --stop_grace={self.grace:g}s '
+                print(f'{name}: the step did not end within --stop_grace={self.grace:g}s '
                       '(a peer rank is probably gone); exiting without saving',
                       file=sys.stderr, flush=True)
                 os._exit(1)
@@ -384,8 +458,8 @@ class Preemption:
     @staticmethod
     def deaf_workers(batches):
         """The first batch, with the DataLoader workers (forked on that call) deaf to SIGTERM."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(Preemption.SIGNALS))
         try:
             return next(batches)
-        finally:   # a SIGTERM that came meanwhile is delivered now
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        finally:   # a signal that came meanwhile is delivered now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(Preemption.SIGNALS))

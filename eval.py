@@ -55,7 +55,9 @@ folders and class names are eval_data.py.
 """
 import argparse
 import dataclasses
+import itertools
 import json
+import math
 import os
 import re
 import warnings
@@ -72,6 +74,7 @@ import data
 from eval_data import (ImageFolder, LabelledShards, Truth, caption_folder, captioned_batches,  # noqa: F401
                        class_names, clip_benchmark_layout, count_images, image_folder,
                        labelled_batches, load_names, truth_of)
+from eval_data import bad_templates
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
 import checkpoint
 from model import Llip, LlipConfig, TextFeatures, load_official
@@ -104,9 +107,10 @@ def encode_texts(model, texts, device='cpu', batch_size=256):
 def class_prototypes(model, classnames, templates, device='cpu', batch_size=256, progress=False):
     """One TextFeatures row per class, averaged over the prompt templates (paper appendix 9):
     emb = normalize(mean_t normalize(z'_{c,t})), query = mean_t Q_{c,t} (not normalised)."""
-    bad = [t for t in templates if '{}' not in t]
+    bad = bad_templates(templates)
     if bad:
-        raise ValueError(f"templates must contain '{{}}' where the class name goes: {bad[:3]}")
+        raise ValueError(f"templates must contain '{{}}' once, where the class name goes: "
+                         f'{bad[:3]}')
     T = len(templates)
     per_batch = max(1, batch_size // T)   # whole classes per text batch, so averaging stays local
     queries, embs = [], []
@@ -346,6 +350,13 @@ def class_names_and_templates(folder, classnames=None, templates=None):
         names = sorted(f.name for f in Path(folder).iterdir() if f.is_dir())
         print(f'no class names given and no {folder}/classnames.json: using the {len(names)} '
               'folder names')
+    if len(class_names(names)) < 2:   # one class: every image is a hit, top-1 1.000 says nothing
+        raise ValueError(f'{folder}: {len(class_names(names))} class(es) ({class_names(names)}); '
+                         'zero-shot classification needs at least 2')
+    bad = bad_templates(templates)
+    if bad:
+        raise ValueError(f"templates must contain '{{}}' once, where the class name goes: "
+                         f'{bad[:3]}')
     return names, templates
 
 
@@ -358,8 +369,16 @@ def training_plan(args):
         return EvalPlan(None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})')
     zeroshot_plan, said = None, []
     if args.zeroshot_data:
-        names, templates = class_names_and_templates(args.zeroshot_data, args.zeroshot_classnames,
-                                                     args.zeroshot_templates)
+        try:   # before step 1, not at the first evaluation
+            names, templates = class_names_and_templates(
+                args.zeroshot_data, args.zeroshot_classnames, args.zeroshot_templates)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f'error: --zeroshot_data={args.zeroshot_data}: {e}') from None
+        if os.path.isdir(args.zeroshot_data) and not clip_benchmark_layout(args.zeroshot_data):
+            try:   # which folder is which class, also before step 1
+                image_folder(args.zeroshot_data, names)
+            except (ValueError, OSError) as e:
+                raise SystemExit(f'error: --zeroshot_data: {e}') from None
         zeroshot_plan = (args.zeroshot_data, names, templates)
         said.append(f'zero-shot on {args.zeroshot_data} ({len(names)} classes, '
                     f'{len(templates)} templates)')
@@ -439,6 +458,20 @@ def default_out(weights, task, data_arg):
     return str(out)
 
 
+def positive(text):
+    """--tau's type: a finite number > 0 (0 or inf would divide the mixing weights' logits)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'{text}: must be a finite number > 0')
+    return value
+
+
+def nonfinite_weights(model):
+    """The names of the model's parameters and buffers that hold a NaN or an infinity."""
+    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
@@ -452,7 +485,7 @@ def main(argv=None):
                                         'data/zeroshot-classnames.json (e.g. imagenet); default: DATA/classnames.json')
     p.add_argument('--templates', help='prompt templates with {}: a JSON list file or a key of '
                                        'data/zeroshot-templates.json; default: DATA/templates.json')
-    p.add_argument('--tau', type=float, nargs='+', default=[None],
+    p.add_argument('--tau', type=positive, nargs='+', default=[None],
                    help="mixing temperatures to evaluate (the authors sweep 1 3 5 8 10); default: the model's")
     p.add_argument('--batch_size', type=int, default=256, help='images (and captions) per batch')
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
@@ -469,6 +502,11 @@ def main(argv=None):
 def run(args):
     out = args.out or default_out(args.official or args.ckpt, args.task, args.data)   # refused before the work
     model = load_official(args.official) if args.official else load_checkpoint(args.ckpt)
+    bad = nonfinite_weights(model)
+    if bad:   # the numbers would be chance level, and look like a result
+        raise ValueError(f'{args.official or args.ckpt}: non-finite weights in {len(bad)} tensors '
+                         f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}); nothing to '
+                         'evaluate')
     model = model.to(args.device).eval()
     # bf16 on GPUs that support it; the scores are cosines, far from bf16's range limits
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if args.device.startswith('cuda')

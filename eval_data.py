@@ -20,6 +20,8 @@ Which folder is which class (image_folder), in this order:
 import dataclasses
 import itertools
 import json
+import string
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -45,8 +47,9 @@ def class_names(classnames):
 
 
 def _plain(name):
-    """What a name match compares: lower case, '_' as a space, single spaces."""
-    return ' '.join(name.replace('_', ' ').split()).lower()
+    """What a name match compares: lower case, '_' as a space, single spaces, Unicode NFC (macOS
+    names folders in NFD: the folder 'café' is then c, a, f, e and a combining accent)."""
+    return ' '.join(unicodedata.normalize('NFC', name).replace('_', ' ').split()).lower()
 
 
 def folder_labels(root, folders, classnames):
@@ -171,8 +174,9 @@ class LabelledShards:
         for key, image, label in data.read_labelled_shards(self.urls):
             if image is None:
                 yield f'{key} (does not decode or is beyond images.MAX_PIXELS)'
-            elif label >= self.n_classes:
-                yield f'{key} (class {label}, but {self.n_classes} class names)'
+            elif not 0 <= label < self.n_classes:   # -1 would index the last class's counts
+                yield f'{key} (class {label}, but {self.n_classes} class names: 0 to ' \
+                    f'{self.n_classes - 1})'
             else:
                 yield self.transform(image), label
 
@@ -326,6 +330,23 @@ def count_images(source, max_images=None):
 
 
 # ----------------------------------------------------------------------------- class names and templates
+def bad_templates(templates):
+    """The templates that do not put the class name in exactly one place, each with why: '{{}}'
+    is a literal {} (the name never inserted), '{}{}' needs two names, '{0}' or '{c}' a
+    numbered or named one."""
+    bad = []
+    for template in templates:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as e:   # an unmatched '{' or '}'
+            bad.append(f'{template!r} ({e})')
+            continue
+        if fields != ['']:
+            bad.append(f"{template!r} ({len(fields)} '{{}}' fields" +
+                       (f', named {fields}' if any(fields) else '') + ')')
+    return bad
+
+
 def load_names(value, kind, folder):
     """--classnames / --templates: a JSON file (a list of strings; for class names also a dict
     {folder: name} or {"0": name}), a text file with one per line (clip_benchmark's

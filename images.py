@@ -135,7 +135,14 @@ def eval_transform(image_size):
         image = to_rgb(image)
         w, h = image.size
         size = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
-        image = image.resize(size, Image.BICUBIC)
         left, top = int(round((size[0] - image_size) / 2)), int(round((size[1] - image_size) / 2))
+        if size[0] * size[1] > MAX_PIXELS:
+            # A thin image (1 x 250,000 pixels would resize to 224 x 56 million, GBs): resize
+            # with box= only the centre crop, as a box in the original's pixels. (Not for every
+            # image: Pillow's box resampling differs from resize-then-crop by a few levels.)
+            fx, fy = w / size[0], h / size[1]
+            box = (left * fx, top * fy, (left + image_size) * fx, (top + image_size) * fy)
+            return to_tensor(image.resize((image_size, image_size), Image.BICUBIC, box=box))
+        image = image.resize(size, Image.BICUBIC)
         return to_tensor(image.crop((left, top, left + image_size, top + image_size)))
     return transform

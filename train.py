@@ -46,6 +46,7 @@ import accumulation
 import checkpoint
 import data
 import eval as llip_eval
+import run_dir
 import synthetic
 from checkpoint import Preemption
 from model import PRESETS, Llip, LlipConfig
@@ -188,9 +189,24 @@ AT_LEAST_ZERO = ('eval_every', 'workers', 'warmup', 'chunk_size')
 TRACKERS = {'tensorboard': 'torch.utils.tensorboard', 'wandb': 'wandb'}
 
 
+# (flag, test, what it must be): a value outside these would train in silence on something else
+# (--grad_clip=-1 negates the gradients, --min_lr_ratio=-3 makes the learning rate negative)
+NUMBERS = (('lr', lambda v: v > 0, 'a number > 0'), ('eps', lambda v: v > 0, 'a number > 0'),
+           ('beta1', lambda v: 0 <= v < 1, 'in [0, 1)'),
+           ('beta2', lambda v: 0 <= v < 1, 'in [0, 1)'),
+           ('min_lr_ratio', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+           ('grad_clip', lambda v: v >= 0, 'a number >= 0 (0: off)'),
+           ('weight_decay', lambda v: v >= 0, 'a number >= 0'),
+           ('stop_grace', lambda v: v > 0, 'a number of seconds > 0'))
+
+
 def check_flags(args):
     """The model config, or a one-line error naming the first flag with a bad value, before
     any work."""
+    for name, ok, what in NUMBERS:   # nan and inf fail every test
+        value = getattr(args, name)
+        if not (math.isfinite(value) and ok(value)):
+            sys.exit(f'error: --{name}={value}: must be {what}')
     for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) < low:
@@ -318,8 +334,8 @@ def main():
     run.loader = training_data(run)
     start_step = checkpoint.resume(run)
     if run.master:   # only now that the run is accepted: a refused resume leaves the old config
-        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
-            json.dump(run.record(), f, indent=1)
+        run_dir.write_atomic(os.path.join(args.out_dir, 'config.json'),
+                             lambda f: json.dump(run.record(), f, indent=1), binary=False)
         checkpoint.cut_log(os.path.join(args.out_dir, 'log.jsonl'), start_step)
     run.wrapped = wrap(run)
     run.log(plan.summary)
@@ -333,6 +349,11 @@ def set_up(args, config):
     """Ranks (torchrun's environment alone decides DDP), device and precision."""
     ddp = 'RANK' in os.environ
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    if rank == 0:   # one run per --out_dir, before anything there is read or written
+        try:
+            run_dir.claim(args.out_dir)
+        except run_dir.RunDirError as e:
+            sys.exit(f'error: {e}')
     device = args.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -427,7 +448,7 @@ def train(run, start_step, plan, preemption):
     args = run.args
     log_path = os.path.join(args.out_dir, 'log.jsonl')
     tracker = Tracker(args.logger, args.out_dir, run.record()) if run.master else None
-    logfile = open(log_path, 'a') if run.master else None
+    logfile = run_dir.open_append(log_path) if run.master else None
     stream = iter(run.loader)
     try:
         try:
@@ -470,7 +491,7 @@ def train(run, start_step, plan, preemption):
             if done % args.save_every == 0 or done == args.steps or stop.item():
                 checkpoint.save_run(run, done, preemption)
             if stop.item():
-                run.log(f'SIGTERM: saved a checkpoint at step {done}; exiting. '
+                run.log(f'{preemption.name}: saved a checkpoint at step {done}; exiting. '
                         'Resume with --resume=auto.')
                 break
     finally:
