@@ -353,7 +353,7 @@ def cut_log(path, step):
     """log.jsonl without the records after `step`: a resumed run logs those steps again."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding='utf-8', errors='replace') as f:
         lines = f.readlines()
     kept = []
     for line in lines:
@@ -361,6 +361,8 @@ def cut_log(path, step):
             record = json.loads(line)
         except ValueError:   # a line cut by the kill
             continue
+        if not isinstance(record, dict) or not isinstance(record.get('step', 0), int):
+            continue   # [1, 2], null, "step": "3": not a record this code wrote
         if record.get('step', 0) <= step:
             kept.append(json.dumps(record) + '\n')
     if len(kept) != len(lines):

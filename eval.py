@@ -60,6 +60,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from typing import NamedTuple
 from contextlib import nullcontext
@@ -391,7 +392,20 @@ def training_plan(args):
 
 
 def evaluate_plan(model, plan, device, autocast):
-    """The EvalPlan's metrics: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...}."""
+    """The EvalPlan's metrics: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...};
+    {} and a warning if the evaluation fails (the data changed under the run, ...): training
+    goes on, a week of it is not lost to a bad image folder."""
+    try:
+        return _evaluate_plan(model, plan, device, autocast)
+    except Exception as e:
+        print(f'warning: the evaluation failed, training goes on: {type(e).__name__}: '
+              f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}', file=sys.stderr)
+        return {}
+    finally:
+        model.train()
+
+
+def _evaluate_plan(model, plan, device, autocast):
     model.eval()
     with torch.no_grad(), autocast:
         if plan.synthetic_root is not None:
@@ -430,8 +444,26 @@ def load_checkpoint(path):
     config = ckpt['config'].get('model_config', ckpt['config'])
     fields = {f.name for f in dataclasses.fields(LlipConfig)}
     model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
-    model.load_state_dict(checkpoint.unwrapped(ckpt['model']))
+    try:
+        model.load_state_dict(checkpoint.unwrapped(ckpt['model']))
+    except RuntimeError as e:   # a hand-edited shape or a missing key: torch's first lines
+        what = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"--ckpt={path}: its weights do not fit its config ({what})") from None
     return model.eval()
+
+
+def load_model(args):
+    """--ckpt or --official as a Llip; ValueError (one line) for a file that is not one."""
+    if args.ckpt:
+        return load_checkpoint(args.ckpt)
+    try:
+        return load_official(args.official)
+    except (KeyError, ValueError):   # load_official's own messages
+        raise
+    except Exception as e:   # truncated, empty, a list or a tensor: not a dict of weights
+        first = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
+        raise ValueError(f"--official={args.official}: not the authors' weights, a dict of "
+                         f"tensors torch.load can read ({first})") from None
 
 
 def print_table(results):
@@ -501,7 +533,13 @@ def main(argv=None):
 
 def run(args):
     out = args.out or default_out(args.official or args.ckpt, args.task, args.data)   # refused before the work
-    model = load_official(args.official) if args.official else load_checkpoint(args.ckpt)
+    folder = os.path.dirname(os.path.abspath(out))   # before the whole evaluation, not after
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise ValueError(f'--out={out}: the folder {folder} does not exist or is not writable')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device={args.device}: no CUDA GPU is available here; use '
+                         '--device=cpu')
+    model = load_model(args)
     bad = nonfinite_weights(model)
     if bad:   # the numbers would be chance level, and look like a result
         raise ValueError(f'{args.official or args.ckpt}: non-finite weights in {len(bad)} tensors '

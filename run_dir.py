@@ -123,6 +123,14 @@ def write_atomic(path, write, binary=True):
     os.replace(tmp, path)
 
 
+def write_json(path, obj):
+    """obj as indented JSON at path (write_atomic); a full disk or a quota is one line."""
+    try:
+        write_atomic(path, lambda f: json.dump(obj, f, indent=1), binary=False)
+    except (OSError, RunDirError) as e:
+        raise SystemExit(f'error: cannot write {path}: {getattr(e, "strerror", None) or e}')
+
+
 def open_append(path):
     """path opened for appending text, refusing a link (O_NOFOLLOW)."""
     refuse_link(path)

@@ -333,9 +333,11 @@ def main():
     build(run)
     run.loader = training_data(run)
     start_step = checkpoint.resume(run)
+    if start_step >= args.steps:   # change nothing: not config.json, not log.jsonl
+        run.log(f'nothing to do: the checkpoint is at step {start_step} and --steps={args.steps}')
+        return
     if run.master:   # only now that the run is accepted: a refused resume leaves the old config
-        run_dir.write_atomic(os.path.join(args.out_dir, 'config.json'),
-                             lambda f: json.dump(run.record(), f, indent=1), binary=False)
+        run_dir.write_json(os.path.join(args.out_dir, 'config.json'), run.record())
         checkpoint.cut_log(os.path.join(args.out_dir, 'log.jsonl'), start_step)
     run.wrapped = wrap(run)
     run.log(plan.summary)
