@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import stat
 import subprocess
 import tarfile
 import warnings
@@ -19,11 +20,21 @@ import warnings
 from images import IMAGE_EXTENSIONS, SHARD_IMAGE_KEYS, open_image, to_rgb
 
 # ----------------------------------------------------------------------------- shards
+MAX_SHARDS = 10_000_000   # a brace pattern naming more is refused before it is expanded
+
+
 def _braces(pattern):
     """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar']; '{x,y}' alternatives too."""
     m = re.search(r'\{([^{}]*)\}', pattern)
     if not m:
         return [pattern]
+    count = 1   # how many names the pattern makes, before making any: bounded
+    for body in re.findall(r'\{([^{}]*)\}', pattern):
+        numbers = re.fullmatch(r'(\d+)\.\.(\d+)', body)
+        count *= max(1, int(numbers[2]) - int(numbers[1]) + 1) if numbers else len(body.split(','))
+    if count > MAX_SHARDS:
+        raise ValueError(f"shard pattern {pattern!r} names {count:,} files, more than "
+                         f"{MAX_SHARDS:,}: a typo?")
     head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
     numbers = re.fullmatch(r'(\d+)\.\.(\d+)', body)
     if numbers:
@@ -43,8 +54,9 @@ def expand_urls(urls):
     some missing files are only warned about when the loader reaches them."""
     if isinstance(urls, (str, os.PathLike)):
         pattern = os.fspath(urls)
-        if os.path.isdir(pattern):
-            paths = sorted(glob.glob(os.path.join(pattern, '*.tar')))
+        if os.path.isdir(pattern):   # regular files only: a FIFO named b.tar would block
+            paths = sorted(p for p in glob.glob(os.path.join(pattern, '*.tar'))
+                           if os.path.isfile(p))
             if not paths:
                 raise ValueError(f"shards {pattern!r}: the directory holds no *.tar file")
             return paths
@@ -65,6 +77,8 @@ def _open(url):
     """A readable binary stream of one shard: a local file, or 'pipe:COMMAND''s stdout."""
     if url.startswith('pipe:'):
         return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+    if not stat.S_ISREG(os.stat(url).st_mode):   # a FIFO would block open() forever
+        raise OSError(f'not a regular file ({stat.filemode(os.stat(url).st_mode)})')
     return open(url, 'rb')
 
 
@@ -72,6 +86,11 @@ def _key(member_name):
     """A sample's KEY: the member's path up to the first dot of its file name."""
     folder, name = os.path.split(member_name)
     return os.path.join(folder, name.partition('.')[0])
+
+
+# A KEY.txt or KEY.json beyond this is skipped and counted ('caption too long'), never read: a
+# 1.4 MB gzip shard can hold a 1.5 GB caption, of which the context keeps 77 tokens.
+MAX_TEXT_BYTES = 1 << 20
 
 
 def _tar_groups(tar):
@@ -86,7 +105,11 @@ def _tar_groups(tar):
             if group:
                 yield key, group
             key, group = _key(member.name), {}
-        group[ext.lower()] = tar.extractfile(member).read()   # raises on a truncated tar
+        ext = ext.lower()
+        if ext in ('txt', 'json') and member.size > MAX_TEXT_BYTES:   # not read: a caption bomb
+            group[ext] = None
+            continue
+        group[ext] = tar.extractfile(member).read()   # raises on a truncated tar
     # tarfile ends the archive in silence where the next 512-byte header is cut short; the
     # stream then stands between 1 and 511 bytes past that header's start (0: cut between two
     # members, which looks complete; 512: the end-of-archive block). The group in progress
@@ -134,6 +157,10 @@ def _captions(url, key, group, caption_lines=True, caption_key='caption'):
     the text is a caption of its own (the synthetic data, COCO-style caption files), one of
     which is drawn each time; False: the whole text is one caption (web captions may hold a
     newline). Text that is not UTF-8 is a problem, not a caption full of U+FFFD."""
+    for ext in ('txt', 'json'):
+        if ext in group and group[ext] is None:   # beyond MAX_TEXT_BYTES: not read
+            return ('caption too long',
+                    f'{url}: {key}.{ext}: more than {MAX_TEXT_BYTES} bytes'), None
     if 'txt' in group:
         try:
             texts = [group['txt'].decode('utf-8')]

@@ -36,15 +36,25 @@ class ByteTokenizer:
     EOT is the largest id, so argmax over a row finds it as it does for CLIP's tokenizer."""
     vocab_size, sot, eot = 259, 257, 258
 
-    def encode(self, text):
-        return [b + 1 for b in ' '.join(text.split()).encode('utf-8')]
+    def encode(self, text, limit=None):
+        """limit: at most that many ids, read from the first words only (a 1 GB caption is not
+        joined whole to keep 75 bytes)."""
+        if limit is None:
+            return [b + 1 for b in ' '.join(text.split()).encode('utf-8')]
+        kept = bytearray()
+        for word in re.finditer(r'\S+', text):   # \S: what str.split() keeps
+            kept += (b' ' if kept else b'') + word.group().encode('utf-8')
+            if len(kept) >= limit:
+                break
+        return [b + 1 for b in kept[:limit]]
 
     def decode(self, ids):
         return bytes(i - 1 for i in ids if 1 <= i <= 256).decode('utf-8', errors='replace')
 
     def __call__(self, texts, context_length):
         texts = [texts] if isinstance(texts, str) else texts
-        return _pack([self.encode(t) for t in texts], context_length, self.sot, self.eot)
+        return _pack([self.encode(t, context_length - 2) for t in texts], context_length, self.sot,
+                     self.eot)
 
 
 # ftfy, which CLIP runs first, also straightens quotes, undoes ligatures and full-width forms
@@ -93,6 +103,7 @@ class ClipTokenizer:
         self.ids = {token: i for i, token in enumerate(vocab)}
         self.tokens = vocab
         self.rank = {pair: i for i, pair in enumerate(merges)}
+        self.longest = max(len(t.removesuffix('</w>')) for t in vocab)   # characters in a token
         self.cache = {}
 
     def bpe(self, word):
@@ -114,11 +125,20 @@ class ClipTokenizer:
             parts = merged
         return parts
 
-    def encode(self, text):
+    def encode(self, text, limit=None):
+        """limit: stop once that many ids are made (what the context keeps; BPE works on each
+        word alone, so these are the first ids of the whole text), and BPE at most limit x the
+        longest token's characters of a word: BPE takes time faster than linear in a word's
+        length, and a 100 KB word without spaces is no language (its ids past the cut may
+        differ from CLIP's)."""
         text = html.unescape(html.unescape(text))
         text = ' '.join(unicodedata.normalize('NFC', text).translate(_FTFY_LITE).split()).lower()
         ids = []
         for word in _words(text):
+            if limit is not None:
+                if len(ids) >= limit:
+                    break
+                word = word[:limit * self.longest]
             if word in ('<|startoftext|>', '<|endoftext|>'):
                 ids.append(self.ids[word])
                 continue
@@ -140,7 +160,8 @@ class ClipTokenizer:
 
     def __call__(self, texts, context_length):
         texts = [texts] if isinstance(texts, str) else texts
-        return _pack([self.encode(t) for t in texts], context_length, self.sot, self.eot)
+        return _pack([self.encode(t, context_length - 2) for t in texts], context_length, self.sot,
+                     self.eot)
 
 
 @functools.lru_cache(maxsize=None)

@@ -407,3 +407,57 @@ def test_steps_at_or_below_the_checkpoint_change_nothing(trained, tmp_path, synt
     assert 'nothing to do: the checkpoint is at step 2 and --steps=1' in result.stdout
     after = {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)}
     assert after == before
+
+
+# ----------------------------------------------------------------------------- 13, 14. data
+def test_a_caption_bomb_is_skipped_and_counted_never_read(tmp_path):
+    import shards
+    from test_data import png, write_tar
+    bomb = 'x' * (shards.MAX_TEXT_BYTES + 1)
+    path = write_tar(tmp_path / 'a.tar', [('k0', {'png': png(0), 'txt': 'a cat'}),
+                                          ('k1', {'png': png(1), 'txt': bomb}),
+                                          ('k2', {'png': png(2), 'json': json.dumps(
+                                              {'caption': bomb})})])
+    with pytest.warns(shards.DataWarning, match="'caption too long': 2"):
+        samples = list(shards.read_shards(path))
+    assert [key for key, _, _ in samples] == ['k0']
+
+
+def test_tokenizers_make_only_what_the_context_keeps(monkeypatch):
+    import tokenizer
+    text = "a photo of it's 12 cafés, ² and a dog   \n" * 50
+    for tok in (tokenizer.ByteTokenizer(), tokenizer.ClipTokenizer()):
+        full = tok.encode(text)
+        for limit in (1, 7, 75):
+            assert tok.encode(text, limit)[:limit] == full[:limit]
+        assert torch.equal(tok([text], 77)[0, 1:76], torch.tensor(full[:75]))
+    clip, words = tokenizer.ClipTokenizer(), []
+    bpe = clip.bpe
+    monkeypatch.setattr(clip, 'bpe', lambda word: words.append(len(word)) or bpe(word))
+    clip(['x' * 100_000 + ' and more'], 77)   # one word without spaces: BPE's time grows faster
+    assert words == [75 * clip.longest]         # than its length; only the part that fits
+
+
+def test_a_fifo_among_the_shards_is_skipped_not_waited_on(tmp_path):
+    import threading
+    import shards
+    from test_data import png, write_tar
+    write_tar(tmp_path / 'a.tar', [('k0', {'png': png(0), 'txt': 'a cat'})])
+    fifo = str(tmp_path / 'b.tar')
+    os.mkfifo(fifo)
+    assert shards.expand_urls(str(tmp_path)) == [str(tmp_path / 'a.tar')]
+    result = []
+    reader = threading.Thread(target=lambda: result.append(list(shards._shard_items(fifo))),
+                              daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():   # before the fix: blocked in open(); a writer end lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not reader.is_alive() and result[0][0][0] == ('unreadable shard', result[0][0][0][1])
+    assert 'not a regular file' in result[0][0][0][1]
+
+
+def test_a_brace_pattern_naming_too_many_files_is_refused_before_expansion():
+    import shards
+    with pytest.raises(ValueError, match='names 100,000,000 files'):
+        shards.expand_urls('shards/{0..9999}{0..9999}.tar')
