@@ -347,10 +347,23 @@ def main():
         dist.destroy_process_group()
 
 
+def ranks():
+    """(ddp, rank, world) from torchrun's environment, or a one-line error where it is
+    inconsistent (a rank outside 0..WORLD_SIZE-1 would wait for peers that never come)."""
+    if 'RANK' not in os.environ:
+        return False, 0, 1
+    env = {k: os.environ.get(k, '') for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    rank, world = env['RANK'], env['WORLD_SIZE']
+    if not (rank.isdecimal() and world.isdecimal() and int(rank) < int(world)
+            and env['MASTER_ADDR'] and env['MASTER_PORT']):
+        sys.exit(f"error: {' '.join(f'{k}={v!r}' for k, v in env.items())}: expected 0 <= RANK < "
+                 'WORLD_SIZE and MASTER_ADDR, MASTER_PORT set (torchrun sets all four)')
+    return True, int(rank), int(world)
+
+
 def set_up(args, config):
     """Ranks (torchrun's environment alone decides DDP), device and precision."""
-    ddp = 'RANK' in os.environ
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    ddp, rank, world = ranks()
     if rank == 0:   # one run per --out_dir, before anything there is read or written
         try:
             run_dir.claim(args.out_dir)

@@ -61,9 +61,9 @@ def wait_for_log(out, proc, timeout=120):
         time.sleep(0.05)
 
 
-# ----------------------------------------------------------------------------- 1. one run per out_dir
-def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_stale(
-        tmp_path, synthetic):
+# ---------------------------------------------------------------- 1. one run per out_dir
+def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_stale(tmp_path,
+                                                                                    synthetic):
     out = str(tmp_path / 'run')
     first = train(out, synthetic, '--steps=100000', '--save_every=100000', *ZERO_WORKERS,
                   popen=True)
@@ -91,7 +91,7 @@ def test_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, synthetic, monkeyp
         run_dir.claim(str(path))
 
 
-# ----------------------------------------------------------------------------- 2. --resume=never
+# ---------------------------------------------------------------- 2. --resume=never
 def test_resume_never_in_a_used_out_dir_is_refused_and_changes_nothing(trained, tmp_path,
                                                                        synthetic):
     out = copy_of(trained, tmp_path)
@@ -105,7 +105,7 @@ def test_resume_never_in_a_used_out_dir_is_refused_and_changes_nothing(trained, 
     assert after == before
 
 
-# ----------------------------------------------------------------------------- 3. --keep
+# ---------------------------------------------------------------- 3. --keep
 def tiny_state(step):
     return {'model': {'w': torch.full((3,), float(step))}, 'step': step}
 
@@ -143,7 +143,7 @@ def test_keep_1_with_a_junk_high_numbered_file_keeps_the_new_checkpoint(tmp_path
         'ckpt_0000002.pt', 'ckpt_0009999.pt']
 
 
-# ----------------------------------------------------------------------------- 4, 5. signals
+# ---------------------------------------------------------------- 4, 5. signals
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGHUP])
 def test_ctrl_c_and_sighup_to_the_group_save_and_exit_0(tmp_path, synthetic, sig):
     out = str(tmp_path / 'run')
@@ -197,7 +197,7 @@ def test_optimizer_and_signal_flags_out_of_range_are_one_line_errors(flag):
     assert message.startswith(f'error: {flag.split("=")[0]}=') and 'must be' in message, message
 
 
-# ----------------------------------------------------------------------------- 6. symlinks
+# ---------------------------------------------------------------- 6. symlinks
 def test_a_planted_tmp_link_is_never_followed(tmp_path):
     out, victim = tmp_path / 'run', tmp_path / 'victim'
     out.mkdir()
@@ -226,7 +226,7 @@ def test_a_link_where_a_run_file_belongs_is_refused(tmp_path, synthetic, name):
     assert victim.read_text() == 'precious'
 
 
-# ----------------------------------------------------------------------------- 7. thin images
+# ---------------------------------------------------------------- 7. thin images
 def test_a_thin_image_is_never_resized_whole(monkeypatch):
     resize = Image.Image.resize
 
@@ -243,7 +243,7 @@ def test_a_thin_image_is_never_resized_whole(monkeypatch):
     assert images.eval_transform(32)(normal).shape == (3, 32, 32)
 
 
-# ----------------------------------------------------------------------------- 9-11. evaluation
+# ---------------------------------------------------------------- 9-11. evaluation
 @pytest.mark.parametrize('tau', ['0', '-1', 'nan', 'inf'])
 def test_eval_refuses_a_bad_tau(tau, capsys):
     with pytest.raises(SystemExit):
@@ -326,7 +326,7 @@ def test_wnid_folders_with_too_many_class_names_fail_before_step_1(tmp_path):
         llip_eval.training_plan(args)
 
 
-# ----------------------------------------------------------------------------- 12, 15, 16
+# ---------------------------------------------------------------- 12, 15, 16
 def test_an_evaluation_that_fails_mid_run_is_a_warning_and_training_goes_on(tmp_path, capsys):
     from model import PRESETS, Llip
     model = Llip(PRESETS['tiny']).train()
@@ -409,7 +409,7 @@ def test_steps_at_or_below_the_checkpoint_change_nothing(trained, tmp_path, synt
     assert after == before
 
 
-# ----------------------------------------------------------------------------- 13, 14. data
+# ---------------------------------------------------------------- 13, 14. data
 def test_a_caption_bomb_is_skipped_and_counted_never_read(tmp_path):
     import shards
     from test_data import png, write_tar
@@ -461,3 +461,27 @@ def test_a_brace_pattern_naming_too_many_files_is_refused_before_expansion():
     import shards
     with pytest.raises(ValueError, match='names 100,000,000 files'):
         shards.expand_urls('shards/{0..9999}{0..9999}.tar')
+
+
+@pytest.mark.parametrize('env', [{'RANK': '1', 'WORLD_SIZE': '1'},
+                                 {'RANK': '-1', 'WORLD_SIZE': '2'}, {'RANK': '0'},
+                                 {'RANK': 'x', 'WORLD_SIZE': '2'},
+                                 {'RANK': '0', 'WORLD_SIZE': '2', 'MASTER_ADDR': ''}])
+def test_an_inconsistent_rank_environment_is_one_line(monkeypatch, env):
+    train_py = importlib.import_module('train')
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', '29500')
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=f"^error: RANK='{env['RANK']}' .*0 <= RANK < WORLD_SIZE"):
+        train_py.ranks()
+
+
+def test_a_directory_named_like_a_checkpoint_is_left_alone(tmp_path):
+    os.mkdir(tmp_path / 'ckpt_0000001.pt')
+    with pytest.raises(checkpoint.CheckpointError, match='not a regular file'):
+        checkpoint.load(str(tmp_path / 'ckpt_0000001.pt'))
+    checkpoint.save(tiny_state(2), str(tmp_path), keep=1)
+    checkpoint.save(tiny_state(3), str(tmp_path), keep=1)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_0000001.pt', 'ckpt_0000003.pt']
