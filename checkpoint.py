@@ -111,13 +111,17 @@ def digest(obj, h=None):
 
 
 def _no_space(e):
-    """Whether an exception (or the one it was raised from) is ENOSPC: a full disk shows up
-    as OSError on close or as torch's 'unexpected pos' RuntimeError, the OSError chained."""
+    """What stopped a write, in words, or None: ENOSPC (a full disk), EDQUOT, EFBIG (ulimit -f),
+    EROFS, EIO in an exception or the one it was raised from. They show up as OSError on close
+    or as torch's 'unexpected pos' RuntimeError, the OSError chained."""
+    kinds = {errno.ENOSPC: 'no space left', errno.EDQUOT: 'disk quota exceeded',
+             errno.EFBIG: 'file too large (a file size limit, ulimit -f)',
+             errno.EROFS: 'read-only file system', errno.EIO: 'input/output error'}
     while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
+        if isinstance(e, OSError) and e.errno in kinds:
+            return kinds[e.errno]
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def save(state, out_dir, keep):
@@ -137,7 +141,7 @@ def save(state, out_dir, keep):
         raise CheckpointError(str(e)) from None
     except Exception as e:
         if _no_space(e):
-            raise CheckpointError(f'no space left on {out_dir}: checkpoint '
+            raise CheckpointError(f'{_no_space(e)} on {out_dir}: checkpoint '
                                   f'{os.path.basename(path)} not written (the previous ones are '
                                   'intact)') from None
         raise

@@ -132,10 +132,34 @@ def write_json(path, obj):
 
 
 def open_append(path):
-    """path opened for appending text, refusing a link (O_NOFOLLOW)."""
+    """path opened for appending text (an AppendFile), refusing a link (O_NOFOLLOW)."""
     refuse_link(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    return os.fdopen(fd, 'a')
+    return AppendFile(os.fdopen(fd, 'a'), path)
+
+
+class AppendFile:
+    """A text file being appended to (log.jsonl) whose write errors (a full disk, a quota,
+    ulimit -f) end the run with one line instead of a traceback; the checkpoints are intact."""
+
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def _do(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            raise SystemExit(f'error: cannot write {self.path}: {e.strerror}; the checkpoints '
+                             'written so far are intact (--resume=auto continues)') from None
+
+    def write(self, text):
+        return self._do(self.f.write, text)
+
+    def flush(self):
+        return self._do(self.f.flush)
+
+    def close(self):
+        return self._do(self.f.close)
 
 
 def claim(out_dir):

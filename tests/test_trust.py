@@ -485,3 +485,21 @@ def test_a_directory_named_like_a_checkpoint_is_left_alone(tmp_path):
     checkpoint.save(tiny_state(2), str(tmp_path), keep=1)
     checkpoint.save(tiny_state(3), str(tmp_path), keep=1)
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_0000001.pt', 'ckpt_0000003.pt']
+
+
+def test_a_full_disk_while_appending_to_the_log_is_one_line():
+    log = run_dir.open_append('/dev/full')   # every write: ENOSPC
+    log.write('{"step": 1}\n')
+    with pytest.raises(SystemExit, match='^error: cannot write /dev/full: No space left'):
+        log.flush()
+
+
+def test_a_file_size_limit_while_saving_is_one_line(tmp_path):
+    script = ('import resource, torch, checkpoint\n'
+              'resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n'
+              f'checkpoint.save({{"model": {{"w": torch.ones(100_000)}}, "step": 1}}, '
+              f'{str(tmp_path)!r}, 1)\n')
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert 'file too large (a file size limit, ulimit -f)' in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == []
