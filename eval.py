@@ -351,6 +351,10 @@ def class_names_and_templates(folder, classnames=None, templates=None):
         names = sorted(f.name for f in Path(folder).iterdir() if f.is_dir())
         print(f'no class names given and no {folder}/classnames.json: using the {len(names)} '
               'folder names')
+        if names and all(re.fullmatch(r'n\d{8}', n) for n in names):   # text would read 'n01440764'
+            print(f'warning: the folder names look like WordNet ids ({names[0]}, ...): the text '
+                  'tower reads them as they are; give the class names, e.g. '
+                  '--classnames=imagenet', file=sys.stderr)
     if len(class_names(names)) < 2:   # one class: every image is a hit, top-1 1.000 says nothing
         raise ValueError(f'{folder}: {len(class_names(names))} class(es) ({class_names(names)}); '
                          'zero-shot classification needs at least 2')
@@ -491,11 +495,17 @@ def default_out(weights, task, data_arg):
 
 
 def positive(text):
-    """--tau's type: a finite number > 0 (0 or inf would divide the mixing weights' logits)."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f'{text}: must be a finite number > 0')
-    return value
+    """--tau's type: finite numbers > 0 (0 or inf would divide the mixing weights' logits), one
+    or several joined by commas (--tau 1 5 and --tau=1,5 alike)."""
+    values = []
+    for part in text.split(','):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{part!r}: not a number') from None
+        if not (math.isfinite(values[-1]) and values[-1] > 0):
+            raise argparse.ArgumentTypeError(f'{part}: must be a finite number > 0')
+    return values
 
 
 def nonfinite_weights(model):
@@ -525,6 +535,9 @@ def main(argv=None):
     p.add_argument('--out', help='JSON file of results (default: eval_<task>_<data>.json next to the weights, '
                                  '<data> being --data made a file name)')
     args = p.parse_args(argv)
+    args.tau = [t for group in args.tau for t in (group if isinstance(group, list) else [group])]
+    if args.ckpt and os.path.isdir(args.ckpt):   # a run directory, as analysis.py takes it
+        args.ckpt = os.path.join(args.ckpt, 'ckpt.pt')
     try:
         run(args)
     except (FileNotFoundError, ValueError, KeyError) as e:   # bad input: the message, not a traceback

@@ -347,6 +347,17 @@ def bad_templates(templates):
     return bad
 
 
+# clip_benchmark's dataset names that are not the shipped keys in another case
+CLIP_BENCHMARK_NAMES = {
+    'imagenet1k': 'imagenet', 'imagenetv2': 'imagenet_v2', 'imagenet-a': 'imagenet_A',
+    'imagenet-r': 'imagenet_R', 'imagenet-o': 'imagenet_O', 'cars': 'StanfordCars',
+    'fgvc_aircraft': 'FGVCAircraft', 'voc2007': 'PascalVOC2007', 'renderedsst2': 'SST2',
+    'fer2013': 'FacialEmotionRecognition2013', 'vtab/flowers': 'Flowers102',
+    'vtab/pets': 'OxfordPets', 'vtab/dtd': 'DescribableTextures', 'vtab/eurosat': 'EuroSAT',
+    'vtab/caltech101': 'Caltech101', 'vtab/resisc45': 'RESISC45', 'vtab/pcam': 'PatchCamelyon',
+    'vtab/cifar10': 'CIFAR10', 'vtab/cifar100': 'CIFAR100', 'dollar_street': 'DollarStreet'}
+
+
 def load_names(value, kind, folder):
     """--classnames / --templates: a JSON file (a list of strings; for class names also a dict
     {folder: name} or {"0": name}), a text file with one per line (clip_benchmark's
@@ -367,6 +378,8 @@ def load_names(value, kind, folder):
     else:
         shipped = SHIPPED / f'zeroshot-{kind}.json'
         table = json.loads(shipped.read_text()) if shipped.is_file() else {}
+        spelled = {k.lower(): k for k in table}   # cifar10 is CIFAR10; clip_benchmark's names
+        value = spelled.get(CLIP_BENCHMARK_NAMES.get(value, value).lower(), value)
         if value not in table:
             raise SystemExit(f"error: --{kind}={value}: neither a file nor a key of {shipped} "
                              f"(keys: {', '.join(sorted(table)) or 'none, the file is missing'})")

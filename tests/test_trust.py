@@ -503,3 +503,24 @@ def test_a_file_size_limit_while_saving_is_one_line(tmp_path):
                             text=True, timeout=120)
     assert 'file too large (a file size limit, ulimit -f)' in result.stderr, result.stderr
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- 18. as an open_clip user has it
+def test_eval_takes_tau_both_ways_and_a_run_directory(trained, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(llip_eval, 'run', lambda args: seen.update(vars(args)))
+    llip_eval.main([f'--ckpt={trained}', '--task=synthetic', '--data=x', '--tau=1,5', '--tau', '8'])
+    assert seen['tau'] == [8.0] and seen['ckpt'] == os.path.join(trained, 'ckpt.pt')
+    llip_eval.main([f'--ckpt={trained}', '--task=synthetic', '--data=x', '--tau', '1', '5,8'])
+    assert seen['tau'] == [1.0, 5.0, 8.0]
+
+
+def test_benchmark_names_as_clip_benchmark_spells_them_and_wordnet_ids_warn(tmp_path, capsys):
+    for name, key in (('cifar10', 'CIFAR10'), ('imagenet1k', 'imagenet'),
+                      ('vtab/eurosat', 'EuroSAT')):
+        assert eval_data.load_names(name, 'classnames', tmp_path) == \
+            eval_data.load_names(key, 'classnames', tmp_path)
+    for wnid in ('n01440764', 'n01443537'):
+        (tmp_path / wnid).mkdir()
+    llip_eval.class_names_and_templates(str(tmp_path))
+    assert 'look like WordNet ids' in capsys.readouterr().err
