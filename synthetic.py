@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import random
 import struct
+import sys
 import tarfile
 import zlib
 from functools import lru_cache
@@ -326,6 +327,9 @@ def make_synthetic(out_dir, seed=0, train=20000, retrieval=1000, zeroshot=50, sh
             raise ValueError(f"{out_dir} holds synthetic data made with {found}, not {settings}; "
                              f"use another --out / --synthetic_dir or delete it")
         return out_dir
+    # a first run with --model=vit_b16 is otherwise more than a minute without a word
+    print(f'writing the built-in synthetic data into {out_dir} (once: {train} training images, '
+          f'{image_size} x {image_size})', file=sys.stderr, flush=True)
     # one job per tar, each seeded by its own name: the same bytes however many processes run them
     shards = [(f'train/{k:05d}.tar', range(k * shard_size, min(train, (k + 1) * shard_size)), False)
               for k in range(math.ceil(train / shard_size))]

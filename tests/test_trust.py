@@ -524,3 +524,12 @@ def test_benchmark_names_as_clip_benchmark_spells_them_and_wordnet_ids_warn(tmp_
         (tmp_path / wnid).mkdir()
     llip_eval.class_names_and_templates(str(tmp_path))
     assert 'look like WordNet ids' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 19. what a person watches
+def test_generating_the_built_in_data_says_so_once(tmp_path, capfd):
+    from synthetic import make_synthetic
+    make_synthetic(str(tmp_path), train=4, retrieval=2, zeroshot=1, shard_size=4, image_size=16)
+    assert f'writing the built-in synthetic data into {tmp_path}' in capfd.readouterr().err
+    make_synthetic(str(tmp_path), train=4, retrieval=2, zeroshot=1, shard_size=4, image_size=16)
+    assert 'writing' not in capfd.readouterr().err   # already there: nothing said
