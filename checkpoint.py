@@ -182,6 +182,8 @@ def rotate(out_dir, keep, newest):
 def not_a_checkpoint(path):
     """Why path cannot be a checkpoint (one line), or None: a cheap look at its zip directory,
     not a full load (that is for resuming)."""
+    if not os.path.lexists(path):
+        return 'no such file'
     if os.path.islink(path) or not os.path.isfile(path):
         return 'not a regular file'
     size = os.path.getsize(path)
