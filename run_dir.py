@@ -26,6 +26,7 @@ import sys
 import time
 
 LOCK = 'run.lock'
+RUN_FILES = ('config.json', 'log.jsonl', 'ckpt.pt')   # what the run writes there by name
 _held = {}   # out_dir -> the open lock file: closing it would release the lock
 
 
@@ -175,3 +176,5 @@ def claim(out_dir):
         raise RunDirError(f'--out_dir={out_dir}: not writable here (read-only storage or '
                           'permissions)')
     lock(out_dir)
+    for name in RUN_FILES:   # before any work: a link where the run's file belongs is refused
+        refuse_link(os.path.join(out_dir, name))

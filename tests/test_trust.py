@@ -216,7 +216,8 @@ def test_a_link_where_a_run_file_belongs_is_refused(tmp_path, synthetic, name):
     os.symlink(victim, out / name)
     result = train(str(out), synthetic, '--steps=1', *ZERO_WORKERS, check=False)
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and 'symbolic link' in last and name in last, result.stderr
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert last.startswith('error: ') and 'symbolic link' in last and name in last
     assert victim.read_text() == 'precious'
 
 
