@@ -32,6 +32,8 @@ What changes with shards, and how each is kept exact:
     call, then compile, then shard); model.Transformer checkpoints the call of each sharded
     block, so the recomputation in backward gathers the block's weights again.
 """
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -73,6 +75,9 @@ def shard(model: Llip, device_type='cpu', param_dtype=None, compile=False):
     # encode_image / encode_text alone (feature-cached accumulation does)
     for method in ('encode_image', 'encode_text'):
         register_fsdp_forward_method(model, method)
+    # FSDP warns that a view it returns (the heads of the features, rearranged) loses its hook
+    # if changed in place; nothing here changes features in place
+    warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view tensor')
     return model
 
 

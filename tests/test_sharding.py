@@ -1,4 +1,4 @@
-"""What this proves about sharded training, sharding.py (run: python -m pytest tests/test_sharding.py):
+"""What this proves about sharded training (run: python -m pytest tests/test_sharding.py):
 two gloo processes with FSDP2 (fully_shard), each with half of the batch, give
 - the same loss and, for every parameter, the same gradient after the reduce as one process on
   the whole batch, in float64: both loss forms (plain and gram), with and without --grad_ckpt,
@@ -105,15 +105,18 @@ def exactness_worker(rank, world):
     return result
 
 
+def every_worker(rank, world):
+    return {**exactness_worker(rank, world), 'steps': steps_worker(rank, world)}
+
+
 @pytest.fixture(scope='module')
-def exactness(tmp_path_factory):
-    """One spawn for the exactness test and the traps' test: starting ranks is the slow part."""
-    return spawn(exactness_worker, tmp_path_factory.mktemp('exactness'))
+def ranks(tmp_path_factory):
+    """What each rank computed, for every test here: one spawn, as starting ranks is slow."""
+    return spawn(every_worker, tmp_path_factory.mktemp('ranks'))
 
 
-def test_fsdp_two_ranks_equal_one_process(exactness):
-    ranks = exactness
-    for key in [k for k in ranks[0] if isinstance(k, tuple)]:
+def test_fsdp_two_ranks_equal_one_process(ranks):
+    for key in [k for k in ranks[0] if isinstance(k, tuple)]:   # (case, grad_ckpt)
         case, ckpt = key
         config = CASES[case]
         single_loss, single_grads = loss_and_grads(model_of(config, ckpt), config, slice(None),
@@ -127,8 +130,7 @@ def test_fsdp_two_ranks_equal_one_process(exactness):
                 torch.testing.assert_close(grads[name], grad, msg=f'{key} {name}')
 
 
-def test_fsdp_traps(exactness):
-    ranks = exactness
+def test_fsdp_traps(ranks):
     config = CASES['gram']
     single = model_of(config)
     _, _ = loss_and_grads(single, config, slice(None), sharded=False)
@@ -196,11 +198,10 @@ def steps_worker(rank, world):
     return {'ddp': ddp, 'fsdp': train_steps(sharded, sharded, config, rank, world, sharded=True)}
 
 
-def test_fsdp_steps_equal_ddp(tmp_path):
-    ranks = spawn(steps_worker, tmp_path)
+def test_fsdp_steps_equal_ddp(ranks):
     start = model_of(CASES['gram'], dtype=torch.float32).state_dict()
     for r in range(WORLD):
-        ddp, fsdp = ranks[r]['ddp'], ranks[r]['fsdp']
+        ddp, fsdp = ranks[r]['steps']['ddp'], ranks[r]['steps']['fsdp']
         for name, value in ddp.items():
             assert not torch.equal(value, start[name]), f'{name} did not train'
             torch.testing.assert_close(fsdp[name], value, msg=name)
