@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import sys
 
@@ -39,20 +38,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from checkpoint import CheckpointError, _no_space
-from model import Llip, LlipConfig, UnsafeCheckpointError, load_weights
+import checkpoint
+from checkpoint import CheckpointError, UnsafeCheckpointError, load_weights
+from model import Llip, LlipConfig
 
-NAME = re.compile(r'ckpt_(\d+)')      # a directory ckpt_<step>
 MANIFEST, TRAIN_STATE = 'manifest.json', 'train_state.pt'
 
 
-def paths(out_dir):
-    """The sharded checkpoints in out_dir, newest (highest step) first."""
-    if not os.path.isdir(out_dir):
-        return []
-    steps = {int(m.group(1)): os.path.join(out_dir, name) for name in os.listdir(out_dir)
-             if (m := NAME.fullmatch(name)) and os.path.isdir(os.path.join(out_dir, name))}
-    return [steps[s] for s in sorted(steps, reverse=True)]
+def is_sharded(path):
+    """Whether a checkpoint path is a directory of this kind (else a train.py file)."""
+    return os.path.isdir(path)
 
 
 def path_of(out_dir, step):
@@ -164,8 +159,8 @@ def save(model, optimizer, train_state, out_dir, keep):
                 shutil.rmtree(final, ignore_errors=True)   # a step saved again after a resume
                 os.replace(tmp, final)
                 _fsync(out_dir)
-                for old in paths(out_dir)[keep:]:
-                    shutil.rmtree(old)
+                for old in checkpoint.paths(out_dir)[keep:]:   # files and directories
+                    checkpoint.remove(old)
             except Exception as e:
                 error = _describe(e, out_dir, final)
     if rank == 0 and error is not None:
@@ -176,7 +171,7 @@ def save(model, optimizer, train_state, out_dir, keep):
 
 def _describe(e, out_dir, final):
     """One line for what went wrong while writing."""
-    if _no_space(e) or 'No space left' in str(e):   # DCP may re-raise a rank's error as text
+    if checkpoint._no_space(e) or 'No space left' in str(e):   # DCP's error may be text
         return (f'no space left on {out_dir}: checkpoint {os.path.basename(final)} not written '
                 '(the previous ones are intact)')
     return f'checkpoint {os.path.basename(final)} not written: {_one_line(e)}'
@@ -221,46 +216,44 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
-def verify(path):
-    """Check every file against the manifest (all ranks call this together); CheckpointError
-    naming the first problem. Returns the training state (step, config, loader, RNG, scaler)."""
-    error = None
+def verify(path, every_file=True):
+    """The training state (step, config, loader, RNG, scaler) of a sharded checkpoint, its files
+    checked against the manifest (every_file=False: train_state.pt alone, for ranks that read
+    a checkpoint rank 0 has checked); CheckpointError naming the first problem."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        error = f'no readable {MANIFEST} ({type(e).__name__}): not completely written'
-        manifest = {}
-    _agree(error)
-    found = _hash_files(path, sorted(manifest))
-    for name, expected in sorted(manifest.items()):
-        if found[name] is None:
-            error = f'{name} is missing' + (" (a rank's shard)" if name.endswith('.distcp') else '')
-        elif found[name][0] != expected[0]:
-            error = f'{name} has {found[name][0]} bytes, {expected[0]} were written (truncated?)'
-        elif found[name] != expected:
-            error = (f'checksum mismatch in {name}: the file changed after it was written '
-                     '(a flipped bit on disk or in transfer)')
-        if error:
-            break
-    _agree(error)
-    try:   # DCP reads it again later; here a refusal is one line, not wrapped per rank
+        raise CheckpointError(f'no readable {MANIFEST} ({type(e).__name__}): not completely '
+                              'written') from None
+    for name in sorted(manifest) if every_file else [TRAIN_STATE]:
+        file, expected = os.path.join(path, name), manifest.get(name)
+        if not os.path.isfile(file):
+            shard = " (a rank's shard)" if name.endswith('.distcp') else ''
+            raise CheckpointError(f'{name} is missing{shard}')
+        if os.path.getsize(file) != expected[0]:
+            raise CheckpointError(f'{name} has {os.path.getsize(file)} bytes, {expected[0]} were '
+                                  'written (truncated?)')
+        if _sha256(file) != expected[1]:
+            raise CheckpointError(f'checksum mismatch in {name}: the file changed after it was '
+                                  'written (a flipped bit on disk or in transfer)')
+    try:   # DCP reads it again in load; here a refusal is one line, not wrapped per rank
         with open(os.path.join(path, '.metadata'), 'rb') as f:
             _MetadataUnpickler(f).load()
         state = load_weights(os.path.join(path, TRAIN_STATE))
         state['step'], state['config']
     except UnsafeCheckpointError as e:
-        error = str(e)
+        raise CheckpointError(str(e)) from None
     except Exception as e:
-        error = f'{type(e).__name__}: {e}'.splitlines()[0]
-    _agree(error)
+        raise CheckpointError(f'{type(e).__name__}: {e}'.splitlines()[0]) from None
     return state
 
 
-def load(path, model, optimizer=None):
-    """Read a verified sharded checkpoint into `model` (sharded or plain) and `optimizer` (None:
-    the model alone); every rank calls this together. Returns the training state."""
-    state = verify(path)
+def load(path, model, optimizer=None, check=True):
+    """Read a sharded checkpoint into `model` (sharded or plain) and `optimizer` (None: the
+    model alone); every rank calls this together. Returns the training state. check=False:
+    the files were verified already (by rank 0, when it chose this checkpoint)."""
+    state = verify(path, every_file=check)
     if optimizer is None:
         model_state = get_model_state_dict(model)
         wanted = {'model': model_state}
@@ -301,7 +294,7 @@ def load_model(path):
     config = state['config'].get('model_config', state['config'])
     fields = LlipConfig.__dataclass_fields__
     model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
-    load(path, model)
+    load(path, model, check=False)
     return model.eval(), state
 
 
