@@ -13,9 +13,15 @@ and the traps of sharding, each shown: t and b, 0-d parameters fully_shard refus
 rows while full_state_dict gathers the single-process weights; rank 0's unsharded copy for
 evaluation computes what the single-process model does.
 """
+import collections
 import os
-from contextlib import nullcontext
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
@@ -25,6 +31,8 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoint
+import data
 import sharding
 from model import Llip
 from test_model import batch, tiny
@@ -205,3 +213,108 @@ def test_fsdp_steps_equal_ddp(ranks):
         for name, value in ddp.items():
             assert not torch.equal(value, start[name]), f'{name} did not train'
             torch.testing.assert_close(fsdp[name], value, msg=name)
+
+
+# ----------------------------------------------------------------------------- train.py --shard=fsdp
+# a wrapper around train.py that writes, per rank, the keys of every batch the loop takes
+COUNTING = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import data, train
+original, byte = data.ShardLoader.__iter__, data.ByteTokenizer()
+def counted(self):
+    with open(os.environ['KEYS'] + '.' + os.environ.get('RANK', '0'), 'a') as f:
+        for images, tokens in original(self):
+            f.write(' '.join(byte.decode(row) for row in tokens) + chr(10))
+            f.flush()
+            yield images, tokens
+data.ShardLoader.__iter__ = counted
+train.main()
+'''
+SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32',
+         '--embed_dim=16', '--num_mixture=4', '--vision_head_width=16', '--text_heads=2',
+         '--tokenizer=byte', '--vocab_size=259', '--context_length=16', '--batch_size=4',
+         '--workers=1', '--warmup=2', '--no-eval', '--save_every=2']
+
+
+def batches_taken(keys_file, ranks, first=None):
+    """The keys of the batches each rank's loop took (the first `first` of each rank)."""
+    keys = []
+    for rank in range(ranks):
+        with open(f'{keys_file}.{rank}') as f:
+            lines = f.read().splitlines()
+        keys += [k for line in lines[:first] for k in line.split()]
+    return keys
+
+
+def descendants(pid):
+    """Every process below pid, from /proc (children first found, then theirs)."""
+    parents = {}
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path):
+    from test_data import make_shards
+    shards = tmp_path / 'shards'
+    shards.mkdir()
+    make_shards(shards, 6, 20)   # 120 samples, each caption its key
+    everything = [f's{s}_{i:03d}' for s in range(6) for i in range(20)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wrapper = tmp_path / 'counting.py'
+    wrapper.write_text(COUNTING.format(root=root))
+    out = tmp_path / 'out'
+
+    def command(ranks, *flags):
+        run = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}'] \
+            if ranks else []
+        return [sys.executable, *run, str(wrapper), f'--out_dir={out}', f'--data={shards}',
+                *SMALL, *flags]
+
+    # 2 ranks, killed with SIGKILL (no checkpoint on the way out) once step 4's is written
+    env = {**os.environ, 'KEYS': str(tmp_path / 'first')}
+    first = subprocess.Popen(command(2, '--shard=fsdp', '--steps=1000'), env=env, cwd=root,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / 'ckpt_0000004').exists() and first.poll() is None:
+        assert time.time() < deadline, 'no checkpoint at step 4 in 240 s'
+        time.sleep(0.05)
+    for pid in [first.pid, *descendants(first.pid)]:   # torchrun's ranks: their own sessions
+        os.kill(pid, signal.SIGKILL)
+    first.wait()
+    # the newest whole checkpoint (a directory is renamed into place complete)
+    step = max(int(m.group(1)) for name in os.listdir(out)
+               if (m := re.fullmatch(r'ckpt_(\d+)', name)))
+    # 3 ranks (uneven shards) continue for 8 steps, then one plain process (--shard=none) for 1
+    env['KEYS'] = str(tmp_path / 'second')
+    second = subprocess.run(command(3, '--shard=fsdp', f'--steps={step + 8}'), env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f'ckpt_{step:07d} at step {step}' in second.stderr
+    env['KEYS'] = str(tmp_path / 'third')
+    third = subprocess.run(command(0, f'--steps={step + 9}'), env=env, cwd=root,
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    assert f'ckpt_{step + 8:07d} at step {step + 8}' in third.stderr
+
+    # what the last checkpoint says is left of the epochs begun, read by a fresh loader
+    state = checkpoint.load(checkpoint.path_of(str(out), step + 9))
+    rest = data.ShardLoader(str(shards), batch_size=5, image_size=8, context_length=16,
+                            tokenizer='byte', workers=0, resample=False)
+    rest.load_state_dict(state['loader'])
+    left = [data.ByteTokenizer().decode(row) for _, tokens in rest for row in tokens]
+    epochs = 1 + max(p[0] for s in state['loader'] for p in s['positions'])
+    seen = (batches_taken(tmp_path / 'first', 2, first=step) + batches_taken(tmp_path / 'second', 3)
+            + batches_taken(tmp_path / 'third', 1) + left)
+    assert collections.Counter(seen) == {key: epochs for key in everything}
