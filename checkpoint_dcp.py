@@ -22,12 +22,14 @@ The guarantees of checkpoint.py's single files hold for a directory too (README,
 Model and optimizer state are saved by name (torch.distributed.checkpoint.state_dict), so a
 checkpoint written by 2 ranks loads on 1 or 3, into a sharded model or a plain one.
 """
+import argparse
 import hashlib
 import json
 import os
 import pickle
 import shutil
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -294,7 +296,9 @@ def load_model(path):
     config = state['config'].get('model_config', state['config'])
     fields = LlipConfig.__dataclass_fields__
     model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
-    load(path, model, check=False)
+    with warnings.catch_warnings():   # DCP says it assumes one process: so it is meant
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        load(path, model, check=False)
     return model.eval(), state
 
 
@@ -306,11 +310,19 @@ def consolidate(path, out):
                out)
 
 
-if __name__ == '__main__':
-    if len(sys.argv) != 3:
-        sys.exit('usage: python checkpoint_dcp.py out/ckpt_0001000 model.pt')
+def main():
+    parser = argparse.ArgumentParser(description='Write a sharded checkpoint (a directory that '
+                                     'train.py --shard=fsdp saved) as one file with the whole '
+                                     'model, which eval.py --ckpt reads.')
+    parser.add_argument('checkpoint', help='the directory, e.g. out/ckpt_0001000')
+    parser.add_argument('out', help='the file to write, e.g. model.pt')
+    args = parser.parse_args()
     try:
-        consolidate(*sys.argv[1:])
+        consolidate(args.checkpoint, args.out)
     except CheckpointError as e:
-        sys.exit(f'error: {sys.argv[1]}: {e}')
-    print(f'wrote {sys.argv[2]}')
+        sys.exit(f'error: {args.checkpoint}: {e}')
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -11,6 +11,7 @@
 - --keep rotation keeps the newest directories and leaves foreign files alone;
 - `python checkpoint_dcp.py DIR model.pt` writes one file that eval.py's loader reads.
 """
+import argparse
 import dataclasses
 import errno
 import json
@@ -24,6 +25,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+import analysis
+import checkpoint
 import checkpoint_dcp
 import eval as llip_eval
 import sharding
@@ -131,6 +134,27 @@ def test_consolidated_file_reads_as_an_unsharded_checkpoint(saved, tmp_path):
                    cwd=ROOT, check=True, capture_output=True)
     model = llip_eval.load_checkpoint(str(out))
     torch.testing.assert_close(model.state_dict(), expected['model'], rtol=0, atol=0)
+    # eval.py --ckpt, analysis.py and diagnose.py take the directory itself too
+    directory = analysis.checkpoint_path(run / 'ckpt_0000002')
+    assert directory == run / 'ckpt_0000002'
+    model = llip_eval.load_checkpoint(str(directory))
+    torch.testing.assert_close(model.state_dict(), expected['model'], rtol=0, atol=0)
+
+
+def test_resume_skips_a_damaged_directory_and_refuses_another_config(saved, tmp_path):
+    run, _ = saved
+    out = shutil.copytree(run, tmp_path / 'run')
+    shard = out / 'ckpt_0000002' / '__0_0.distcp'
+    shard.write_bytes(shard.read_bytes()[:-1] + b'?')
+    args = argparse.Namespace(resume='auto', out_dir=str(out))
+    state, messages, error = checkpoint.choose_checkpoint(args, CONFIG)
+    assert error is None and state['step'] == 1
+    assert 'warning: skipping checkpoint' in messages[0] and 'checksum mismatch' in messages[0]
+    args.resume = str(out / 'ckpt_0000002')   # asked for by name: an error, no fallback
+    assert 'checksum mismatch' in checkpoint.choose_checkpoint(args, CONFIG)[2]
+    args.resume = 'auto'
+    error = checkpoint.choose_checkpoint(args, dataclasses.replace(CONFIG, embed_dim=64))[2]
+    assert 'different model config' in error and 'embed_dim' in error
 
 
 def copy_of(saved, tmp_path):
@@ -207,5 +231,5 @@ def test_keep_rotation_leaves_foreign_files(tmp_path):
         checkpoint_dcp.save(model, optimizer, train_state(step), str(tmp_path), keep=2)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_0000002', 'ckpt_0000003', 'ckpt_best',
                                             'notes.txt']
-    assert checkpoint_dcp.paths(str(tmp_path)) == [str(tmp_path / 'ckpt_0000003'),
+    assert checkpoint.paths(str(tmp_path)) == [str(tmp_path / 'ckpt_0000003'),
                                                    str(tmp_path / 'ckpt_0000002')]
