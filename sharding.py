@@ -90,7 +90,10 @@ def set_gradient_sync(model, sync):
 
 def reduce_scalar_grads(model):
     """Average the replicated t and b gradients over ranks: what FSDP's reduce-scatter does for
-    every other parameter. Call once per optimizer step, after the last backward."""
+    every other parameter. Call once per optimizer step, after the last backward. No-op for an
+    unsharded model (DDP averaged them)."""
+    if not is_sharded(model):
+        return
     world = dist.get_world_size()
     for name in SCALARS:
         grad = getattr(model, name).grad
@@ -146,7 +149,10 @@ def load_full_state_dict(model, state):
 
 def unsharded_copy(model, device, keep):
     """A plain Llip with the sharded model's weights, on `device`, built only where keep is true
-    (rank 0, for evaluation); every rank must call this (the gather is a collective)."""
+    (rank 0, for evaluation); every rank must call this (the gather is a collective). An
+    unsharded model is returned as it is."""
+    if not is_sharded(model):
+        return model
     state = full_state_dict(model)
     if not keep:
         return None

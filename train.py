@@ -375,13 +375,13 @@ def build(run):
             f'weights, gradients and AdamW state {per_rank:.2f} GiB per rank'
             + (f' (sharded over {run.world})' if run.sharded else ''))
     torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = Llip(config)
+    model = Llip(config).to(run.device)
     model.set_grad_checkpointing(args.grad_ckpt)
     if run.sharded:   # every block, then each tower, then the rest: sharding.shard
         device_type = 'cuda' if run.device.startswith('cuda') else 'cpu'
         model = sharding.shard(model, device_type, param_dtype=getattr(torch, args.dtype),
                                compile=args.compile)
-    run.model = model.to(run.device)
+    run.model = model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
     run.optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
@@ -471,8 +471,7 @@ def train(run, start_step, plan, preemption):
                              or done == args.steps):
                 # rank 0 evaluates alone: a sharded model would wait for the other ranks in its
                 # first forward, so every rank gathers the weights and rank 0 gets a plain copy
-                model = sharding.unsharded_copy(run.model, run.device, run.master) \
-                    if run.sharded else run.model
+                model = sharding.unsharded_copy(run.model, run.device, run.master)
                 if run.master:
                     metrics = llip_eval.evaluate_plan(model, plan, run.device, run.autocast)
                     run.log(f'step {done} eval: '
@@ -511,8 +510,7 @@ def train_step(run, batches, step):
         tokens = tokens.to(run.device, non_blocking=True)   # (B, L)
         # DDP all-reduces gradients only on the last micro-step, FSDP reduce-scatters them so
         last = micro == args.grad_accum - 1
-        if run.sharded:
-            sharding.set_gradient_sync(model, last)
+        sharding.set_gradient_sync(model, last)
         with nullcontext() if not run.ddp or run.sharded or last else model.no_sync():
             with run.autocast:
                 loss = model(images, tokens, chunk_size=args.chunk_size or None)
@@ -523,8 +521,7 @@ def train_step(run, batches, step):
         dist.all_reduce(total)
         total /= run.world
     total = total.item()
-    if run.sharded:   # t and b, whole on every rank, are averaged as DDP would
-        sharding.reduce_scalar_grads(run.model)
+    sharding.reduce_scalar_grads(run.model)   # fsdp: t and b, whole on every rank, averaged
     scaler.unscale_(optimizer)
     # the norm of the whole gradient, the same on every rank (sharded: summed over the shards)
     clip = sharding.clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_

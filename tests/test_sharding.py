@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 
 import pytest
 import torch
@@ -215,7 +214,7 @@ def test_fsdp_steps_equal_ddp(ranks):
             torch.testing.assert_close(fsdp[name], value, msg=name)
 
 
-# ----------------------------------------------------------------------------- train.py --shard=fsdp
+# ----------------------------------------------------------------------- train.py --shard=fsdp
 # a wrapper around train.py that writes, per rank, the keys of every batch the loop takes
 COUNTING = '''
 import os, sys
