@@ -329,10 +329,6 @@ def set_up(args, config):
     device = args.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.shard == 'fsdp' and not ddp:   # one process: a process group of one, one shard
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
-                                store=dist.HashStore(), rank=0, world_size=1)
-        ddp = True
     if ddp:
         if device == 'cuda':
             device = f'cuda:{os.environ.get("LOCAL_RANK", 0)}'
@@ -344,6 +340,10 @@ def set_up(args, config):
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', rank=rank,
                                 world_size=world,
                                 store=dist.PrefixStore(f'attempt{attempt}/', store))
+    elif args.shard == 'fsdp':   # one process: a process group of one, one shard
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
+                                store=dist.HashStore(), rank=0, world_size=1)
+        ddp = True
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if args.dtype == 'auto':   # by capability, not by GPU name
         args.dtype = 'float32' if device_type == 'cpu' else \

@@ -317,3 +317,25 @@ def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path):
     seen = (batches_taken(tmp_path / 'first', 2, first=step) + batches_taken(tmp_path / 'second', 3)
             + batches_taken(tmp_path / 'third', 1) + left)
     assert collections.Counter(seen) == {key: epochs for key in everything}
+
+
+def test_fsdp_on_one_process_runs_and_bad_values_are_one_line_errors(tmp_path):
+    from test_data import make_shards
+    shards = tmp_path / 'shards'
+    shards.mkdir()
+    make_shards(shards, 2, 8)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def train(*flags):
+        return subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "out"}',
+                               f'--data={shards}', *SMALL, *flags], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+    one = train('--shard=fsdp', '--steps=2')   # a process group of one: one shard
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / 'out'))[:2] == ['ckpt_0000002', 'config.json']
+    for flags, message in [(['--shard=zero3'], "--shard: invalid choice: 'zero3'"),
+                           (['--shard=fsdp', '--dtype=float16'],
+                            'error: --shard=fsdp with --dtype=float16')]:
+        bad = train(*flags, '--steps=3')
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert 'Traceback' not in bad.stderr
