@@ -371,8 +371,8 @@ def build(run):
     # float32 weights and gradients, AdamW's two moments: 16 bytes a parameter
     per_rank = 16 * params / 2 ** 30 / (run.world if run.sharded else 1)
     run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
-            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters; '
-            f'weights, gradients and AdamW state {per_rank:.2f} GiB per rank'
+            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
+    run.log(f'weights, gradients and AdamW state: {per_rank:.2f} GiB per rank'
             + (f' (sharded over {run.world})' if run.sharded else ''))
     torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
     model = Llip(config).to(run.device)
