@@ -1,9 +1,9 @@
 """What this proves about sharded training (run: python -m pytest tests/test_sharding.py):
 two gloo processes with FSDP2 (fully_shard), each with half of the batch, give
 - the same loss and, for every parameter, the same gradient after the reduce as one process on
-  the whole batch, in float64: both loss forms (plain and gram), with and without --grad_ckpt,
-  and pool=cls (SigLIP's loss; its single mixture token is a 1-row parameter whose shard on
-  rank 1 is empty);
+  the whole batch, in float64: every loss form (plain, gram, mixed; plain and gram also with
+  --grad_ckpt), and pool=cls (SigLIP's loss; its single mixture token is a 1-row parameter
+  whose shard on rank 1 is empty);
 - the same whole-gradient norm and clipped gradients as torch's clip_grad_norm_ on one process
   (a shard's norm is not the gradient's);
 - after three AdamW steps with two accumulated micro-steps each and clipping, the same weights
@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -32,14 +32,27 @@ from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import data
+import loss
 import sharding
 from model import Llip
 from test_model import batch, tiny
 
 N, WORLD = 4, 2
-# M = 8 heads of d = 4: K = 3 <= d takes the Gram form (loss.pick_form), K = 5 the plain one
-CASES = {'gram': tiny(num_mixture=3), 'plain': tiny(num_mixture=5),
+# the three forms of llip_loss, each forced on Llip.forward (see `form`), and pool=cls
+CASES = {'gram': tiny(num_mixture=3), 'plain': tiny(num_mixture=3), 'mixed': tiny(num_mixture=3),
          'cls': tiny(pool='cls', num_mixture=3)}
+
+
+@contextmanager
+def form(name):
+    """Llip.forward's loss in form `name` ('cls': as picked): llip_loss asks loss.pick_form."""
+    original = loss.pick_form
+    if name != 'cls':
+        loss.pick_form = lambda form, *shapes: name if form == 'auto' else original(form, *shapes)
+    try:
+        yield
+    finally:
+        loss.pick_form = original
 
 
 def free_port():
@@ -93,9 +106,10 @@ def exactness_worker(rank, world):
     part = slice(rank * N // world, (rank + 1) * N // world)
     result = {}
     for case, config in CASES.items():
-        for ckpt in (False, True) if case != 'cls' else (False,):
+        for ckpt in (False, True) if case in ('plain', 'gram') else (False,):
             model = sharding.shard(model_of(config, ckpt))
-            result[case, ckpt] = loss_and_grads(model, config, part, sharded=True)
+            with form(case):
+                result[case, ckpt] = loss_and_grads(model, config, part, sharded=True)
             if (case, ckpt) == ('gram', False):   # the traps, on this model
                 norm = sharding.clip_grad_norm(model.parameters(), max_norm=0.05)
                 result['clipped'] = norm, full_grads(model)
@@ -126,8 +140,9 @@ def test_fsdp_two_ranks_equal_one_process(ranks):
     for key in [k for k in ranks[0] if isinstance(k, tuple)]:   # (case, grad_ckpt)
         case, ckpt = key
         config = CASES[case]
-        single_loss, single_grads = loss_and_grads(model_of(config, ckpt), config, slice(None),
-                                                   sharded=False)
+        with form(case):
+            single_loss, single_grads = loss_and_grads(model_of(config, ckpt), config,
+                                                       slice(None), sharded=False)
         for r in range(WORLD):
             loss, grads = ranks[r][key]
             torch.testing.assert_close(loss, single_loss, msg=f'{key} loss')
