@@ -244,7 +244,9 @@ def agree_on_checkpoint(args, config, rank, ddp):
     decision = decision[0]
     error = None
     if rank != 0 and decision['error'] is None and decision['step'] is not None:
-        path = decision['path']
+        # its own --out_dir: on nodes that do not share one, the file is missing and we say so
+        path = decision['path'] if args.resume != 'auto' else \
+            os.path.join(args.out_dir, os.path.basename(decision['path']))
         try:
             state = load(path, every_file=False)   # rank 0 checked every shard
             state['path'] = path
