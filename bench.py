@@ -7,6 +7,8 @@ and noisy: read the ratios).
     python bench.py step            # tiny preset training step, batch 256: pool=llip vs avg,
                                     # time and matmul FLOPs (--forms plain gram: those forms too)
     python bench.py zeroshot --n 256              # zero-shot img/s, 1000 classes: Llip vs CLIP
+    python bench.py accum --threads 1             # peak memory of a step against --grad_accum,
+                                                  # feature-cached vs the whole batch at once
 
 Each loss measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
 memory it held before the call is the extra memory of that call alone.
@@ -269,9 +271,68 @@ def bench_zeroshot(args):
         print(f"{n:>7} {llip:>12.1f} {clip:>12.0f} {clip / llip:>10.0f}")
 
 
+# ----------------------------------------------------------------------------- accum
+def one_accum_run(mode, micro, accum, preset, pool, chunk, repeats, threads):
+    """Time and extra peak memory of one training step's forward and backward on micro x accum
+    images: 'cached' through accumulation.train_step in `accum` micro-batches, 'whole' as one
+    batch through Llip.forward (the reference). bench_accum runs it in a process of its own."""
+    from dataclasses import replace
+    from accumulation import Towers, train_step
+    from model import PRESETS, Llip
+    torch.set_num_threads(threads or torch.get_num_threads())
+    torch.manual_seed(0)
+    model = Llip(replace(PRESETS[preset], pool=pool))
+    c = model.config
+    images = torch.randn(micro * accum, 3, c.image_size, c.image_size)
+    tokens = torch.randint(1, c.vocab_size, (micro * accum, c.context_length))
+    micro_batches = list(zip(images.split(micro), tokens.split(micro)))
+    before, times = rss_kib('VmRSS'), []
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        if mode == 'cached':
+            train_step(Towers(model), model, micro_batches, chunk_size=chunk)
+        else:
+            model(images, tokens, chunk_size=chunk).backward()
+        times.append(time.perf_counter() - start)
+    return {'seconds': min(times), 'peak_mib': (rss_kib('VmHWM') - before) / 1024}
+
+
+def bench_accum(args):
+    """Peak memory of a step against --grad_accum at a fixed micro-batch: feature-cached
+    accumulation (accumulation.py) beside one step on the same whole batch."""
+    print(f"$ python bench.py {' '.join(sys.argv[1:])}")
+    print(f"forward+backward of one step, {args.preset} preset, pool={args.pool}, micro-batch "
+          f"{args.micro}, loss chunk {args.chunk or 'default'}, fp32, CPU, "
+          f"{args.threads or torch.get_num_threads()} threads, best of {args.repeats}\n"
+          f"peak MiB: the step's peak resident memory above the model and data (gradients "
+          f"included); whole: the same images as one batch, no accumulation")
+    print(f"{'accum':>6} {'images':>7} {'cached MiB':>11} {'whole MiB':>10} {'cached s':>9} "
+          f"{'whole s':>8} {'s cached/whole':>15}")
+    for accum in args.accum:
+        row = {}
+        for mode in ('cached', 'whole'):
+            call = (f"bench.one_accum_run({mode!r}, {args.micro}, {accum}, {args.preset!r}, "
+                    f"{args.pool!r}, {args.chunk or None}, {args.repeats}, {args.threads})")
+            cmd = [sys.executable, '-c', f"import json, bench; print(json.dumps({call}))"]
+            # glibc keeps freed blocks below its mmap threshold in the heap, and resident memory
+            # then counts memory the step no longer holds; mmap every block of 64 KiB or more
+            env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+            if out.returncode:
+                sys.exit(f"accum={accum} {mode}: failed: "
+                         f"{(out.stderr.strip().splitlines() or ['killed'])[-1]}")
+            row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        c, w = row['cached'], row['whole']
+        print(f"{accum:>6} {args.micro * accum:>7} {c['peak_mib']:>11.0f} {w['peak_mib']:>10.0f} "
+              f"{c['seconds']:>9.2f} {w['seconds']:>8.2f} {c['seconds'] / w['seconds']:>15.2f}",
+              flush=True)
+
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['loss', 'step', 'zeroshot'], help='which benchmark to run')
+    p.add_argument('what', choices=['loss', 'step', 'zeroshot', 'accum'],
+                   help='which benchmark to run')
     p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
@@ -281,7 +342,7 @@ if __name__ == '__main__':
     p.add_argument('--impls', nargs='+', default=['naive', 'plain', 'gram', 'mixed'],
                    help='loss: which forms to run')
     p.add_argument('--batch', type=int, default=256, help='step: batch size')
-    p.add_argument('--preset', default='tiny', help='step: the model preset (model.PRESETS)')
+    p.add_argument('--preset', default='tiny', help='step, accum: the model preset (model.PRESETS)')
     p.add_argument('--image_size', type=int, default=0,
                    help="step: image size (0: the preset's; smaller keeps a big preset's mixer "
                         "with cheaper towers)")
@@ -291,6 +352,10 @@ if __name__ == '__main__':
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--repeats', type=int, default=None,
                    help='timed repeats (default 2; step: 10, and the median is reported; others: the fastest)')
+    p.add_argument('--accum', type=int, nargs='+', default=[1, 2, 4, 8],
+                   help='accum: micro-batches per step (--grad_accum)')
+    p.add_argument('--micro', type=int, default=32, help='accum: images per micro-batch')
+    p.add_argument('--pool', default='llip', help='accum: pool')
     args = p.parse_args()
     args.repeats = args.repeats or (10 if args.what == 'step' else 2)
     if args.threads:
@@ -299,5 +364,7 @@ if __name__ == '__main__':
         bench_loss(args)
     elif args.what == 'step':
         bench_step(args)
+    elif args.what == 'accum':
+        bench_accum(args)
     else:
         bench_zeroshot(args)

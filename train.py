@@ -10,16 +10,21 @@ and torchrun's environment change.
     torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=...   # 1 node, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train.py --model=vit_g14 --shard=fsdp --grad_ckpt \
         --data=...                  # parameters, gradients and AdamW state split over the ranks
+    torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=... \\
+        --global_batch=32768 --batch_size=256   # the paper's batch: 8 GPUs x 256 x 16 micro-batches
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         --rdzv_id=llip --max-restarts=3 train.py --model=vit_b16 --data=... --resume=auto \\
         --out_dir=/shared/run1                          # on each node; one shared --out_dir
 
 DDP is decided by torchrun's environment alone (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on
-CUDA, gloo on CPU; --shard=fsdp shards the model instead of copying it (sharding.py), and its
-checkpoints are directories that every rank writes (checkpoint_dcp.py). A run resumes from
-either kind of checkpoint on any number of ranks, each sample of the epoch seen once.
---batch_size is per rank; the loss of each rank covers its images against every rank's captions
-(loss.py), so the contrastive batch is batch_size x world size.
+CUDA, gloo on CPU. --batch_size is per rank per micro-batch; the loss of each rank covers its
+images against every rank's captions (loss.py), and --grad_accum micro-batches are one
+contrastive batch (accumulation.py caches their features), so a step's contrastive batch is
+batch_size x world size x grad_accum. --global_batch=N asks for that product and derives the
+other two from N and the world size: the same command trains the same batch on 8 or 256 GPUs.
+--shard=fsdp shards the model instead of copying it (sharding.py); its checkpoints are
+directories every rank writes (checkpoint_dcp.py). A run resumes from either kind of checkpoint
+on any number of ranks, each sample of the epoch seen once.
 Every flag is --key=value (bools too: --eval=false); `python train.py --help` lists them. Any
 LlipConfig field can be overridden (--num_mixture=64 --tau=8 ...). On several nodes, --out_dir
 must be one shared filesystem path: rank 0 picks the checkpoint and every rank reads it.
@@ -42,6 +47,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import accumulation
 import checkpoint
 import data
 import eval as llip_eval
@@ -95,11 +101,18 @@ parser.add_argument('--out_dir', default='out',
                help='checkpoints, log.jsonl and config.json go here (on several nodes: one shared '
                     'path)')
 parser.add_argument('--steps', type=int, default=2500, help='optimizer steps in total')
-parser.add_argument('--batch_size', type=int, default=64,
-               help='images (and captions) per rank per micro-step')
-parser.add_argument('--grad_accum', type=int, default=1,
-               help='micro-steps per optimizer step. Note: each micro-step is its own contrastive '
-                    'batch, so accumulation does not add negatives; it only averages gradients')
+parser.add_argument('--batch_size', type=int, default=None,
+               help=f'images (and captions) per rank per micro-batch (default '
+                    f'{accumulation.DEFAULT_BATCH_SIZE}; with --global_batch, derived from it)')
+parser.add_argument('--grad_accum', type=int, default=None,
+               help='micro-batches per optimizer step, all one contrastive batch: every image '
+                    'meets every caption of all of them (feature-cached accumulation, '
+                    'accumulation.py: activation memory of one micro-batch, one more forward of '
+                    'the towers). Default 1; with --global_batch, derived from it')
+parser.add_argument('--global_batch', type=int, default=None,
+               help='the contrastive batch of a step, batch_size x world size x grad_accum '
+                    '(paper: 32768); --batch_size and --grad_accum are derived from it and the '
+                    'world size, or checked against it when given')
 parser.add_argument('--lr', type=float, default=3e-4,
                help='peak learning rate (3e-4: what runs/study.sh picks for the tiny preset, '
                     'pool=llip, on the validation split; paper: 5e-4 for B, 4e-4 for L/H/G)')
@@ -179,7 +192,8 @@ for f in config_fields:
 # at least 1: 0 or less would loop zero times, divide by zero or (for --keep) delete every
 # checkpoint right after writing it. The model's own fields (num_mixture, tau, ...) are checked
 # by LlipConfig.
-AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size')
+AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size',
+                'global_batch')
 AT_LEAST_ZERO = ('eval_every', 'workers', 'warmup', 'chunk_size')
 TRACKERS = {'tensorboard': 'torch.utils.tensorboard', 'wandb': 'wandb'}
 
@@ -189,8 +203,14 @@ def check_flags(args):
     any work."""
     for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
         for name in names:
-            if getattr(args, name) < low:
+            if getattr(args, name) is not None and getattr(args, name) < low:
                 sys.exit(f'error: --{name}={getattr(args, name)}: must be an integer >= {low}')
+    world = int(os.environ['WORLD_SIZE']) if 'RANK' in os.environ else 1   # as set_up decides
+    try:
+        args.batch_size, args.grad_accum = accumulation.split_batch(
+            args.global_batch, world, args.batch_size, args.grad_accum)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if args.device not in ('auto', 'cpu') and not args.device.startswith('cuda'):
         sys.exit(f'error: --device={args.device}: expected auto, cpu or cuda')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -262,8 +282,9 @@ class Tracker:
 @dataclasses.dataclass
 class Run:
     """What a run is made of, set up once by main() and read by train() and checkpoint.py.
-    `model` is the plain module (saved, evaluated, logged); `wrapped` is what steps run
-    through: the same module compiled and/or in DistributedDataParallel, or `model` itself."""
+    `model` is the plain module (saved, evaluated, logged); `wrapped` is what steps run the
+    towers through: accumulation.Towers of the same module, compiled and/or in
+    DistributedDataParallel."""
     args: argparse.Namespace
     config: LlipConfig
     rank: int
@@ -349,6 +370,10 @@ def set_up(args, config):
         args.dtype = 'float32' if device_type == 'cpu' else \
             'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     dtype = getattr(torch, args.dtype)
+    if args.shard == 'fsdp' and args.grad_accum > 1:
+        sys.exit(f'error: --shard=fsdp with --grad_accum={args.grad_accum} (or a --global_batch '
+                 'that needs it): feature-cached accumulation is not wired for sharding yet; '
+                 'use --grad_accum=1 or --shard=none')
     if args.shard == 'fsdp' and dtype == torch.float16:
         sys.exit('error: --shard=fsdp with --dtype=float16: the GradScaler is not wired for '
                  'sharded gradients here; use --dtype=bfloat16 or float32')
@@ -387,10 +412,9 @@ def build(run):
     run.optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
                                        {'params': no_decay, 'weight_decay': 0.0}],
                                       lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-    accumulated = f' (x {args.grad_accum} micro-steps, gradients averaged)' \
-        if args.grad_accum > 1 else ''
-    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s) = '
-            f'{args.batch_size * run.world}{accumulated}')
+    micro = f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''
+    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s)'
+            f'{micro} = {args.batch_size * run.world * args.grad_accum}')
     run.log(f'device {run.device}, {args.dtype}; data {args.data}')
     run.log(f'out_dir {args.out_dir}')
 
@@ -422,11 +446,13 @@ def training_data(run):
 
 
 def wrap(run):
-    """What the steps run through: compiled (--compile), then DistributedDataParallel; with
+    """What the steps run the towers through (accumulation.Towers: one forward for both, so
+    that a wrapper sees it): compiled (--compile), then DistributedDataParallel; with
     --shard=fsdp the sharded model itself (its blocks were compiled before sharding)."""
     if run.sharded:
         return run.model
-    wrapped = torch.compile(run.model) if run.args.compile else run.model
+    towers = accumulation.Towers(run.model)
+    wrapped = torch.compile(towers) if run.args.compile else towers
     if run.ddp:
         ids = [torch.device(run.device)] if run.device.startswith('cuda') else None
         wrapped = DistributedDataParallel(wrapped, device_ids=ids)
@@ -499,24 +525,25 @@ def train(run, start_step, plan, preemption):
 
 
 def train_step(run, batches, step):
-    """One optimizer step over --grad_accum micro-batches: (the global loss, the gradient
-    norm), both the same on every rank. Stops the run before the update on a non-finite loss
-    or gradient."""
-    args, model, optimizer, scaler = run.args, run.wrapped, run.optimizer, run.scaler
-    total = torch.zeros((), device=run.device)
-    for micro in range(args.grad_accum):
-        images, tokens = next(batches)
-        images = images.to(run.device, non_blocking=True)   # (B, 3, S, S)
-        tokens = tokens.to(run.device, non_blocking=True)   # (B, L)
-        # DDP all-reduces gradients only on the last micro-step, FSDP reduce-scatters them so
-        last = micro == args.grad_accum - 1
-        sharding.set_gradient_sync(model, last)
-        with nullcontext() if not run.ddp or run.sharded or last else model.no_sync():
-            with run.autocast:
-                loss = model(images, tokens, chunk_size=args.chunk_size or None)
-                loss = loss / args.grad_accum
-            scaler.scale(loss).backward()
-        total += loss.detach()
+    """One optimizer step on the contrastive batch of --grad_accum micro-batches (every image
+    against every caption of all of them, accumulation.train_step): (the global loss, the
+    gradient norm), both the same on every rank. Stops the run before the update on a
+    non-finite loss or gradient. The step's micro-batches are drawn here, all before the
+    update: a checkpoint (only between steps) always holds the loader after a whole step."""
+    args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
+    micro_batches = [(images.to(run.device, non_blocking=True),     # (B, 3, S, S)
+                      tokens.to(run.device, non_blocking=True))     # (B, L)
+                     for images, tokens in itertools.islice(batches, args.grad_accum)]
+    if run.sharded:   # one micro-batch (set_up): the sharded model's own forward and backward
+        (images, tokens), = micro_batches
+        with run.autocast:
+            total = run.wrapped(images, tokens, chunk_size=args.chunk_size or None)
+        scaler.scale(total).backward()
+        total = total.detach()
+    else:   # DDP all-reduces the gradients once, in the step's last backward
+        total = accumulation.train_step(run.wrapped, model, micro_batches,
+                                        args.chunk_size or None, autocast=run.autocast,
+                                        scale=scaler.scale)
     if run.ddp:   # the global loss is the mean over ranks; every rank sees the same value
         dist.all_reduce(total)
         total /= run.world
