@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
+import checkpoint
 import data
 import eval as llip_eval
 from loss import mixing_weights
@@ -40,8 +41,13 @@ MIXER_POOLS = ('avg', 'learned', 'llip')   # pools whose image vector is made fr
 
 # ----------------------------------------------------------------------------- inputs
 def checkpoint_path(path):
-    """A train.py checkpoint, or a run directory: its newest checkpoint, ckpt.pt."""
-    return Path(path) / 'ckpt.pt' if Path(path).is_dir() else Path(path)
+    """A train.py checkpoint (a file, or a directory with --shard=fsdp), or a run directory:
+    its newest checkpoint, ckpt.pt (or, with none, the newest of either kind)."""
+    path = Path(path)
+    if not path.is_dir() or (path / 'manifest.json').exists():
+        return path
+    newest = checkpoint.paths(str(path))
+    return path / 'ckpt.pt' if (path / 'ckpt.pt').exists() or not newest else Path(newest[0])
 
 
 def load_model(path):

@@ -3,6 +3,8 @@ train.py's checkpoints: written atomically with a checksum, verified when read, 
 
     out/ckpt_0000250.pt, out/ckpt_0000500.pt, ...   one per --save_every steps (the newest --keep)
     out/ckpt.pt                                      a hard link to the newest, for eval.py --ckpt
+    out/ckpt_0000250/, ...                           --shard=fsdp: a directory per step, written
+                                                     by every rank (checkpoint_dcp.py)
 
 A checkpoint is a dict of tensors and plain containers (torch.load(weights_only=True) reads it,
 so loading one never runs code): model, optimizer, scaler, step, config, loader positions (one
@@ -24,6 +26,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -37,8 +40,8 @@ import torch.distributed as dist
 
 import run_dir
 
-
-NAME = re.compile(r'ckpt_(\d+)\.pt')   # ckpt_<step>.pt; a user's ckpt_best.pt is never touched
+# ckpt_<step>.pt, or a directory ckpt_<step> (sharded); a user's ckpt_best.pt is never touched
+NAME = re.compile(r'ckpt_(\d+)(\.pt)?')
 
 
 class CheckpointError(Exception):
@@ -81,8 +84,14 @@ def paths(out_dir):
     if not os.path.isdir(out_dir):
         return []
     steps = {int(m.group(1)): os.path.join(out_dir, name) for name in os.listdir(out_dir)
-             if (m := NAME.fullmatch(name))}
+             if (m := NAME.fullmatch(name))
+             and (m.group(2) or os.path.isdir(os.path.join(out_dir, name)))}
     return [steps[s] for s in sorted(steps, reverse=True)]
+
+
+def remove(path):
+    """Delete a checkpoint: a file, or a sharded checkpoint's directory."""
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def path_of(out_dir, step):
@@ -176,14 +185,19 @@ def rotate(out_dir, keep, newest):
         if len(kept) < keep:
             kept.append(path)
         else:
-            os.remove(path)
+            remove(path)
 
 
 def not_a_checkpoint(path):
-    """Why path cannot be a checkpoint (one line), or None: a cheap look at its zip directory,
-    not a full load (that is for resuming)."""
+    """Why path cannot be a checkpoint (one line), or None: a cheap look at its zip directory
+    (or, for a sharded checkpoint's directory, its manifest), not a full load (that is for
+    resuming)."""
+    import checkpoint_dcp   # here, not above: it imports this module
     if not os.path.lexists(path):
         return 'no such file'
+    if not os.path.islink(path) and checkpoint_dcp.is_sharded(path):
+        manifest = os.path.join(path, checkpoint_dcp.MANIFEST)
+        return None if os.path.isfile(manifest) else 'a directory without a checkpoint manifest'
     if os.path.islink(path) or not os.path.isfile(path):
         return 'not a regular file'
     size = os.path.getsize(path)
@@ -195,8 +209,13 @@ def not_a_checkpoint(path):
     return None
 
 
-def load(path):
-    """The checkpoint at path, verified; CheckpointError (one line) if it cannot be used."""
+def load(path, every_file=True):
+    """The checkpoint at path, verified; CheckpointError (one line) if it cannot be used. A
+    sharded checkpoint gives its training state alone (resume reads the weights with every rank);
+    every_file=False checks only that state's file, not every shard again."""
+    import checkpoint_dcp   # here, not above: it imports this module
+    if checkpoint_dcp.is_sharded(path) and not path.endswith('.pt'):
+        return checkpoint_dcp.verify(path, every_file)
     problem = not_a_checkpoint(path)
     if problem:   # a clear reason, not torch's 'KeyError: 174812789' for a junk file
         raise CheckpointError(problem)
@@ -289,10 +308,12 @@ def agree_on_checkpoint(args, config, rank, ddp):
     decision = decision[0]
     error = None
     if rank != 0 and decision['error'] is None and decision['step'] is not None:
+        # its own --out_dir: on nodes that do not share one, the file is missing and we say so
         path = decision['path'] if args.resume != 'auto' else \
-            path_of(args.out_dir, decision['step'])
+            os.path.join(args.out_dir, os.path.basename(decision['path']))
         try:
-            state = load(path)
+            state = load(path, every_file=False)   # rank 0 checked every shard
+            state['path'] = path
         except CheckpointError as e:
             error = (f'error: rank {rank} on {socket.gethostname()} cannot read {path}, which '
                      f'rank 0 resumes from ({e}). On several nodes --out_dir must be one shared '
@@ -317,38 +338,47 @@ def agree_on_checkpoint(args, config, rank, ddp):
 
 def resume(run):
     """Load the agreed checkpoint (if any) into the run's model, optimizer, scaler, RNGs and
-    loader; the step to start from (0 for a fresh run)."""
+    loader; the step to start from (0 for a fresh run). Either kind of checkpoint resumes either
+    kind of run (--shard=none or fsdp), on any number of ranks."""
+    import checkpoint_dcp, sharding   # here, not above: both import model.py, which imports this
     state = agree_on_checkpoint(run.args, run.config, run.rank, run.ddp)
     if state is None:
         return 0
-    run.model.load_state_dict(state['model'])
-    run.optimizer.load_state_dict(state['optimizer'])
+    if checkpoint_dcp.is_sharded(state['path']):   # every rank reads its part
+        checkpoint_dcp.load(state['path'], run.model, run.optimizer, check=False)
+    elif run.sharded:   # a whole model: each rank keeps its rows
+        sharding.load_full_state_dict(run.model, state['model'])
+        checkpoint_dcp.load_optimizer_by_index(run.model, run.optimizer, state['optimizer'])
+    else:
+        run.model.load_state_dict(state['model'])
+        run.optimizer.load_state_dict(state['optimizer'])
     run.scaler.load_state_dict(state['scaler'])
     torch.set_rng_state(state['rng']['torch'])
     set_numpy_rng_state(state['rng']['numpy'])
-    positions = state['loader']
-    if len(positions) != run.world:
-        run.log(f'warning: the checkpoint was written by {len(positions)} ranks, this run has '
-                f'{run.world}: the data order starts afresh from its epoch')
-    run.loader.load_state_dict(positions[run.rank % len(positions)])
+    # every rank's position: on another number of ranks the loader deals out what is left of
+    # the epoch, each sample once (data.ShardLoader.load_state_dict)
+    run.loader.load_state_dict(state['loader'])
     return state['step']
 
 
 def save_run(run, step, preemption):
-    """Every rank contributes its loader position; rank 0 writes the checkpoint (save)."""
+    """Every rank contributes its loader position; rank 0 writes the checkpoint (save), or,
+    with --shard=fsdp, every rank writes its shards (checkpoint_dcp.save)."""
+    import checkpoint_dcp
     positions = [run.loader.state_dict()]
     if run.ddp:
         positions = [None] * run.world
         dist.all_gather_object(positions, run.loader.state_dict())
-    if not run.master:
-        return
-    state = {'model': run.model.state_dict(),   # the plain module: no 'module.' or '_orig_mod.'
-             'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
-             'step': step, 'config': run.record(), 'loader': positions,
+    state = {'scaler': run.scaler.state_dict(), 'step': step, 'config': run.record(),
+             'loader': positions,
              'rng': {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state()}}
     preemption.saving = True   # the SIGTERM watchdog lets a checkpoint being written finish
     try:
-        save(state, run.args.out_dir, run.args.keep)
+        if run.sharded:
+            checkpoint_dcp.save(run.model, run.optimizer, state, run.args.out_dir, run.args.keep)
+        elif run.master:   # the plain module: no 'module.' or '_orig_mod.'
+            save({'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                  **state}, run.args.out_dir, run.args.keep)
     except CheckpointError as e:
         sys.exit(f'error: {e}')
     finally:

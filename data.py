@@ -34,6 +34,11 @@ How ShardLoader orders samples, and why a resumed run continues exactly:
   n + 1 of a resumed run is batch n + 1 of the uninterrupted one (for resample=True; with
   resample=False the rest of the epoch still arrives exactly once, interleaved maybe otherwise).
   Resuming costs at most one shard read per worker: the buffer is emptied at each shard's end.
+- on another number of ranks or workers (or another batch size), load_state_dict takes every
+  saved rank's state: the saved workers' unread parts of each epoch they had begun (a shard, the
+  first n of its shuffled order left out; or whole shards) are dealt to the new workers first,
+  each read in its old order, then the next epoch is split the new way. So every sample of the
+  interrupted epoch arrives exactly once, none replayed, none skipped.
 
 Bad input never stops a run: a corrupt or truncated image, an image beyond the pixel budget
 (images.MAX_PIXELS; a larger JPEG is decoded at reduced size instead), a sample without image,
@@ -78,6 +83,47 @@ def _shuffled(items, size, rng):
     yield from buffer
 
 
+def _pieces(epoch, g, workers, n_shards, seed, train, carry=None):
+    """What global worker g of `workers` reads in `epoch`: a list of pieces (epoch, s, keep, n,
+    g, skip), each shard s's samples j with j % n == keep (keep None: all of them), in the
+    shuffled order of worker g's buffer, the first `skip` left out. Normally all pieces are of
+    this epoch and this worker, with n = workers, skip = 0. The carried epoch of a run resumed
+    on other ranks or workers (ShardLoader.load_state_dict) is the saved run's unread pieces
+    instead, each keeping the epoch, worker and n that fixed its order, dealt round robin."""
+    if carry is not None and epoch == carry[0]:
+        return [tuple(piece) for piece in carry[1][g::workers]]
+    order = list(range(n_shards))
+    if train:
+        random.Random(f'{seed}/shards/{epoch}').shuffle(order)   # the same on every rank
+    if n_shards >= workers:
+        return [(epoch, s, None, workers, g, 0) for s in order[g::workers]]
+    # fewer shards than workers: every worker reads every shard, keeping every n-th sample; the
+    # shard's place p staggers who starts
+    return [(epoch, s, (g - p) % workers, workers, g, 0) for p, s in enumerate(order)]
+
+
+def _unread(states, n_shards):
+    """The pieces of a saved run (every rank's ShardLoader.state_dict()) that no rank delivered,
+    in every epoch up to the latest any worker had reached: each worker's rest of its epoch,
+    then its whole share of each later one. Returns (that epoch, pieces)."""
+    workers = states[0]['world_size'] * states[0]['workers']
+    carry = states[0].get('carry')
+    last = max(p[0] for state in states for p in state['positions'])
+    pieces = []
+    for state in states:
+        for role, (epoch0, k0, n0) in enumerate(state['positions']):
+            g = state['rank'] * state['workers'] + role
+            for epoch in range(epoch0, last + 1):
+                share = _pieces(epoch, g, workers, n_shards, state['seed'], state['train'], carry)
+                start = k0 if epoch == epoch0 else 0
+                for k in range(start, len(share)):
+                    piece = list(share[k])
+                    if epoch == epoch0 and k == k0:
+                        piece[5] = max(piece[5], n0)   # its first n0 were delivered
+                    pieces.append(piece)
+    return last, pieces
+
+
 class _ShardStream(torch.utils.data.IterableDataset):
     """One rank's sample stream, run inside each DataLoader worker; it yields whole batches
     (images (B, 3, S, S), tokens (B, L), info) where info = {'role', 'position', 'problems',
@@ -96,20 +142,15 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.tokenizer, self.rank, self.world_size, self.roles, self.seed = tokenizer, rank, world_size, roles, seed
         self.shuffle_buffer, self.resample, self.train, self.image_size = shuffle_buffer, resample, train, image_size
         self.start, self.first_role = [(0, 0, 0)] * roles, 0
+        self.carry = None   # (epoch, pieces): what a run on other ranks left of its epochs
 
     def shards_of(self, epoch, g):
-        """[(shard index, keep)] read by global worker g in `epoch`: keep is None (every
-        sample) or r (samples j with j % W == r, when there are fewer shards than workers)."""
-        order = list(range(len(self.urls)))
-        if self.train:
-            random.Random(f'{self.seed}/shards/{epoch}').shuffle(order)   # the same on every rank
-        n = self.world_size * self.roles
-        if len(order) >= n:
-            return [(s, None) for s in order[g::n]]
-        return [(s, (g - p) % n) for p, s in enumerate(order)]   # the shard's place p staggers who starts
+        """The pieces global worker g reads in `epoch`, in order (see _pieces)."""
+        return _pieces(epoch, g, self.world_size * self.roles, len(self.urls), self.seed,
+                       self.train, self.carry)
 
-    def items(self, epoch, g, s, keep):
-        n = self.world_size * self.roles
+    def items(self, piece):
+        epoch, s, keep, n, g, _ = piece
         check = functools.partial(_check, caption_lines=self.caption_lines, caption_key=self.caption_key)
         items = (item for j, item in enumerate(_shard_items(self.urls[s], check=check))
                  if keep is None or j % n == keep)
@@ -153,11 +194,12 @@ class _ShardStream(torch.utils.data.IterableDataset):
         while True:
             shards, valid = self.shards_of(epoch, g), 0
             for k in range(k0, len(shards)):
-                s, keep = shards[k]
-                for n, item in enumerate(self.items(epoch, g, s, keep), 1):
-                    if k == k0 and n <= n0:
+                piece = shards[k]
+                skip = max(piece[5], n0 if k == k0 else 0)
+                for n, item in enumerate(self.items(piece), 1):
+                    if n <= skip:
                         continue   # delivered before the resume: skipped, not decoded
-                    sample = self.decode(item, epoch, s, problems)
+                    sample = self.decode(item, piece[0], piece[1], problems)
                     if sample is None:
                         continue
                     valid += 1
@@ -169,7 +211,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 break
             # a whole epoch with nothing to deliver: say so, and take the next one (the rest of
             # an epoch after a resume gave batches before the interruption, so it says nothing)
-            if valid == 0 and not samples and (k0, n0) == (0, 0):
+            carried = self.carry is not None and epoch == self.carry[0]   # maybe all read before
+            if valid == 0 and not samples and (k0, n0) == (0, 0) and not carried:
                 yield self.batch([], role, (epoch + 1, 0, 0), problems, epoch)
                 problems = {}
             epoch, k0, n0 = epoch + 1, 0, 0
@@ -228,17 +271,43 @@ class ShardLoader:
 
     def state_dict(self):
         """Plain Python values (fits torch.save and all_gather_object)."""
+        carry = self.stream.carry
+        carry = carry and [carry[0], [list(p) for p in carry[1]]]
         return {'batches': self.batches, 'positions': [list(p) for p in self.positions],
-                'next_role': self.next_role, 'skipped': dict(self.skipped), **self._identity()}
+                'next_role': self.next_role, 'skipped': dict(self.skipped), 'carry': carry,
+                **self._identity()}
 
     def load_state_dict(self, state):
-        self.batches, self.skipped = state['batches'], dict(state['skipped'])
-        changed = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        """Continue after the batches a saved loader delivered. `state`: this rank's state_dict(),
+        or the list of every rank's. With the list, a run on another number of ranks, workers or
+        another batch size continues too, each sample of the interrupted epoch delivered once:
+        the samples no saved rank delivered, in every epoch that was begun, are shared out among
+        this run's workers first (the carried epoch), then epochs go on with the new split."""
+        states = state if isinstance(state, list) else [state]
+        mine = states[self.stream.rank] if len(states) == self.stream.world_size else states[0]
+        self.batches, self.skipped = mine['batches'], dict(mine['skipped'])
+        changed = {k: (mine.get(k), v) for k, v in self._identity().items() if mine.get(k) != v}
         if not changed:
-            self.positions, self.next_role = [tuple(p) for p in state['positions']], state['next_role']
+            self.positions = [tuple(p) for p in mine['positions']]
+            self.next_role, self.stream.carry = mine['next_role'], mine.get('carry')
             return
-        epoch = min(p[0] for p in state['positions'])
-        warnings.warn(f"ShardLoader: the saved position is from other settings (saved vs now: {changed}); "
+        order = ('seed', 'shuffle_buffer', 'shards', 'train')   # what fixes the order of samples
+        ranks = sorted(s['rank'] for s in states)
+        if all(s.get(k) == mine.get(k) == self._identity()[k] for s in states for k in order) \
+                and ranks == list(range(mine['world_size'])):
+            epoch, pieces = _unread(states, len(self.urls))
+            self.stream.carry = (epoch, pieces)
+            self.positions, self.next_role = [(epoch, 0, 0)] * self.roles, 0
+            # which batches the saved ranks had: counts for the messages, rank 0's alone
+            self.batches = sum(s['batches'] for s in states)
+            kinds = {k for s in states for k in s['skipped']}
+            self.skipped = {} if self.stream.rank else \
+                {k: sum(s['skipped'].get(k, 0) for s in states) for k in kinds}
+            return
+        epoch = min(p[0] for p in mine['positions'])
+        what = changed if len(states) == 1 else 'the positions of only some ranks'
+        warnings.warn(f"ShardLoader: the saved position is from other settings (saved vs now: "
+                      f"{what}); "
                       f"exact resume is impossible, restarting epoch {epoch} from its beginning", DataWarning)
         self.positions, self.next_role = [(epoch, 0, 0)] * self.roles, 0
 
@@ -272,7 +341,9 @@ class ShardLoader:
 
     def __iter__(self):
         self.stream.start, self.stream.first_role = list(self.positions), self.next_role
-        fresh = all(p[1:] == (0, 0) for p in self.positions)
+        carry = self.stream.carry
+        fresh = all(p[1:] == (0, 0) for p in self.positions) and \
+            not (carry and min(p[0] for p in self.positions) == carry[0])
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
                                              pin_memory=torch.cuda.is_available())
         epoch, delivered = min(p[0] for p in self.positions), 0

@@ -78,6 +78,7 @@ from eval_data import (ImageFolder, LabelledShards, Truth, caption_folder, capti
 from eval_data import bad_templates
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
 import checkpoint
+import checkpoint_dcp
 from model import Llip, LlipConfig, TextFeatures, load_official
 
 
@@ -430,7 +431,13 @@ def _evaluate_plan(model, plan, device, autocast):
 # ----------------------------------------------------------------------------- loading
 def load_checkpoint(path):
     """A Llip from a train.py checkpoint: {'model': state dict, 'config': {'model_config': {...}}},
-    its checksum verified as train.py verifies it when resuming."""
+    its checksum verified as train.py verifies it when resuming; or a sharded checkpoint's
+    directory (train.py --shard=fsdp), gathered into this one process."""
+    if os.path.isdir(path):
+        try:
+            return checkpoint_dcp.load_model(path)[0]
+        except checkpoint.CheckpointError as e:
+            raise ValueError(f"--ckpt={path}: {e}") from None
     try:
         ckpt = checkpoint.load_weights(path)   # train.py writes only tensors and plain containers
         if isinstance(ckpt, dict):

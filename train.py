@@ -8,6 +8,8 @@ and torchrun's environment change.
         --zeroshot_classnames=imagenet --zeroshot_templates=imagenet --retrieval_data=coco/val \\
         --eval_every=1000 --logger=tensorboard  # evaluation on real data during training
     torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=...   # 1 node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --model=vit_g14 --shard=fsdp --grad_ckpt \
+        --data=...                  # parameters, gradients and AdamW state split over the ranks
     torchrun --standalone --nproc_per_node=8 train.py --model=vit_b16 --data=... \\
         --global_batch=32768 --batch_size=256   # the paper's batch: 8 GPUs x 256 x 16 micro-batches
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
@@ -20,6 +22,9 @@ images against every rank's captions (loss.py), and --grad_accum micro-batches a
 contrastive batch (accumulation.py caches their features), so a step's contrastive batch is
 batch_size x world size x grad_accum. --global_batch=N asks for that product and derives the
 other two from N and the world size: the same command trains the same batch on 8 or 256 GPUs.
+--shard=fsdp shards the model instead of copying it (sharding.py); its checkpoints are
+directories every rank writes (checkpoint_dcp.py). A run resumes from either kind of checkpoint
+on any number of ranks, each sample of the epoch seen once.
 Every flag is --key=value (bools too: --eval=false); `python train.py --help` lists them. Any
 LlipConfig field can be overridden (--num_mixture=64 --tau=8 ...). On several nodes, --out_dir
 must be one shared filesystem path: rank 0 picks the checkpoint and every rank reads it.
@@ -47,6 +52,7 @@ import checkpoint
 import data
 import eval as llip_eval
 import run_dir
+import sharding
 import synthetic
 from checkpoint import Preemption
 from model import PRESETS, Llip, LlipConfig
@@ -129,6 +135,10 @@ parser.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bflo
                help='autocast dtype; auto = bf16 on GPUs that support it, fp16 + GradScaler on '
                     'older GPUs, fp32 on CPU')
 bool_flag('compile', False, 'torch.compile the model')
+parser.add_argument('--shard', default='none', choices=sharding.SHARDS,
+                    help="none: every rank holds the whole model (DDP); fsdp: each rank holds "
+                         "1/ranks of the weights, gradients and AdamW state (FSDP2), for models "
+                         "DDP cannot fit; checkpoints become directories written by every rank")
 bool_flag('grad_ckpt', False,
           'activation checkpointing in both towers (less memory, ~30%% more compute)')
 parser.add_argument('--device', default='auto',
@@ -308,6 +318,10 @@ class Run:
     def master(self):
         return self.rank == 0
 
+    @property
+    def sharded(self):
+        return self.args.shard == 'fsdp'
+
     def log(self, *parts):
         if self.master:
             tqdm.write(' '.join(str(x) for x in parts))
@@ -383,11 +397,22 @@ def set_up(args, config):
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', rank=rank,
                                 world_size=world,
                                 store=dist.PrefixStore(f'attempt{attempt}/', store))
+    elif args.shard == 'fsdp':   # one process: a process group of one, one shard
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
+                                store=dist.HashStore(), rank=0, world_size=1)
+        ddp = True
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if args.dtype == 'auto':   # by capability, not by GPU name
         args.dtype = 'float32' if device_type == 'cpu' else \
             'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     dtype = getattr(torch, args.dtype)
+    if args.shard == 'fsdp' and args.grad_accum > 1:
+        sys.exit(f'error: --shard=fsdp with --grad_accum={args.grad_accum} (or a --global_batch '
+                 'that needs it): feature-cached accumulation is not wired for sharding yet; '
+                 'use --grad_accum=1 or --shard=none')
+    if args.shard == 'fsdp' and dtype == torch.float16:
+        sys.exit('error: --shard=fsdp with --dtype=float16: the GradScaler is not wired for '
+                 'sharded gradients here; use --dtype=bfloat16 or float32')
     autocast = nullcontext() if dtype == torch.float32 else \
         torch.autocast(device_type, dtype=dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 only
@@ -399,19 +424,30 @@ def set_up(args, config):
 
 
 def build(run):
-    """The model, the same initial weights on every rank, and AdamW (decay on matrices only)."""
+    """The model, the same initial weights on every rank, sharded with --shard=fsdp, and AdamW
+    (decay on matrices only), built after sharding so that it holds this rank's rows."""
     args, config = run.args, run.config
+    with torch.device('meta'):   # the sizes, before any memory is spent on them
+        params = sum(p.numel() for p in Llip(config).parameters())
+    # float32 weights and gradients, AdamW's two moments: 16 bytes a parameter
+    per_rank = 16 * params / 2 ** 30 / (run.world if run.sharded else 1)
+    run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
+            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
+    run.log(f'weights, gradients and AdamW state: {per_rank:.2f} GiB per rank'
+            + (f' (sharded over {run.world})' if run.sharded else ''))
     torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
-    run.model = model = Llip(config).to(run.device)
+    model = Llip(config).to(run.device)
     model.set_grad_checkpointing(args.grad_ckpt)
+    if run.sharded:   # every block, then each tower, then the rest: sharding.shard
+        device_type = 'cuda' if run.device.startswith('cuda') else 'cpu'
+        model = sharding.shard(model, device_type, param_dtype=getattr(torch, args.dtype),
+                               compile=args.compile)
+    run.model = model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
     run.optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
                                        {'params': no_decay, 'weight_decay': 0.0}],
                                       lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-    params = sum(p.numel() for p in model.parameters())
-    run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
-            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
     micro = f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''
     run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s)'
             f'{micro} = {args.batch_size * run.world * args.grad_accum}')
@@ -447,7 +483,10 @@ def training_data(run):
 
 def wrap(run):
     """What the steps run the towers through (accumulation.Towers: one forward for both, so
-    that a wrapper sees it): compiled (--compile), then DistributedDataParallel."""
+    that a wrapper sees it): compiled (--compile), then DistributedDataParallel; with
+    --shard=fsdp the sharded model itself (its blocks were compiled before sharding)."""
+    if run.sharded:
+        return run.model
     towers = accumulation.Towers(run.model)
     wrapped = torch.compile(towers) if run.args.compile else towers
     if run.ddp:
@@ -490,12 +529,17 @@ def train(run, start_step, plan, preemption):
                           'images_per_s': images_per_s,
                           'logit_scale': run.model.logit_scale.exp().item(),
                           'logit_bias': run.model.logit_bias.item(), 'time': time.time()}
-            if run.master and plan.any and (
-                    (args.eval_every and done % args.eval_every == 0) or done == args.steps):
-                metrics = llip_eval.evaluate_plan(run.model, plan, run.device, run.autocast)
-                run.log(f'step {done} eval: '
-                        + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
-                record = {'step': done, **record, **metrics}
+            if plan.any and ((args.eval_every and done % args.eval_every == 0)
+                             or done == args.steps):
+                # rank 0 evaluates alone: a sharded model would wait for the other ranks in its
+                # first forward, so every rank gathers the weights and rank 0 gets a plain copy
+                model = sharding.unsharded_copy(run.model, run.device, run.master)
+                if run.master:
+                    metrics = llip_eval.evaluate_plan(model, plan, run.device, run.autocast)
+                    run.log(f'step {done} eval: '
+                            + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
+                    record = {'step': done, **record, **metrics}
+                del model
             if record and run.master:
                 logfile.write(json.dumps(record) + '\n')
                 logfile.flush()
@@ -526,16 +570,25 @@ def train_step(run, batches, step):
     micro_batches = [(images.to(run.device, non_blocking=True),     # (B, 3, S, S)
                       tokens.to(run.device, non_blocking=True))     # (B, L)
                      for images, tokens in itertools.islice(batches, args.grad_accum)]
-    # DDP all-reduces the gradients once, in the step's last backward
-    total = accumulation.train_step(run.wrapped, model, micro_batches, args.chunk_size or None,
-                                    autocast=run.autocast, scale=scaler.scale)
+    if run.sharded:   # one micro-batch (set_up): the sharded model's own forward and backward
+        (images, tokens), = micro_batches
+        with run.autocast:
+            total = run.wrapped(images, tokens, chunk_size=args.chunk_size or None)
+        scaler.scale(total).backward()
+        total = total.detach()
+    else:   # DDP all-reduces the gradients once, in the step's last backward
+        total = accumulation.train_step(run.wrapped, model, micro_batches,
+                                        args.chunk_size or None, autocast=run.autocast,
+                                        scale=scaler.scale)
     if run.ddp:   # the global loss is the mean over ranks; every rank sees the same value
         dist.all_reduce(total)
         total /= run.world
     total = total.item()
+    sharding.reduce_scalar_grads(run.model)   # fsdp: t and b, whole on every rank, averaged
     scaler.unscale_(optimizer)
-    # gradients are all-reduced already: every rank sees the same norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
+    # the norm of the whole gradient, the same on every rank (sharded: summed over the shards)
+    clip = sharding.clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(model.parameters(), args.grad_clip or float('inf'))
     # fp16: an inf gradient is the GradScaler's to handle (it skips the step, lowers the scale)
     bad_grad = not scaler.is_enabled() and not torch.isfinite(grad_norm)
     if not math.isfinite(total) or bad_grad:

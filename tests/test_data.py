@@ -18,6 +18,7 @@ small tar files each test writes itself:
 - captions: KEY.json's when there is no KEY.txt, the whole text as one caption by default, one
   per line with caption_lines (the synthetic data); a missing --data path is an error naming it.
 """
+import collections
 import io
 import json
 import os
@@ -203,6 +204,29 @@ def test_resume_across_an_epoch_boundary(shards):
     resumed = loader(shards, shuffle_buffer=100)
     resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
     assert_same_batches(take(iter(resumed), 5), full[17:])
+
+
+@pytest.mark.parametrize('world_size, workers', [(1, 1), (3, 2)])
+@pytest.mark.parametrize('taken', [6, 8])   # 8: some workers are into the second epoch
+def test_resume_on_other_ranks_delivers_each_sample_once(shards, world_size, workers, taken):
+    # saved by 2 ranks x 2 workers with batches of 4, resumed with batches of 3: what the new
+    # ranks deliver of the epochs begun (resample=False: one pass, the carried epoch), with what
+    # the old ones had, is every sample once per epoch begun
+    before, states = [], []
+    for rank in range(2):
+        old = loader(shards, rank=rank, world_size=2)
+        before += [k for _, t in take(iter(old), taken) for k in keys_of(t)]
+        states.append(json.loads(json.dumps(old.state_dict())))
+    epochs = 1 + max(p[0] for s in states for p in s['positions'])
+    assert epochs == (2 if taken == 8 else 1)
+    after = []
+    for rank in range(world_size):
+        new = loader(shards, rank=rank, world_size=world_size, workers=workers, batch_size=3,
+                     resample=False)
+        new.load_state_dict(states)
+        after += [k for _, t in new for k in keys_of(t)]
+    everything = [f's{s}_{i:03d}' for s in range(5) for i in range(12)]
+    assert collections.Counter(before + after) == {key: epochs for key in everything}
 
 
 def test_workers_zero_equals_one_and_same_seed_same_order(shards):
