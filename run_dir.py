@@ -19,6 +19,7 @@ existing name, a link included); a link where the run's own file belongs is refu
 """
 import atexit
 import fcntl
+import importlib
 import json
 import os
 import socket
@@ -178,3 +179,29 @@ def claim(out_dir):
     lock(out_dir)
     for name in RUN_FILES:   # before any work: a link where the run's file belongs is refused
         refuse_link(os.path.join(out_dir, name))
+
+
+# ----------------------------------------------------------------------------- trackers
+class Tracker:
+    """--logger: each log.jsonl record also goes to TensorBoard or Weights & Biases (rank 0)."""
+
+    def __init__(self, kind, out_dir, config):
+        self.kind, self.writer = kind, None
+        if kind == 'tensorboard':
+            tensorboard = importlib.import_module('torch.utils.tensorboard')
+            self.writer = tensorboard.SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+        elif kind == 'wandb':
+            wandb = importlib.import_module('wandb')
+            self.writer = wandb.init(project='llip', dir=out_dir, config=config)
+
+    def log(self, record):
+        values = {k: v for k, v in record.items() if k not in ('step', 'time')}
+        if self.kind == 'tensorboard':
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, record['step'])
+        elif self.kind == 'wandb':
+            self.writer.log(values, step=record['step'])
+
+    def close(self):
+        if self.writer is not None:
+            (self.writer.close if self.kind == 'tensorboard' else self.writer.finish)()

@@ -28,7 +28,6 @@ import importlib
 import json
 import os
 import signal
-
 import subprocess
 import sys
 import time
@@ -37,17 +36,21 @@ import numpy as np
 import pytest
 import torch
 
+import train_flags
 from conftest import ROOT, SMALL, free_port, log_lines, torchrun, train, weights
+
 
 def assert_same_weights(a, b):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, synthetic):
     out = str(tmp_path_factory.mktemp('full'))
     train(out, synthetic, '--steps=12', '--save_every=4', '--eval')
     return out
+
 
 def test_run_writes_log_config_checkpoints(uninterrupted):
     names = sorted(os.listdir(uninterrupted))
@@ -62,6 +65,7 @@ def test_run_writes_log_config_checkpoints(uninterrupted):
     assert ckpt['step'] == 12 and ckpt['config']['model_config']['num_mixture'] == 4
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
 
+
 def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, uninterrupted):
     out = str(tmp_path)
     train(out, synthetic, '--steps=12', '--save_every=4')
@@ -72,6 +76,7 @@ def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, unin
     assert_same_weights(weights(out), weights(uninterrupted))
     # log.jsonl was cut back to step 4 on resume: steps 5..12 once, not twice
     assert [r['step'] for r in log_lines(out)] == list(range(1, 13))
+
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, sig):
@@ -92,6 +97,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupt
     resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=True)['step']
     assert resumed_at == 12 and max(steps) == 12
 
+
 def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=4', '--save_every=2')
@@ -102,6 +108,7 @@ def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
     text = result.stdout + result.stderr
     assert 'skipping checkpoint' in text and 'ckpt_0000002.pt at step 2' in text
 
+
 def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     train_py = importlib.import_module('train')
     np.random.seed(3)
@@ -111,6 +118,7 @@ def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     np.random.seed(99)
     train_py.checkpoint.set_numpy_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True)['numpy'])
     np.testing.assert_array_equal(np.random.randn(5), expected)
+
 
 def test_only_numbered_checkpoints_are_resumed_and_rotated(tmp_path, synthetic):
     out = str(tmp_path)
@@ -123,6 +131,7 @@ def test_only_numbered_checkpoints_are_resumed_and_rotated(tmp_path, synthetic):
     assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == \
         ['ckpt_0000004.pt', 'ckpt_0000006.pt', 'ckpt_best.pt']
 
+
 def test_other_model_config_is_refused(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=2')
@@ -133,6 +142,7 @@ def test_other_model_config_is_refused(tmp_path, synthetic):
     assert 'different model config' in result.stderr and 'num_mixture' in result.stderr
     with open(os.path.join(out, 'config.json')) as f:
         assert f.read() == config, 'the refused launch overwrote config.json'
+
 
 @pytest.mark.parametrize('flag', ['--keep=0', '--keep=-1', '--steps=0', '--grad_accum=0',
                                   '--log_every=0', '--save_every=-5', '--tau=0', '--tau=-1',
@@ -149,7 +159,7 @@ def test_bad_flag_values_are_refused_before_any_work(tmp_path, synthetic, monkey
     out = tmp_path / 'out'
     train_py = importlib.import_module('train')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)   # as on a machine without GPU
-    for package in train_py.TRACKERS.values():   # as where the package is not installed
+    for package in train_flags.TRACKERS.values():   # as where the package is not installed
         monkeypatch.setitem(sys.modules, package, None)
     monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={out}',
                                       f'--synthetic_dir={synthetic}', *SMALL, '--steps=1', flag])
@@ -161,6 +171,7 @@ def test_bad_flag_values_are_refused_before_any_work(tmp_path, synthetic, monkey
     assert 'error' in last and flag.split('=')[0] in last, message   # the flag, e.g. '--tau'
     assert not out.exists(), 'out_dir was written before the flags were checked'
 
+
 def test_every_bool_flag_takes_key_value(monkeypatch):
     train_py = importlib.import_module('train')
     args = train_py.parser.parse_args(['--eval=false', '--compile=false', '--grad_ckpt=true',
@@ -169,6 +180,7 @@ def test_every_bool_flag_takes_key_value(monkeypatch):
     args = train_py.parser.parse_args(['--no-eval', '--compile', '--no-qkv_norm'])
     assert (args.eval, args.compile, args.qkv_norm) == (False, True, False)
 
+
 @pytest.mark.parametrize('content', [b'', b'not a tar file, just text\n'])
 def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, content):
     shard = tmp_path / 'bad.tar'
@@ -176,6 +188,7 @@ def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, cont
     result = train(str(tmp_path / 'out'), synthetic, f'--data={shard}', '--steps=2', check=False)
     assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f'error: --data={shard}: ')
+
 
 def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic):
     out = str(tmp_path)
@@ -191,6 +204,7 @@ def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic
     nulls = [k for k, v in {**config, **config['model_config']}.items() if v is None]
     assert not nulls and config['model_config']['num_mixture'] == 4 and config['device'] == 'cpu'
 
+
 def test_learning_rate_schedule_and_module_level_helpers():
     train_py = importlib.import_module('train')
 
@@ -200,6 +214,7 @@ def test_learning_rate_schedule_and_module_level_helpers():
     assert train_py.lr_at(10, Args) == pytest.approx(1.0)          # the peak
     assert train_py.lr_at(110, Args) == pytest.approx(0.1)         # the floor
     assert callable(train_py.checkpoint.save) and callable(train_py.checkpoint.load)
+
 
 def make_real_eval_data(root):
     """A zero-shot folder (2 classes x 2 images) and a caption folder (4 images)."""
@@ -215,6 +230,7 @@ def make_real_eval_data(root):
         image().save(root / 'captions' / f'{i}.png')
         (root / 'captions' / f'{i}.txt').write_text(f'a picture number {i}\n')
 
+
 def test_eval_on_real_data_during_training(tmp_path, synthetic):
     make_real_eval_data(tmp_path)
     out = str(tmp_path / 'out')
@@ -228,6 +244,7 @@ def test_eval_on_real_data_during_training(tmp_path, synthetic):
     quiet = train(str(tmp_path / 'quiet'), synthetic, f'--data={synthetic}/train', '--steps=1',
                   '--eval=true')
     assert 'eval: nothing' in quiet.stdout and '--zeroshot_data' in quiet.stdout
+
 
 def fake_tracker(kind, calls):
     """A stand-in for wandb or torch.utils.tensorboard: records what train.py calls."""
@@ -253,12 +270,13 @@ def fake_tracker(kind, calls):
         module.SummaryWriter = SummaryWriter
     return module
 
+
 @pytest.mark.parametrize('kind', ['wandb', 'tensorboard'])
 def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
         tmp_path, synthetic, monkeypatch, kind):
     calls = []
     train_py = importlib.import_module('train')
-    monkeypatch.setitem(sys.modules, train_py.TRACKERS[kind], fake_tracker(kind, calls))
+    monkeypatch.setitem(sys.modules, train_flags.TRACKERS[kind], fake_tracker(kind, calls))
     monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={tmp_path}',
                                       f'--synthetic_dir={synthetic}', *SMALL, '--workers=0',
                                       '--steps=2', f'--logger={kind}'])
@@ -271,6 +289,7 @@ def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
     assert sorted({c[1] for c in logged}) == [1, 2]
     assert {'loss', 'lr'} <= {key for c in logged for key in c[2]}
 
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
     out = str(tmp_path)
     train(out, synthetic, '--steps=2', '--save_every=2')
@@ -281,6 +300,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
     assert open(os.path.join(out, 'ckpt_0000002.pt'), 'rb').read() == before
     assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == ['ckpt_0000002.pt']
 
+
 def test_two_ranks_with_torchrun(tmp_path, synthetic):
     out = str(tmp_path)
     cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
@@ -290,6 +310,7 @@ def test_two_ranks_with_torchrun(tmp_path, synthetic):
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['config']['world_size'] == 2 and len(ckpt['loader']) == 2
     assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2, 3]
+
 
 def test_two_nodes_on_localhost(tmp_path, synthetic):
     out, port = str(tmp_path), free_port()
