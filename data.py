@@ -5,16 +5,16 @@ data.ClipTokenizer, data.train_transform, ... name them as before). (The
 built-in synthetic dataset, whose images each have several captions about different things,
 is synthetic.py; it writes shards in the format read here.)
 
-    python -m pytest tests/test_data.py -q                    # what this file promises
-    python bench_data.py                                      # loader speed vs the webdataset library
+    python -m pytest tests/test_data.py -q    # what this file promises
+    python bench_data.py                      # loader speed vs the webdataset library
 
 Shards are what img2dataset writes: tar files whose members KEY.jpg|jpeg|png|webp and KEY.txt
 (and optionally KEY.json) belong together. The caption is KEY.txt, or without one the "caption"
 field of KEY.json (caption_key). For training, the whole text is one caption (a web caption may
-hold a newline), except in the built-in synthetic data, whose .txt holds several captions, one
-per line, one of them drawn each time a sample is read (caption_lines; evaluation reads one
-caption per line, as COCO-style retrieval sets hold several per image). Shards are named by a brace pattern
-'dir/{00000..09999}.tar', a list, a directory (every *.tar in it) or 'pipe:COMMAND' (the tar
+hold a newline), except with caption_lines (the built-in synthetic data, COCO-style shards):
+one caption per line, one of them drawn each time a sample is read (evaluation reads one caption
+per line, as COCO-style retrieval sets hold several per image). Shards are named by a brace
+pattern 'dir/{00000..09999}.tar', a list, a directory (every *.tar in it) or 'pipe:COMMAND' (the tar
 comes from the command's stdout, e.g. 'pipe:aws s3 cp s3://bucket/00001.tar -').
 
 How ShardLoader orders samples, and why a resumed run continues exactly:
@@ -42,14 +42,15 @@ How ShardLoader orders samples, and why a resumed run continues exactly:
 
 Bad input never stops a run: a corrupt or truncated image, an image beyond the pixel budget
 (images.MAX_PIXELS; a larger JPEG is decoded at reduced size instead), a sample without image,
-caption or with an empty one, a caption that is not UTF-8, an image of an unknown extension (.gif, ...),
-a truncated tar (also one cut inside a header; its samples before the damage are kept) and a
-shard that cannot be opened (empty, not a tar) are skipped and counted in ShardLoader.skipped,
+caption or with an empty one, a caption that is not UTF-8, an image of an unknown extension
+(.gif, ...), a truncated tar (also one cut inside a header; its samples before the damage are
+kept) and a shard that cannot be opened (empty, not a tar) are skipped and counted in ShardLoader.skipped,
 with one DataWarning per kind and a summary at the end of each epoch. A worker whose share of an
 epoch is all bad goes on to the next epoch. A pattern that names no file, and a dataset with no
 valid sample in a whole epoch, raise an error that quotes the pattern and the first problem of
 each kind. (A tar cut exactly between two members looks complete.)
 """
+
 import functools
 import io
 import os
@@ -138,9 +139,25 @@ class _ShardStream(torch.utils.data.IterableDataset):
                  caption_key='caption'):
         super().__init__()
         self.caption_lines, self.caption_key = caption_lines, caption_key
-        self.urls, self.pattern, self.batch_size, self.context_length = urls, pattern, batch_size, context_length
-        self.tokenizer, self.rank, self.world_size, self.roles, self.seed = tokenizer, rank, world_size, roles, seed
-        self.shuffle_buffer, self.resample, self.train, self.image_size = shuffle_buffer, resample, train, image_size
+        self.urls, self.pattern, self.batch_size, self.context_length = (
+            urls,
+            pattern,
+            batch_size,
+            context_length,
+        )
+        self.tokenizer, self.rank, self.world_size, self.roles, self.seed = (
+            tokenizer,
+            rank,
+            world_size,
+            roles,
+            seed,
+        )
+        self.shuffle_buffer, self.resample, self.train, self.image_size = (
+            shuffle_buffer,
+            resample,
+            train,
+            image_size,
+        )
         self.start, self.first_role = [(0, 0, 0)] * roles, 0
         self.carry = None   # (epoch, pieces): what a run on other ranks left of its epochs
 
@@ -151,11 +168,15 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def items(self, piece):
         epoch, s, keep, n, g, _ = piece
-        check = functools.partial(_check, caption_lines=self.caption_lines, caption_key=self.caption_key)
+        check = functools.partial(
+            _check, caption_lines=self.caption_lines, caption_key=self.caption_key
+        )
         items = (item for j, item in enumerate(_shard_items(self.urls[s], check=check))
                  if keep is None or j % n == keep)
         if self.train and self.shuffle_buffer > 1:
-            items = _shuffled(items, self.shuffle_buffer, random.Random(f'{self.seed}/buffer/{epoch}/{s}/{g}'))
+            items = _shuffled(
+                items, self.shuffle_buffer, random.Random(f'{self.seed}/buffer/{epoch}/{s}/{g}')
+            )
         return items
 
     def decode(self, item, epoch, s, problems):
@@ -169,7 +190,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
                     return self.transform(im, rng), caption
             except ImageTooLarge as e:
                 problem = ('image too large', f'{self.urls[s]}: {key}: {e}')
-            except Exception as e:   # PIL raises many kinds; one bad JPEG must not end a multi-day run
+            except (
+                Exception
+            ) as e:  # PIL raises many kinds; one bad JPEG must not end a multi-day run
                 problem = ('corrupt image', f'{self.urls[s]}: {key}: {type(e).__name__}: {e}')
         kind, detail = problem
         count, first = problems.get(kind, (0, detail))
@@ -177,9 +200,16 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return None
 
     def batch(self, samples, role, position, problems, empty_epoch=None):
-        # default_collate stacks into shared memory when in a worker: no copy on the way to the trainer
-        images = torch.utils.data.default_collate([x for x, _ in samples]) if samples else None       # (B, 3, S, S)
-        tokens = tokenize([c for _, c in samples], self.context_length, self.tokenizer) if samples else None  # (B, L)
+        # default_collate stacks into shared memory when in a worker: no copy on the way to the
+        # trainer
+        images = (
+            torch.utils.data.default_collate([x for x, _ in samples]) if samples else None
+        )  # (B, 3, S, S)
+        tokens = (
+            tokenize([c for _, c in samples], self.context_length, self.tokenizer)
+            if samples
+            else None
+        )  # (B, L)
         return images, tokens, {'role': role, 'position': position, 'problems': problems,
                                 'empty_epoch': empty_epoch}
 
@@ -240,34 +270,79 @@ class ShardLoader:
     captions (img2dataset) may hold newlines. caption_key: the field of KEY.json read as the caption
     when a sample has no KEY.txt (None: never)."""
 
-    def __init__(self, urls, batch_size, image_size, context_length, tokenizer='byte', rank=0, world_size=1,
-                 workers=2, seed=0, shuffle_buffer=1000, resample=True, train=True, caption_lines=False,
-                 caption_key='caption'):
-        for name, value, low in (('batch_size', batch_size, 1), ('image_size', image_size, 1),
-                                 ('world_size', world_size, 1), ('workers', workers, 0), ('rank', rank, 0),
-                                 ('shuffle_buffer', shuffle_buffer, 0)):
+    def __init__(
+        self,
+        urls,
+        batch_size,
+        image_size,
+        context_length,
+        tokenizer='byte',
+        rank=0,
+        world_size=1,
+        workers=2,
+        seed=0,
+        shuffle_buffer=1000,
+        resample=True,
+        train=True,
+        caption_lines=False,
+        caption_key='caption',
+    ):
+        for name, value, low in (
+            ('batch_size', batch_size, 1),
+            ('image_size', image_size, 1),
+            ('world_size', world_size, 1),
+            ('workers', workers, 0),
+            ('rank', rank, 0),
+            ('shuffle_buffer', shuffle_buffer, 0),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"ShardLoader: {name}={value!r}, expected an integer >= {low}")
         if rank >= world_size:
             raise ValueError(f"ShardLoader: rank={rank} is not below world_size={world_size}")
-        tokenize([''], context_length, tokenizer)   # a bad name or vocabulary fails here, not in a worker
+        tokenize(
+            [''], context_length, tokenizer
+        )  # a bad name or vocabulary fails here, not in a worker
         self.urls = expand_urls(urls)
         self.pattern = urls if isinstance(urls, str) else str(urls)
         self.workers, self.roles = workers, max(workers, 1)
         self.caption_lines = caption_lines
-        self.stream = _ShardStream(self.urls, self.pattern, batch_size, image_size, context_length, tokenizer,
-                                   rank, world_size, self.roles, seed, shuffle_buffer, resample, train,
-                                   self.caption_lines, caption_key)
-        self.positions = [(0, 0, 0)] * self.roles   # per role: (epoch, shard index, sample index) delivered
+        self.stream = _ShardStream(
+            self.urls,
+            self.pattern,
+            batch_size,
+            image_size,
+            context_length,
+            tokenizer,
+            rank,
+            world_size,
+            self.roles,
+            seed,
+            shuffle_buffer,
+            resample,
+            train,
+            self.caption_lines,
+            caption_key,
+        )
+        self.positions = [
+            (0, 0, 0)
+        ] * self.roles  # per role: (epoch, shard index, sample index) delivered
         self.next_role, self.batches, self.skipped, self._warned = 0, 0, {}, set()
         self._empty = {}   # epoch -> the roles that found no valid sample in all of it
         self._examples = {}   # kind -> the first skipped item's detail, for the error messages
 
     def _identity(self):
         s = self.stream
-        return {'seed': s.seed, 'rank': s.rank, 'world_size': s.world_size, 'workers': self.roles,
-                'batch_size': s.batch_size, 'shuffle_buffer': s.shuffle_buffer, 'shards': len(self.urls),
-                'resample': s.resample, 'train': s.train}
+        return {
+            'seed': s.seed,
+            'rank': s.rank,
+            'world_size': s.world_size,
+            'workers': self.roles,
+            'batch_size': s.batch_size,
+            'shuffle_buffer': s.shuffle_buffer,
+            'shards': len(self.urls),
+            'resample': s.resample,
+            'train': s.train,
+        }
 
     def state_dict(self):
         """Plain Python values (fits torch.save and all_gather_object)."""
@@ -306,9 +381,12 @@ class ShardLoader:
             return
         epoch = min(p[0] for p in mine['positions'])
         what = changed if len(states) == 1 else 'the positions of only some ranks'
-        warnings.warn(f"ShardLoader: the saved position is from other settings (saved vs now: "
-                      f"{what}); "
-                      f"exact resume is impossible, restarting epoch {epoch} from its beginning", DataWarning)
+        warnings.warn(
+            f"ShardLoader: the saved position is from other settings (saved vs now: "
+            f"{what}); "
+            f"exact resume is impossible, restarting epoch {epoch} from its beginning",
+            DataWarning,
+        )
         self.positions, self.next_role = [(epoch, 0, 0)] * self.roles, 0
 
     def _check_empty(self, role, epoch):
@@ -327,7 +405,11 @@ class ShardLoader:
 
     def _what_was_skipped(self):
         examples = '; '.join(f'{kind}: {detail}' for kind, detail in self._examples.items())
-        return f"skipped: {self.skipped}; first of each kind: {examples}" if self.skipped else 'nothing readable'
+        return (
+            f"skipped: {self.skipped}; first of each kind: {examples}"
+            if self.skipped
+            else 'nothing readable'
+        )
 
 
     def _count(self, problems):
@@ -359,9 +441,13 @@ class ShardLoader:
             self._empty.clear()
             self.batches += 1
             delivered += len(images)
-            if min(p[0] for p in self.positions) > epoch and self.skipped:   # every role is past `epoch`
-                warnings.warn(f"shards {self.pattern!r}: epoch {epoch} done; skipped so far: {self.skipped}",
-                              DataWarning)
+            if (
+                min(p[0] for p in self.positions) > epoch and self.skipped
+            ):  # every role is past `epoch`
+                warnings.warn(
+                    f"shards {self.pattern!r}: epoch {epoch} done; skipped so far: {self.skipped}",
+                    DataWarning,
+                )
             epoch = min(p[0] for p in self.positions)
             yield images, tokens
         # only with resample=False: the epoch is over
@@ -369,5 +455,8 @@ class ShardLoader:
             raise ValueError(f"shards {self.pattern!r}: no valid sample in epoch {epoch} "
                              f"({self._what_was_skipped()})")
         if self.skipped:
-            warnings.warn(f"shards {self.pattern!r}: epoch {epoch} done; skipped so far: {self.skipped}", DataWarning)
+            warnings.warn(
+                f"shards {self.pattern!r}: epoch {epoch} done; skipped so far: {self.skipped}",
+                DataWarning,
+            )
         self.positions, self.next_role = [(epoch + 1, 0, 0)] * self.roles, 0

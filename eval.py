@@ -12,7 +12,8 @@ evaluation: model.similarity reduces to one matrix product.
     python eval.py --ckpt=out/ckpt.pt --task=retrieval --data=data/synthetic/retrieval
     python eval.py --official=llip_b16_k32.pt --task=zeroshot --data=/datasets/imagenet/val \
         --classnames=imagenet --templates=imagenet --tau 1 3 5 8 10
-    python eval.py --official=llip_b16_k32.pt --task=retrieval --data='/datasets/coco/{00000..00004}.tar'
+    python eval.py --official=llip_b16_k32.pt --task=retrieval \
+        --data='/datasets/coco/{00000..00004}.tar'
 
 Zero-shot data is an image folder with one subfolder per class (eval_data.py says which folder
 is which class: by a {folder: name} classnames.json, by name ignoring case and '_', numbered
@@ -53,6 +54,7 @@ folders and class names are eval_data.py.
     python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time, metrics ==
                                              # one query at a time
 """
+
 import argparse
 import dataclasses
 import itertools
@@ -72,15 +74,25 @@ from einops import rearrange, reduce
 from tqdm import tqdm
 
 import data
-from eval_data import (ImageFolder, LabelledShards, Truth, caption_folder, captioned_batches,  # noqa: F401
-                       class_names, clip_benchmark_layout, count_images, image_folder,
-                       labelled_batches, load_names, truth_of)
+from eval_data import (
+    ImageFolder,
+    LabelledShards,
+    Truth,
+    caption_folder,
+    captioned_batches,  # noqa: F401
+    class_names,
+    clip_benchmark_layout,
+    count_images,
+    image_folder,
+    labelled_batches,
+    load_names,
+    truth_of,
+)
 from eval_data import bad_templates
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
 import checkpoint
 import checkpoint_dcp
 from model import Llip, LlipConfig, TextFeatures, load_official
-
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -97,10 +109,15 @@ def _taus(model, taus):
 
 @torch.no_grad()
 def encode_texts(model, texts, device='cpu', batch_size=256):
-    """Tokenize and encode captions in batches -> TextFeatures (queries (N, M, D/M) or None, emb (N, D))."""
+    """Tokenize and encode captions in batches -> TextFeatures (queries (N, M, D/M) or None,
+    emb (N, D))."""
     c = model.config
-    parts = [model.encode_text(data.tokenize(texts[s:s + batch_size], c.context_length, c.tokenizer).to(device))
-             for s in range(0, len(texts), batch_size)]
+    parts = [
+        model.encode_text(
+            data.tokenize(texts[s : s + batch_size], c.context_length, c.tokenizer).to(device)
+        )
+        for s in range(0, len(texts), batch_size)
+    ]
     queries = None if parts[0].queries is None else torch.cat([p.queries for p in parts])
     return TextFeatures(queries, torch.cat([p.emb for p in parts]))
 
@@ -117,19 +134,23 @@ def class_prototypes(model, classnames, templates, device='cpu', batch_size=256,
     per_batch = max(1, batch_size // T)   # whole classes per text batch, so averaging stays local
     queries, embs = [], []
     for s in tqdm(range(0, len(classnames), per_batch), desc='classes', disable=not progress):
-        prompts = [t.format(name) for name in classnames[s:s + per_batch] for t in templates]  # class-major
+        prompts = [
+            t.format(name) for name in classnames[s : s + per_batch] for t in templates
+        ]  # class-major
         txt = encode_texts(model, prompts, device, len(prompts))
-        embs.append(F.normalize(reduce(txt.emb, '(c t) d -> c d', 'mean', t=T), dim=-1))     # (C, D)
+        embs.append(F.normalize(reduce(txt.emb, '(c t) d -> c d', 'mean', t=T), dim=-1))  # (C, D)
         if txt.queries is not None:
-            queries.append(reduce(txt.queries, '(c t) m d -> c m d', 'mean', t=T))          # (C, M, D/M)
+            queries.append(reduce(txt.queries, '(c t) m d -> c m d', 'mean', t=T))  # (C, M, D/M)
     return TextFeatures(torch.cat(queries) if queries else None, torch.cat(embs))
 
 
 # ----------------------------------------------------------------------------- image folders
 def _warn_skipped(source, skipped):
     if skipped:
-        warnings.warn(f"{source}: skipped {len(skipped)} images that failed to decode or were beyond the "
-                      f"pixel budget (images.MAX_PIXELS), e.g. {skipped[:3]}")
+        warnings.warn(
+            f"{source}: skipped {len(skipped)} images that failed to decode or were beyond the "
+            f"pixel budget (images.MAX_PIXELS), e.g. {skipped[:3]}"
+        )
 
 
 def load_image_folder(root, classnames, image_size):
@@ -152,14 +173,19 @@ def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', b
     {tau: {'top1', 'top5', 'mean_per_class_recall'}}; top5 is None (not applicable) below 5 classes.
     images: a folder with one subfolder per class, clip_benchmark's WebDataset zero-shot root
     or shards with KEY.cls, or a pair (images (N, 3, S, S), labels (N,)).
-    classnames: a list, or a dict {folder: name} / {"0": name} (eval_data.py: which folder is which class).
+    classnames: a list, or a dict {folder: name} / {"0": name} (eval_data.py: which folder is
+    which class).
     Each chunk of images is encoded once and scored against every class for every tau."""
     if not classnames or not templates:
-        raise ValueError(f"zero-shot needs class names and templates, got {len(classnames)} and {len(templates)}")
+        raise ValueError(
+            f"zero-shot needs class names and templates, got {len(classnames)} and {len(templates)}"
+        )
     source = images if isinstance(images, (str, Path)) else 'images'
     transform = data.eval_transform(model.config.image_size)
-    if isinstance(images, (str, Path)) and clip_benchmark_layout(images):   # clip_benchmark's shards
-        images = LabelledShards(clip_benchmark_layout(images)[0], transform, len(class_names(classnames)))
+    if isinstance(images, (str, Path)) and clip_benchmark_layout(images):  # clip_benchmark's shards
+        images = LabelledShards(
+            clip_benchmark_layout(images)[0], transform, len(class_names(classnames))
+        )
     elif isinstance(images, (str, Path)) and not Path(images).is_dir():     # shards with KEY.cls
         images = LabelledShards(data.expand_urls(images), transform, len(class_names(classnames)))
     elif isinstance(images, (str, Path)):   # check the folder before the text tower runs
@@ -167,7 +193,7 @@ def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', b
     classnames = class_names(classnames)   # a {folder: name} dict -> the names in label order
     classes = class_prototypes(model, classnames, templates, device, batch_size, progress)
     taus, C = _taus(model, taus), len(classnames)
-    per_class = torch.zeros(C, dtype=torch.long)                                 # images of each class
+    per_class = torch.zeros(C, dtype=torch.long)  # images of each class
     top1 = {tau: torch.zeros(C, dtype=torch.long) for tau in taus}             # hits of each class
     top5, skipped = dict.fromkeys(taus, 0), []
     bar = _progress('zero-shot', count_images(images), progress)
@@ -186,11 +212,17 @@ def zeroshot(model, images, classnames, templates, taus=(None,), device='cpu', b
     n = per_class.sum().item()
     if n == 0:
         raise ValueError(f"{source}: no image could be decoded")
-    seen = per_class > 0   # mean per-class recall: over the classes that have images, as clip_benchmark
-    return {tau: {'top1': top1[tau].sum().item() / n,
-                  'top5': top5[tau] / n if C >= 5 else None,   # not applicable: every image is a hit
-                  'mean_per_class_recall': (top1[tau][seen].double() / per_class[seen]).mean().item()}
-            for tau in taus}
+    seen = (
+        per_class > 0
+    )  # mean per-class recall: over the classes that have images, as clip_benchmark
+    return {
+        tau: {
+            'top1': top1[tau].sum().item() / n,
+            'top5': top5[tau] / n if C >= 5 else None,  # not applicable: every image is a hit
+            'mean_per_class_recall': (top1[tau][seen].double() / per_class[seen]).mean().item(),
+        }
+        for tau in taus
+    }
 
 
 def _progress(desc, total, progress):
@@ -288,7 +320,8 @@ SYNTHETIC_RETRIEVAL_IMAGES = 500
 
 
 def synthetic_results(model, root, device='cpu', batch_size=256, taus=(None,), progress=False):
-    """{'zeroshot/<split>': {tau: metrics}, 'retrieval': {tau: metrics}} on synthetic.make_synthetic's layout."""
+    """{'zeroshot/<split>': {tau: metrics}, 'retrieval': {tau: metrics}} on
+    synthetic.make_synthetic's layout."""
     root = Path(root)
     splits = sorted(p for p in (root / 'zeroshot').glob('*') if p.is_dir())
     if not splits and not (root / 'retrieval').is_dir():
@@ -299,14 +332,24 @@ def synthetic_results(model, root, device='cpu', batch_size=256, taus=(None,), p
         names = json.loads((split / 'classnames.json').read_text())
         templates = json.loads((split / 'templates.json').read_text())
         images, labels = load_image_folder(split, names, model.config.image_size)
-        results[f'zeroshot/{split.name}'] = zeroshot(model, (images, labels), names, templates, taus,
-                                                     device, batch_size, progress=progress)
-        best = zeroshot_best_prompt(model, images, labels, names, templates, taus, device, batch_size)
+        results[f'zeroshot/{split.name}'] = zeroshot(
+            model, (images, labels), names, templates, taus, device, batch_size, progress=progress
+        )
+        best = zeroshot_best_prompt(
+            model, images, labels, names, templates, taus, device, batch_size
+        )
         for tau, metrics in best.items():
             results[f'zeroshot/{split.name}'][tau].update(metrics)
     if (root / 'retrieval').is_dir():
-        results['retrieval'] = retrieval(model, root / 'retrieval', taus, device, batch_size, progress,
-                                         max_images=SYNTHETIC_RETRIEVAL_IMAGES)
+        results['retrieval'] = retrieval(
+            model,
+            root / 'retrieval',
+            taus,
+            device,
+            batch_size,
+            progress,
+            max_images=SYNTHETIC_RETRIEVAL_IMAGES,
+        )
     return results
 
 
@@ -317,7 +360,9 @@ def flatten(results):
     for name, by_tau in results.items():
         for tau, metrics in by_tau.items():
             prefix = name if len(by_tau) == 1 else f'{name}/tau{tau:g}'
-            flat.update({f'{prefix}/{k}': v for k, v in metrics.items() if v is not None})   # not n/a
+            flat.update(
+                {f'{prefix}/{k}': v for k, v in metrics.items() if v is not None}
+            )  # not n/a
     return flat
 
 
@@ -480,7 +525,9 @@ def load_model(args):
 def print_table(results):
     for name, by_tau in results.items():
         for tau, metrics in by_tau.items():
-            cells = '  '.join(f'{k} {"n/a" if v is None else f"{100 * v:6.2f}"}' for k, v in metrics.items())
+            cells = '  '.join(
+                f'{k} {"n/a" if v is None else f"{100 * v:6.2f}"}' for k, v in metrics.items()
+            )
             print(f'{name:<28} tau {tau:<5g} {cells}')
 
 
@@ -496,8 +543,10 @@ def default_out(weights, task, data_arg):
         except (ValueError, AttributeError):
             earlier = None
         if earlier != data_arg:
-            raise ValueError(f"{out} holds the results of --data={earlier}, not of --data={data_arg}; "
-                             f"name another file with --out")
+            raise ValueError(
+                f"{out} holds the results of --data={earlier}, not of --data={data_arg}; "
+                f"name another file with --out"
+            )
     return str(out)
 
 
@@ -522,37 +571,65 @@ def nonfinite_weights(model):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--ckpt', help='a checkpoint written by train.py, e.g. out/ckpt.pt')
     which.add_argument('--official', help="the authors' released weights, e.g. llip_b16_k32.pt "
                                           "(CLIP BPE tokenizer, CLIP preprocessing)")
-    p.add_argument('--task', choices=['zeroshot', 'retrieval', 'synthetic'], required=True,
-                   help='zeroshot: image folder; retrieval: shards or caption folder; synthetic: all synthetic splits')
+    p.add_argument(
+        '--task',
+        choices=['zeroshot', 'retrieval', 'synthetic'],
+        required=True,
+        help='zeroshot: image folder; retrieval: shards or caption folder; synthetic: all '
+        'synthetic splits',
+    )
     p.add_argument('--data', required=True, help='the image folder, shards, or the synthetic root')
-    p.add_argument('--classnames', help='zero-shot class names: a JSON list file, or a key of '
-                                        'data/zeroshot-classnames.json (e.g. imagenet); default: DATA/classnames.json')
+    p.add_argument(
+        '--classnames',
+        help='zero-shot class names: a JSON list file, or a key of '
+        'data/zeroshot-classnames.json (e.g. imagenet); default: DATA/classnames.json',
+    )
     p.add_argument('--templates', help='prompt templates with {}: a JSON list file or a key of '
                                        'data/zeroshot-templates.json; default: DATA/templates.json')
-    p.add_argument('--tau', type=positive, nargs='+', default=[None],
-                   help="mixing temperatures to evaluate (the authors sweep 1 3 5 8 10); default: the model's")
+    p.add_argument(
+        '--tau',
+        type=positive,
+        nargs='+',
+        default=[None],
+        help="mixing temperatures to evaluate (the authors sweep 1 3 5 8 10); default: the model's",
+    )
     p.add_argument('--batch_size', type=int, default=256, help='images (and captions) per batch')
-    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    p.add_argument('--out', help='JSON file of results (default: eval_<task>_<data>.json next to the weights, '
-                                 '<data> being --data made a file name)')
+    p.add_argument(
+        '--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes'
+    )
+    p.add_argument(
+        '--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu'
+    )
+    p.add_argument(
+        '--out',
+        help='JSON file of results (default: eval_<task>_<data>.json next to the weights, '
+        '<data> being --data made a file name)',
+    )
     args = p.parse_args(argv)
     args.tau = [t for group in args.tau for t in (group if isinstance(group, list) else [group])]
     if args.ckpt and os.path.isdir(args.ckpt):   # a run directory, as analysis.py takes it
         args.ckpt = os.path.join(args.ckpt, 'ckpt.pt')
     try:
         run(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:   # bad input: the message, not a traceback
+    except (
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    ) as e:  # bad input: the message, not a traceback
         raise SystemExit(f'error: {e}')
 
 
 def run(args):
-    out = args.out or default_out(args.official or args.ckpt, args.task, args.data)   # refused before the work
+    out = args.out or default_out(
+        args.official or args.ckpt, args.task, args.data
+    )  # refused before the work
     folder = os.path.dirname(os.path.abspath(out))   # before the whole evaluation, not after
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f'--out={out}: the folder {folder} does not exist or is not writable')
@@ -571,25 +648,55 @@ def run(args):
                 and torch.cuda.is_bf16_supported() else nullcontext())
     with autocast:
         if args.task == 'synthetic':
-            results = synthetic_results(model, args.data, args.device, args.batch_size, args.tau, progress=True)
+            results = synthetic_results(
+                model, args.data, args.device, args.batch_size, args.tau, progress=True
+            )
         elif args.task == 'retrieval':
-            results = {'retrieval': retrieval(model, args.data, args.tau, args.device, args.batch_size, progress=True)}
+            results = {
+                'retrieval': retrieval(
+                    model, args.data, args.tau, args.device, args.batch_size, progress=True
+                )
+            }
         else:
             if not Path(args.data).is_dir():
-                data.expand_urls(args.data)   # shards with KEY.cls: a pattern that names no file is an error
+                data.expand_urls(
+                    args.data
+                )  # shards with KEY.cls: a pattern that names no file is an error
                 if args.classnames is None:
                     raise ValueError(f"--data={args.data}: shards with KEY.cls need --classnames")
             names, templates = class_names_and_templates(args.data, args.classnames, args.templates)
-            results = {f'zeroshot/{Path(args.data).name}': zeroshot(model, args.data, names, templates, args.tau,
-                                                                     args.device, args.batch_size, args.workers,
-                                                                     progress=True)}
+            results = {
+                f'zeroshot/{Path(args.data).name}': zeroshot(
+                    model,
+                    args.data,
+                    names,
+                    templates,
+                    args.tau,
+                    args.device,
+                    args.batch_size,
+                    args.workers,
+                    progress=True,
+                )
+            }
     print_table(results)
     with open(out, 'w') as f:
-        json.dump({'weights': args.official or args.ckpt, 'task': args.task, 'data': args.data,
-                   'results': {name: {f'{t:g}': m for t, m in by_tau.items()} for name, by_tau in results.items()},
-                   'clip_benchmark': {name: {f'{t:g}': clip_benchmark_names(m) for t, m in by_tau.items()}
-                                      for name, by_tau in results.items()}},
-                  f, indent=1)
+        json.dump(
+            {
+                'weights': args.official or args.ckpt,
+                'task': args.task,
+                'data': args.data,
+                'results': {
+                    name: {f'{t:g}': m for t, m in by_tau.items()}
+                    for name, by_tau in results.items()
+                },
+                'clip_benchmark': {
+                    name: {f'{t:g}': clip_benchmark_names(m) for t, m in by_tau.items()}
+                    for name, by_tau in results.items()
+                },
+            },
+            f,
+            indent=1,
+        )
     print(f'wrote {out}')
 
 

@@ -29,10 +29,10 @@ import torch
 
 import data
 
-SHIPPED = Path(__file__).resolve().parent / 'data'   # data/zeroshot-classnames.json, -templates.json
+SHIPPED = Path(__file__).resolve().parent / 'data'  # data/zeroshot-classnames.json, -templates.json
 
 
-# ----------------------------------------------------------------------------- zero-shot: class folders
+# ----------------------------------------------------------------------- zero-shot: class folders
 def class_names(classnames):
     """The class names in label order from a list, a {"0": name, ...} dict (ordered by the
     number) or a {folder: name} dict (in its order)."""
@@ -41,7 +41,9 @@ def class_names(classnames):
     if all(k.isdecimal() for k in classnames):
         by_index = {int(k): name for k, name in classnames.items()}
         if sorted(by_index) != list(range(len(classnames))):
-            raise ValueError(f"class names {{index: name}}: the indices are not 0..{len(classnames) - 1}")
+            raise ValueError(
+                f"class names {{index: name}}: the indices are not 0..{len(classnames) - 1}"
+            )
         return [by_index[i] for i in range(len(by_index))]
     return list(classnames.values())
 
@@ -55,16 +57,22 @@ def _plain(name):
 def folder_labels(root, folders, classnames):
     """{folder name: class index} by the rules in the module docstring."""
     names = class_names(classnames)
-    if isinstance(classnames, dict) and not all(k.isdecimal() for k in classnames):   # {folder: name}
+    if isinstance(classnames, dict) and not all(
+        k.isdecimal() for k in classnames
+    ):  # {folder: name}
         unknown = [f for f in folders if f not in classnames]
         if unknown:
-            raise ValueError(f"{root}: folders missing from the {{folder: name}} class names: {unknown[:10]}")
+            raise ValueError(
+                f"{root}: folders missing from the {{folder: name}} class names: {unknown[:10]}"
+            )
         index = {k: i for i, k in enumerate(classnames)}
         return {f: index[f] for f in folders}
     if all(f.isdecimal() for f in folders):   # ImageNetV2: folder "10" is class 10
         beyond = [f for f in folders if int(f) >= len(names)]
         if beyond:
-            raise ValueError(f"{root}: numbered folders {beyond[:5]} but only {len(names)} class names")
+            raise ValueError(
+                f"{root}: numbered folders {beyond[:5]} but only {len(names)} class names"
+            )
         return {f: int(f) for f in folders}
     plain = {}
     for i, name in enumerate(names):
@@ -74,15 +82,19 @@ def folder_labels(root, folders, classnames):
         unknown = [f for f in folders if _plain(f) not in plain]
         missing = [n for n in names if _plain(n) not in {_plain(f) for f in folders}]
         if unknown or missing:
-            raise ValueError(f"{root}: class folders and class names differ (compared ignoring case, '_' and "
-                             f"spaces), and a sorted order would mislabel. Folders not in the names: "
-                             f"{unknown[:10]}; names without a folder: {missing[:10]}. Give classnames.json "
-                             f"as {{folder: name}} to say which folder is which class")
+            raise ValueError(
+                f"{root}: class folders and class names differ (compared ignoring case, '_' and "
+                f"spaces), and a sorted order would mislabel. Folders not in the names: "
+                f"{unknown[:10]}; names without a folder: {missing[:10]}. Give classnames.json "
+                f"as {{folder: name}} to say which folder is which class"
+            )
         twice = [f for f in folders if len(plain[_plain(f)]) > 1 or
                  sum(_plain(g) == _plain(f) for g in folders) > 1]
         if twice:
-            raise ValueError(f"{root}: folders {twice[:10]} match the same class name; give classnames.json "
-                             f"as {{folder: name}}")
+            raise ValueError(
+                f"{root}: folders {twice[:10]} match the same class name; give classnames.json "
+                f"as {{folder: name}}"
+            )
         return {f: plain[_plain(f)][0] for f in folders}
     if len(folders) != len(names):   # folders named by id (n01440764, ...)
         raise ValueError(f"{root}: {len(folders)} class folders but {len(names)} class names, and "
@@ -98,19 +110,27 @@ def image_folder(root, classnames):
     dict, see class_names); label indexes class_names(classnames)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected one subfolder of images per class)")
+        raise FileNotFoundError(
+            f"{root}: no such folder (expected one subfolder of images per class)"
+        )
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
     if not folders:
         raise ValueError(f"{root}: no class subfolders (expected {root}/<class name>/<image>.jpg)")
     labels = folder_labels(root, [f.name for f in folders], classnames)
     samples = []
     for folder in folders:
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower()[1:] in data.IMAGE_EXTENSIONS and f.is_file())
+        files = sorted(
+            f
+            for f in folder.iterdir()
+            if f.suffix.lower()[1:] in data.IMAGE_EXTENSIONS and f.is_file()
+        )
         if not files:
             warnings.warn(f"{folder}: no images in this class folder")
         samples += [(str(f), labels[folder.name]) for f in files]
     if not samples:
-        raise ValueError(f"{root}: the class folders hold no images ({' '.join(data.IMAGE_EXTENSIONS)})")
+        raise ValueError(
+            f"{root}: the class folders hold no images ({' '.join(data.IMAGE_EXTENSIONS)})"
+        )
     return samples
 
 
@@ -134,13 +154,18 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def collate_skipping(batch):
-    """DataLoader collate for ImageFolder: (images (B, 3, S, S) or None, labels (B,), [skipped paths])."""
+    """DataLoader collate for ImageFolder: (images (B, 3, S, S) or None, labels (B,), [skipped
+    paths])."""
     good = [b for b in batch if not isinstance(b, str)]
     images = torch.stack([b[0] for b in good]) if good else None
-    return images, torch.tensor([b[1] for b in good], dtype=torch.long), [b for b in batch if isinstance(b, str)]
+    return (
+        images,
+        torch.tensor([b[1] for b in good], dtype=torch.long),
+        [b for b in batch if isinstance(b, str)],
+    )
 
 
-# ----------------------------------------------------------------------------- zero-shot: clip_benchmark's shards
+# --------------------------------------------------------------- zero-shot: clip_benchmark's shards
 def clip_benchmark_layout(root):
     """clip_benchmark's WebDataset zero-shot layout (ROOT/classnames.txt, ROOT/test/0.tar ..
     or ROOT/*.tar, optionally ROOT/zeroshot_classification_templates.txt), or None:
@@ -158,7 +183,11 @@ def clip_benchmark_layout(root):
         return None
     names = load_names(str(root / 'classnames.txt'), 'classnames', root)
     file = root / 'zeroshot_classification_templates.txt'
-    templates = [t.replace('{c}', '{}') for t in load_names(str(file), 'templates', root)] if file.is_file() else None
+    templates = (
+        [t.replace('{c}', '{}') for t in load_names(str(file), 'templates', root)]
+        if file.is_file()
+        else None
+    )
     return [str(p) for p in shards], names, templates
 
 
@@ -181,7 +210,7 @@ class LabelledShards:
                 yield self.transform(image), label
 
 
-# ----------------------------------------------------------------------------- retrieval: caption folders
+# --------------------------------------------------------------------- retrieval: caption folders
 def caption_folder(root, with_json=False):
     """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt
     (UTF-8, one caption per line; an image whose .txt is not UTF-8 is skipped and counted);
@@ -189,7 +218,9 @@ def caption_folder(root, with_json=False):
     it does not parse (those are counted in one warning)."""
     bad_json = []
     bad_text = []
-    for path in sorted(p for p in Path(root).iterdir() if p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS):
+    for path in sorted(
+        p for p in Path(root).iterdir() if p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS
+    ):
         text = path.with_suffix('.txt')
         try:
             lines = text.read_bytes().decode('utf-8').splitlines() if text.exists() else []
@@ -217,9 +248,10 @@ def caption_folder(root, with_json=False):
         warnings.warn(f"{root}: ignored {len(bad_json)} KEY.json that do not parse, "
                       f"e.g. {bad_json[:3]}")
     if bad_text:
-        warnings.warn(f"{root}: skipped {len(bad_text)} images whose KEY.txt is not UTF-8: {bad_text[:3]}",
-                      data.DataWarning)
-
+        warnings.warn(
+            f"{root}: skipped {len(bad_text)} images whose KEY.txt is not UTF-8: {bad_text[:3]}",
+            data.DataWarning,
+        )
 
 
 # ----------------------------------------------------------------------------- batches for eval.py
@@ -329,7 +361,7 @@ def count_images(source, max_images=None):
     return n if n is None or max_images is None else min(n, max_images)
 
 
-# ----------------------------------------------------------------------------- class names and templates
+# --------------------------------------------------------------------- class names and templates
 def bad_templates(templates):
     """The templates that do not put the class name in exactly one place, each with why: '{{}}'
     is a literal {} (the name never inserted), '{}{}' needs two names, '{0}' or '{c}' a

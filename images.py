@@ -75,7 +75,9 @@ def open_image(file, max_pixels=None):
     return image
 
 
-_SCALE = 1 / (255 * torch.tensor(STD).view(3, 1, 1))   # (x / 255 - mean) / std == x * _SCALE + _SHIFT
+_SCALE = 1 / (
+    255 * torch.tensor(STD).view(3, 1, 1)
+)  # (x / 255 - mean) / std == x * _SCALE + _SHIFT
 _SHIFT = -torch.tensor(MEAN).view(3, 1, 1) / torch.tensor(STD).view(3, 1, 1)
 
 
@@ -134,7 +136,11 @@ def eval_transform(image_size):
     def transform(image, rng=None):
         image = to_rgb(image)
         w, h = image.size
-        size = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
+        size = (
+            (image_size, int(image_size * h / w))
+            if w <= h
+            else (int(image_size * w / h), image_size)
+        )
         left, top = int(round((size[0] - image_size) / 2)), int(round((size[1] - image_size) / 2))
         if size[0] * size[1] > MAX_PIXELS:
             # A thin image (1 x 250,000 pixels would resize to 224 x 56 million, GBs): resize

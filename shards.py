@@ -76,7 +76,9 @@ def expand_urls(urls):
 def _open(url):
     """A readable binary stream of one shard: a local file, or 'pipe:COMMAND''s stdout."""
     if url.startswith('pipe:'):
-        return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        return subprocess.Popen(
+            url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        ).stdout
     if not stat.S_ISREG(os.stat(url).st_mode):   # a FIFO would block open() forever
         raise OSError(f'not a regular file ({stat.filemode(os.stat(url).st_mode)})')
     return open(url, 'rb')
@@ -135,7 +137,11 @@ def _shard_items(url, with_json=False, check=None):
         for key, group in _tar_groups(tar):
             item = check(url, key, group)
             yield (*item, group.get('json')) if with_json else item
-    except (OSError, EOFError, tarfile.TarError) as e:   # a truncated tar loses the group in progress
+    except (
+        OSError,
+        EOFError,
+        tarfile.TarError,
+    ) as e:  # a truncated tar loses the group in progress
         if tar is not None:
             problem = ('truncated tar', f'{url}: {e}')
         elif not url.startswith('pipe:') and os.path.isfile(url) and os.path.getsize(url) == 0:
@@ -172,14 +178,20 @@ def _captions(url, key, group, caption_lines=True, caption_key='caption'):
         except UnicodeDecodeError as e:
             return ('caption not UTF-8', f'{url}: {key}.json: {e}'), None
         except ValueError as e:
-            return ('no caption', f'{url}: {key}: no {key}.txt, and {key}.json does not parse ({e})'), None
+            return (
+                'no caption',
+                f'{url}: {key}: no {key}.txt, and {key}.json does not parse ({e})',
+            ), None
         texts = meta.get(caption_key) if isinstance(meta, dict) else None
         texts = [texts] if isinstance(texts, str) else texts
         if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
             return ('no caption', f'{url}: {key}: no {key}.txt, and {key}.json has no string '
                                   f'{caption_key!r}'), None
     else:
-        return ('no caption', f'{url}: {key}: no {key}.txt' + (' or .json' if caption_key else '')), None
+        return (
+            'no caption',
+            f'{url}: {key}: no {key}.txt' + (' or .json' if caption_key else ''),
+        ), None
     if caption_lines:
         texts = [line for text in texts for line in text.splitlines()]
     captions = [t.strip() for t in texts if t.strip()]

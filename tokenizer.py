@@ -15,7 +15,9 @@ import unicodedata
 
 import torch
 
-CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'bpe_simple_vocab_16e6.txt.gz')
+CLIP_BPE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'data', 'bpe_simple_vocab_16e6.txt.gz'
+)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -23,7 +25,9 @@ def _pack(rows, context_length, sot, eot):
     """Token id lists -> LongTensor (N, context_length): SOT, ids, EOT, zero padding. A row
     that is too long is cut and still ends with EOT, which the text tower pools at."""
     if context_length < 2:
-        raise ValueError(f"context_length={context_length}: needs room for the start and end tokens (>= 2)")
+        raise ValueError(
+            f"context_length={context_length}: needs room for the start and end tokens (>= 2)"
+        )
     out = torch.zeros(len(rows), context_length, dtype=torch.long)
     for i, ids in enumerate(rows):
         ids = [sot] + ids[:context_length - 2] + [eot]
@@ -59,22 +63,38 @@ class ByteTokenizer:
 
 # ftfy, which CLIP runs first, also straightens quotes, undoes ligatures and full-width forms
 # and applies NFC; we do those (so "it’s" tokenizes as CLIP does) but not its mojibake repair.
-_FTFY_LITE = str.maketrans({**{c: "'" for c in '\u02bc\u2018\u2019\u201a\u201b'},
-                            **{c: '"' for c in '\u201c\u201d\u201e\u201f'},
-                            '\ufb00': 'ff', '\ufb01': 'fi', '\ufb02': 'fl', '\ufb03': 'ffi', '\ufb04': 'ffl',
-                            '\ufb06': 'st', '\u3000': ' ', **{chr(c): chr(c - 0xfee0) for c in range(0xff01, 0xff5f)}})
+_FTFY_LITE = str.maketrans(
+    {
+        **{c: "'" for c in '\u02bc\u2018\u2019\u201a\u201b'},
+        **{c: '"' for c in '\u201c\u201d\u201e\u201f'},
+        '\ufb00': 'ff',
+        '\ufb01': 'fi',
+        '\ufb02': 'fl',
+        '\ufb03': 'ffi',
+        '\ufb04': 'ffl',
+        '\ufb06': 'st',
+        '\u3000': ' ',
+        **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)},
+    }
+)
 # CLIP's pre-tokenizer is r"'s|'t|...|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+" from the `regex` package.
 # In `re`: [^\W\d_] is letters plus the non-decimal numbers (No, Nl: '²', '½', 'Ⅻ'), which
 # _words splits off afterwards; (?:[^\s\w]|_) is "neither space nor letter nor number".
-_WORDS = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
-                    re.IGNORECASE)
+_WORDS = re.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
+    re.IGNORECASE,
+)
 
 
 def _words(text):
     for word in _WORDS.findall(text):
-        if word[0].isalnum() and not word.isalpha() and not word.isdecimal():   # letters mixed with '²'
-            for is_number, chars in itertools.groupby(word, lambda c: unicodedata.category(c)[0] == 'N'):
-                yield from chars if is_number else [''.join(chars)]   # each number a word of its own
+        if (
+            word[0].isalnum() and not word.isalpha() and not word.isdecimal()
+        ):  # letters mixed with '²'
+            for is_number, chars in itertools.groupby(
+                word, lambda c: unicodedata.category(c)[0] == 'N'
+            ):
+                yield from chars if is_number else [''.join(chars)]  # each number a word of its own
         else:
             yield word
 
@@ -87,19 +107,32 @@ class ClipTokenizer:
     def __init__(self, vocab_path=None):
         path = vocab_path or CLIP_BPE
         if not os.path.exists(path):
-            raise FileNotFoundError(f"ClipTokenizer: no BPE vocabulary at {path} (expected CLIP's "
-                                    f"bpe_simple_vocab_16e6.txt.gz; the repository ships one in data/)")
+            raise FileNotFoundError(
+                f"ClipTokenizer: no BPE vocabulary at {path} (expected CLIP's "
+                f"bpe_simple_vocab_16e6.txt.gz; the repository ships one in data/)"
+            )
         with gzip.open(path, 'rt', encoding='utf-8') as f:
             lines = f.read().split('\n')
-        merges = [tuple(line.split()) for line in lines[1:1 + 49408 - 256 * 2 - 2]]   # the first line is a header
+        merges = [
+            tuple(line.split()) for line in lines[1 : 1 + 49408 - 256 * 2 - 2]
+        ]  # the first line is a header
         # Every byte gets a printable stand-in character so BPE works on str; the printable
         # ASCII/Latin-1 bytes stand for themselves and come first in the vocabulary.
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
         others = [b for b in range(256) if b not in printable]
-        self.byte_char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+        self.byte_char = {b: chr(b) for b in printable} | {
+            b: chr(256 + n) for n, b in enumerate(others)
+        }
         chars = list(self.byte_char.values())
-        vocab = chars + [c + '</w>' for c in chars] + [''.join(m) for m in merges] + ['<|startoftext|>', '<|endoftext|>']
-        assert len(vocab) == self.vocab_size, f"{path}: {len(vocab)} tokens, expected {self.vocab_size}"
+        vocab = (
+            chars
+            + [c + '</w>' for c in chars]
+            + [''.join(m) for m in merges]
+            + ['<|startoftext|>', '<|endoftext|>']
+        )
+        assert (
+            len(vocab) == self.vocab_size
+        ), f"{path}: {len(vocab)} tokens, expected {self.vocab_size}"
         self.ids = {token: i for i, token in enumerate(vocab)}
         self.tokens = vocab
         self.rank = {pair: i for i, pair in enumerate(merges)}

@@ -44,10 +44,14 @@ BYTE = data.ByteTokenizer()
 
 # ----------------------------------------------------------------------------- helpers
 def make_shards(folder, n_shards, per_shard):
-    """Shards whose every sample's caption is its key, so a batch's tokens say which samples it holds."""
+    """Shards whose every sample's caption is its key, so a batch's tokens say which samples it
+    holds."""
     paths = []
     for s in range(n_shards):
-        samples = [(f's{s}_{i:03d}', {'png': png(100 * s + i), 'txt': f's{s}_{i:03d}'}) for i in range(per_shard)]
+        samples = [
+            (f's{s}_{i:03d}', {'png': png(100 * s + i), 'txt': f's{s}_{i:03d}'})
+            for i in range(per_shard)
+        ]
         paths.append(write_tar(folder / f'{s:03d}.tar', samples))
     return paths
 
@@ -57,7 +61,14 @@ def keys_of(tokens):
 
 
 def loader(urls, **kw):
-    kw = {'batch_size': 4, 'image_size': 8, 'context_length': 16, 'workers': 2, 'shuffle_buffer': 5, **kw}
+    kw = {
+        'batch_size': 4,
+        'image_size': 8,
+        'context_length': 16,
+        'workers': 2,
+        'shuffle_buffer': 5,
+        **kw,
+    }
     return data.ShardLoader(urls, **kw)
 
 
@@ -78,7 +89,9 @@ HIGH = (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
 
 
 def image_in_mode(mode, size=(40, 24)):
-    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    rgb = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    )
     if mode == 'I;16':
         return Image.fromarray(np.full(size[::-1], 40000, np.uint16))   # mode I;16
     if mode == 'P':
@@ -86,7 +99,9 @@ def image_in_mode(mode, size=(40, 24)):
     return rgb.convert(mode)
 
 
-@pytest.mark.parametrize('mode', ['RGB', 'L', '1', 'P', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'I;16', 'I', 'F'])
+@pytest.mark.parametrize(
+    'mode', ['RGB', 'L', '1', 'P', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'I;16', 'I', 'F']
+)
 def test_transforms_every_mode(mode):
     image = image_in_mode(mode)
     for transform in (data.train_transform(16), data.eval_transform(16)):
@@ -115,21 +130,23 @@ def test_train_transform_replays_from_its_rng():
 
 def test_train_transform_of_a_large_jpeg_decodes_small_and_still_matches():
     y, x = np.mgrid[0:300, 0:400] / 300
-    pixels = (np.stack([x, y, (x + y) / 2], -1) * 180).astype(np.uint8)       # smooth: survives JPEG
+    pixels = (np.stack([x, y, (x + y) / 2], -1) * 180).astype(np.uint8)  # smooth: survives JPEG
     jpeg, lossless = io.BytesIO(), io.BytesIO()
     Image.fromarray(pixels).save(jpeg, format='JPEG', quality=95)
     Image.fromarray(pixels).save(lossless, format='PNG')
     t = data.train_transform(64)
     drafted = t(Image.open(jpeg), random.Random(5))                           # decoded at 1/4 size
-    full = t(Image.open(lossless), random.Random(5))                          # the same crop, full size
+    full = t(Image.open(lossless), random.Random(5))  # the same crop, full size
     assert drafted.shape == full.shape == (3, 64, 64)
     assert (drafted - full).abs().mean() < 0.012                              # a box 2 % off: 0.03
 
 
 def test_eval_transform_resizes_short_side_and_crops_centre():
     square = image_in_mode('RGB', (16, 16))
-    expected = (torch.from_numpy(np.array(square)).permute(2, 0, 1) / 255 - torch.tensor(data.MEAN).view(3, 1, 1)) \
-        / torch.tensor(data.STD).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(np.array(square)).permute(2, 0, 1) / 255
+        - torch.tensor(data.MEAN).view(3, 1, 1)
+    ) / torch.tensor(data.STD).view(3, 1, 1)
     torch.testing.assert_close(data.eval_transform(16)(square), expected)
     wide = np.zeros((16, 48, 3), np.uint8)
     wide[:, :, 0] = 255           # red sides ...
@@ -174,7 +191,7 @@ def test_bad_flags_are_named(tmp_path):
             loader(paths, **kw)
 
 
-# ----------------------------------------------------------------------------- the loader: order and resume
+# -------------------------------------------------------------------- the loader: order and resume
 @pytest.fixture(scope='module')
 def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp('shards'), 5, 12)   # 60 samples
@@ -237,8 +254,13 @@ def test_workers_zero_equals_one_and_same_seed_same_order(shards):
 
 
 def epoch_keys(paths, rank, world_size, workers, **kw):
-    return [k for _, t in loader(paths, rank=rank, world_size=world_size, workers=workers, resample=False, **kw)
-            for k in keys_of(t)]
+    return [
+        k
+        for _, t in loader(
+            paths, rank=rank, world_size=world_size, workers=workers, resample=False, **kw
+        )
+        for k in keys_of(t)
+    ]
 
 
 @pytest.mark.parametrize('n_shards', [6, 3])   # more shards than ranks x workers (4), and fewer
@@ -260,12 +282,17 @@ def test_epochs_are_reshuffled_and_resample_goes_on(tmp_path):
     assert sorted(forever) == sorted(epoch0 * 2)               # two whole epochs, nothing dropped
     # without a sample buffer, the order of the shards alone changes from epoch to epoch
     (tmp_path / 'many').mkdir()
-    unbuffered = loader(make_shards(tmp_path / 'many', 8, 2), workers=0, resample=False, shuffle_buffer=0)
+    unbuffered = loader(
+        make_shards(tmp_path / 'many', 8, 2), workers=0, resample=False, shuffle_buffer=0
+    )
     assert [keys_of(t) for _, t in unbuffered] != [keys_of(t) for _, t in unbuffered]
 
 
 def test_eval_mode_reads_in_order_with_first_caption(tmp_path):
-    path = write_tar(tmp_path / 'a.tar', [(f'k{i}', {'jpg': png(i, 12, 'JPEG'), 'txt': f'k{i}\nother'}) for i in range(6)])
+    path = write_tar(
+        tmp_path / 'a.tar',
+        [(f'k{i}', {'jpg': png(i, 12, 'JPEG'), 'txt': f'k{i}\nother'}) for i in range(6)],
+    )
     batches = list(loader([path], workers=0, train=False, resample=False, image_size=8,
                           caption_lines=True))
     assert [k for _, t in batches for k in keys_of(t)] == [f'k{i}' for i in range(6)]
@@ -289,10 +316,10 @@ def bad_shards(tmp_path):
     with tarfile.open(whole) as tar:
         cut = next(m for m in tar.getmembers() if m.name == 'cut2.png')
     with open(whole, 'r+b') as f:
-        f.truncate(cut.offset_data + cut.size // 2)                           # truncated tar, inside cut2.png
+        f.truncate(cut.offset_data + cut.size // 2)  # truncated tar, inside cut2.png
     empty = tmp_path / 'zero.tar'
     empty.write_bytes(b'')                                                    # unreadable shard
-    return [mixed, whole, str(empty), str(tmp_path / 'missing.tar')]          # ... and a missing one
+    return [mixed, whole, str(empty), str(tmp_path / 'missing.tar')]  # ... and a missing one
 
 
 EXPECTED_SKIPS = {'corrupt image': 2, 'no caption': 1, 'empty caption': 1, 'unknown extension': 1,
@@ -306,7 +333,13 @@ def test_bad_input_is_skipped_counted_and_warned_once(tmp_path, workers):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         keys = [k for _, t in ld for k in keys_of(t)]
-    assert sorted(keys) == ['cut0', 'cut1', 'good1', 'good2', 'good3']     # cut2 was damaged, cut3 lost
+    assert sorted(keys) == [
+        'cut0',
+        'cut1',
+        'good1',
+        'good2',
+        'good3',
+    ]  # cut2 was damaged, cut3 lost
     assert ld.skipped == EXPECTED_SKIPS
     messages = [str(w.message) for w in caught if issubclass(w.category, data.DataWarning)]
     for kind in EXPECTED_SKIPS:
@@ -319,7 +352,9 @@ def test_bad_input_with_resample_goes_on(tmp_path):
     it = iter(loader(bad_shards(tmp_path), workers=0, batch_size=2))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        keys = [k for _, t in take(it, 10) for k in keys_of(t)]       # 20 samples: 4 epochs of 5 good ones
+        keys = [
+            k for _, t in take(it, 10) for k in keys_of(t)
+        ]  # 20 samples: 4 epochs of 5 good ones
     assert sorted(set(keys)) == ['cut0', 'cut1', 'good1', 'good2', 'good3']
 
 
@@ -332,7 +367,9 @@ def test_no_valid_sample_is_an_error_naming_the_pattern(tmp_path, workers, resam
     write_tar(tmp_path / 'only_bad_0.tar', [('a', {'png': png(0)}), ('b', {'txt': 'b'})])
     write_tar(tmp_path / 'only_bad_1.tar', [('c', {'jpg': b'not an image', 'txt': 'c'})])
     pattern = str(tmp_path / 'only_bad_{0..1}.tar')
-    previous = signal.signal(signal.SIGALRM, on_timeout)   # a hang fails the test instead of stalling it
+    previous = signal.signal(
+        signal.SIGALRM, on_timeout
+    )  # a hang fails the test instead of stalling it
     signal.alarm(20)
     try:
         with warnings.catch_warnings():
@@ -350,14 +387,22 @@ def test_read_shards(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         samples = list(data.read_shards(paths))
-    assert [k for k, _, _ in samples] == ['good1', 'noise', 'half', 'good2', 'good3', 'cut0', 'cut1']
+    assert [k for k, _, _ in samples] == [
+        'good1',
+        'noise',
+        'half',
+        'good2',
+        'good3',
+        'cut0',
+        'cut1',
+    ]
     image, captions = samples[0][1:]
     assert captions == ['good1'] and image.mode == 'RGB' and image.size == (16, 16)
     assert samples[1][1] is None and samples[2][1] is None              # did not decode
     assert len(caught) == 1 and "'truncated tar': 1" in str(caught[0].message)
 
 
-# ----------------------------------------------------------------------------- bad shards, big images, captions
+# ---------------------------------------------------------------- bad shards, big images, captions
 def quietly(make, *args):
     """list(make(*args)) without the DataWarnings a test of bad input expects."""
     with warnings.catch_warnings():
@@ -374,7 +419,9 @@ def test_one_unreadable_shard_among_few_does_not_stop_training(tmp_path, workers
     paths = good + [str(tmp_path / 'zero.tar')]
     ld = loader(paths, workers=workers, batch_size=2)
     full = quietly(take, iter(ld), 12)                        # 4 epochs of the good shard
-    assert sorted(k for _, t in full for k in keys_of(t)) == sorted([f's0_{i:03d}' for i in range(6)] * 4)
+    assert sorted(k for _, t in full for k in keys_of(t)) == sorted(
+        [f's0_{i:03d}' for i in range(6)] * 4
+    )
     assert ld.skipped['unreadable shard'] >= 3
     first = loader(paths, workers=workers, batch_size=2)
     it = iter(first)
@@ -388,7 +435,9 @@ def test_a_rank_whose_share_stays_empty_stops_after_some_epochs(tmp_path, monkey
     """One shard with one good sample, two ranks: rank 1 keeps the samples j % 2 == 1 of it,
     never a valid one. It stops with the pattern named instead of spinning forever; rank 0 runs."""
     monkeypatch.setattr(data, 'EMPTY_EPOCHS', 3)
-    path = write_tar(tmp_path / 'one.tar', [('a', {'png': png(0), 'txt': 'a'}), ('b', {'png': png(1)})])
+    path = write_tar(
+        tmp_path / 'one.tar', [('a', {'png': png(0), 'txt': 'a'}), ('b', {'png': png(1)})]
+    )
     assert quietly(take, iter(loader([path], workers=0, batch_size=1, rank=0, world_size=2)), 3)
     with pytest.raises(ValueError, match=r'one\.tar.*rank 1 of 2'):
         quietly(take, iter(loader([path], workers=0, batch_size=1, rank=1, world_size=2)), 1)
@@ -400,7 +449,7 @@ def test_images_beyond_the_pixel_budget_are_skipped_and_counted(tmp_path, monkey
     assert len(huge) < 100_000 and 6000 * 6000 > images.MAX_PIXELS
     with pytest.raises(data.ImageTooLarge, match='6000 x 6000'):
         data.open_image(io.BytesIO(huge))
-    monkeypatch.setattr(images, 'MAX_PIXELS', 24 * 24)            # small images stand in for big ones
+    monkeypatch.setattr(images, 'MAX_PIXELS', 24 * 24)  # small images stand in for big ones
     path = write_tar(tmp_path / 'big.tar', [
         ('small', {'png': png(0, 16), 'txt': 'small'}),
         ('bigpng', {'png': png(1, 32), 'txt': 'bigpng'}),        # refused
@@ -423,9 +472,16 @@ def test_bomb_beyond_pils_limit_is_too_large(tmp_path):
 
 
 def test_caption_not_utf8_and_header_cut_are_counted(tmp_path):
-    latin = write_tar(tmp_path / 'latin.tar', [('ok', {'png': png(0), 'txt': 'ok'}),
-                                               ('latin', {'png': png(1), 'txt': 'caf\xe9'.encode('latin-1')})])
-    whole = write_tar(tmp_path / 'cut.tar', [(f'k{i}', {'png': png(i), 'txt': f'k{i}'}) for i in range(3)])
+    latin = write_tar(
+        tmp_path / 'latin.tar',
+        [
+            ('ok', {'png': png(0), 'txt': 'ok'}),
+            ('latin', {'png': png(1), 'txt': 'caf\xe9'.encode('latin-1')}),
+        ],
+    )
+    whole = write_tar(
+        tmp_path / 'cut.tar', [(f'k{i}', {'png': png(i), 'txt': f'k{i}'}) for i in range(3)]
+    )
     with tarfile.open(whole) as tar:
         header = next(m for m in tar.getmembers() if m.name == 'k2.txt').offset
     with open(whole, 'r+b') as f:
@@ -452,19 +508,38 @@ def test_empty_and_non_tar_shards_say_what_they_are(tmp_path):
 
 
 def test_captions_from_json_and_whole_text_by_default(tmp_path):
-    path = write_tar(tmp_path / 'a.tar', [
-        ('txt', {'jpg': png(0, fmt='JPEG'), 'txt': 'first line\nsecond line', 'json': '{"caption": "no"}'}),
-        ('json', {'jpg': png(1, fmt='JPEG'), 'json': '{"caption": "from the json", "url": "x"}'}),
-        ('list', {'jpg': png(2, fmt='JPEG'), 'json': '{"caption": ["one", "two"]}'}),
-        ('other', {'jpg': png(3, fmt='JPEG'), 'json': '{"alt": "other key"}'})])
+    path = write_tar(
+        tmp_path / 'a.tar',
+        [
+            (
+                'txt',
+                {
+                    'jpg': png(0, fmt='JPEG'),
+                    'txt': 'first line\nsecond line',
+                    'json': '{"caption": "no"}',
+                },
+            ),
+            (
+                'json',
+                {'jpg': png(1, fmt='JPEG'), 'json': '{"caption": "from the json", "url": "x"}'},
+            ),
+            ('list', {'jpg': png(2, fmt='JPEG'), 'json': '{"caption": ["one", "two"]}'}),
+            ('other', {'jpg': png(3, fmt='JPEG'), 'json': '{"alt": "other key"}'}),
+        ],
+    )
     def captions(**kw):
-        ld = loader([path], workers=0, batch_size=1, resample=False, train=False, context_length=32, **kw)
+        ld = loader(
+            [path], workers=0, batch_size=1, resample=False, train=False, context_length=32, **kw
+        )
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             return [keys_of(t)[0] for _, t in ld], ld.skipped
     # img2dataset's caption with a newline stays one caption; .json when there is no .txt
     assert captions() == (['first line second line', 'from the json', 'one'], {'no caption': 1})
-    assert captions(caption_lines=True) == (['first line', 'from the json', 'one'], {'no caption': 1})
+    assert captions(caption_lines=True) == (
+        ['first line', 'from the json', 'one'],
+        {'no caption': 1},
+    )
     assert captions(caption_key='alt')[0] == ['first line second line', 'other key']
     assert captions(caption_key=None) == (['first line second line'], {'no caption': 3})
     # the training draws among a list's captions
@@ -481,12 +556,18 @@ def test_caption_lines_reads_one_caption_per_line(tmp_path):
                 context_length=64, caption_lines=True)
     (lines,) = [keys_of(t) for _, t in ld]
     with tarfile.open(os.path.join(root, 'train', '00000.tar')) as tar:
-        first = [tar.extractfile(m).read().decode().splitlines()[0] for m in tar if m.name.endswith('.txt')]
+        first = [
+            tar.extractfile(m).read().decode().splitlines()[0]
+            for m in tar
+            if m.name.endswith('.txt')
+        ]
     assert lines == first                       # one line of each, not the whole text
     assert loader(make_shards(tmp_path, 1, 1), workers=0).caption_lines is False
 
 
 def test_a_missing_data_path_is_named(tmp_path):
     for missing in (tmp_path / 'nowhere', tmp_path / 'nowhere' / '{000..003}.tar'):
-        with pytest.raises(ValueError, match=re.escape(f"shards '{missing}' match no file (no such file")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"shards '{missing}' match no file (no such file")
+        ):
             loader(str(missing))

@@ -20,7 +20,9 @@ LIMIT = 100
 
 
 def python_files():
-    return sorted(glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, '*', '*.py')))
+    return sorted(
+        glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, '*', '*.py'))
+    )
 
 
 def test_every_line_within_100_characters():

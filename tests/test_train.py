@@ -55,12 +55,18 @@ def uninterrupted(tmp_path_factory, synthetic):
 def test_run_writes_log_config_checkpoints(uninterrupted):
     names = sorted(os.listdir(uninterrupted))
     assert {'config.json', 'log.jsonl', 'ckpt.pt', 'ckpt_0000012.pt'} <= set(names)
-    assert [n for n in names if n.startswith('ckpt_')] == ['ckpt_0000004.pt', 'ckpt_0000008.pt', 'ckpt_0000012.pt']
+    assert [n for n in names if n.startswith('ckpt_')] == [
+        'ckpt_0000004.pt',
+        'ckpt_0000008.pt',
+        'ckpt_0000012.pt',
+    ]
     lines = log_lines(uninterrupted)
     assert [r['step'] for r in lines if 'loss' in r] == list(range(1, 13))
     assert all(r['loss'] > 0 for r in lines if 'loss' in r)
     final = lines[-1]
-    assert any(k.startswith('zeroshot') for k in final) and any(k.startswith('retrieval') for k in final)
+    assert any(k.startswith('zeroshot') for k in final) and any(
+        k.startswith('retrieval') for k in final
+    )
     ckpt = torch.load(os.path.join(uninterrupted, 'ckpt.pt'), weights_only=True)
     assert ckpt['step'] == 12 and ckpt['config']['model_config']['num_mixture'] == 4
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
@@ -90,7 +96,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupt
         assert proc.returncode == 0 and 'SIGTERM' in output, output[-2000:]
     else:
         assert proc.returncode == -signal.SIGKILL
-    assert not os.path.exists(os.path.join(out, 'ckpt_0000012.pt')), 'the run ended before the signal'
+    assert not os.path.exists(
+        os.path.join(out, 'ckpt_0000012.pt')
+    ), 'the run ended before the signal'
     train(out, synthetic, '--steps=12', '--save_every=4')
     assert_same_weights(weights(out), weights(uninterrupted))
     steps = [r['step'] for r in log_lines(out) if 'loss' in r]
@@ -116,7 +124,9 @@ def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     torch.save({'numpy': train_py.checkpoint.numpy_rng_state()}, tmp_path / 'rng.pt')
     expected = np.random.randn(5)
     np.random.seed(99)
-    train_py.checkpoint.set_numpy_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True)['numpy'])
+    train_py.checkpoint.set_numpy_rng_state(
+        torch.load(tmp_path / 'rng.pt', weights_only=True)['numpy']
+    )
     np.testing.assert_array_equal(np.random.randn(5), expected)
 
 
@@ -303,8 +313,16 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
 
 def test_two_ranks_with_torchrun(tmp_path, synthetic):
     out = str(tmp_path)
-    cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
-                   f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL, '--steps=3', '--save_every=3')
+    cmd = torchrun(
+        '--standalone',
+        '--nproc_per_node=2',
+        os.path.join(ROOT, 'train.py'),
+        f'--out_dir={out}',
+        f'--synthetic_dir={synthetic}',
+        *SMALL,
+        '--steps=3',
+        '--save_every=3',
+    )
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
@@ -314,11 +332,28 @@ def test_two_ranks_with_torchrun(tmp_path, synthetic):
 
 def test_two_nodes_on_localhost(tmp_path, synthetic):
     out, port = str(tmp_path), free_port()
-    nodes = [subprocess.Popen(
-        torchrun('--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
-                 '--rdzv_id=llip-test', os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
-                 f'--synthetic_dir={synthetic}', *SMALL, '--steps=3', '--save_every=3'),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            torchrun(
+                '--nnodes=2',
+                '--nproc_per_node=1',
+                '--rdzv_backend=c10d',
+                f'--rdzv_endpoint=127.0.0.1:{port}',
+                '--rdzv_id=llip-test',
+                os.path.join(ROOT, 'train.py'),
+                f'--out_dir={out}',
+                f'--synthetic_dir={synthetic}',
+                *SMALL,
+                '--steps=3',
+                '--save_every=3',
+            ),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), '\n'.join(o[-2000:] for o in outputs)
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
