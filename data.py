@@ -46,10 +46,10 @@ caption or with an empty one, a caption that is not UTF-8, an image of an unknow
 (.gif, ...), a truncated tar (also one cut inside a header; its samples before the damage are
 kept) and a shard that cannot be opened (empty, not a tar) are skipped and counted in
 ShardLoader.skipped, with one DataWarning per kind and a summary at the end of each epoch. A
-worker whose share of an epoch is all bad goes on to the next epoch. A pattern that names no file, and a dataset with no
-valid sample in a whole epoch, raise an error that quotes the pattern and the first problem of
-each kind. (A tar cut exactly between two members looks complete.)
-"""
+worker whose share of an epoch is all bad goes on to the next epoch. A pattern that names no
+file, and a dataset with no valid sample in a whole epoch, raise an error that quotes the
+pattern and the first problem of each kind. (A tar cut exactly between two members looks
+complete.) """
 
 import functools
 import io
