@@ -49,7 +49,8 @@ ShardLoader.skipped, with one DataWarning per kind and a summary at the end of e
 worker whose share of an epoch is all bad goes on to the next epoch. A pattern that names no
 file, and a dataset with no valid sample in a whole epoch, raise an error that quotes the
 pattern and the first problem of each kind. (A tar cut exactly between two members looks
-complete.) """
+complete.)
+"""
 
 import functools
 import io
