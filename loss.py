@@ -63,47 +63,47 @@ def contextual_cosine(image, text, out_proj, tau):
 
 
 # ----------------------------------------------------------------------------- the loss (eq. 3)
-def sigmoid_loss_sum(cos, logit_scale, logit_bias, offset=0):
+def sigmoid_loss_sum(cos, a, b, offset=0):
     """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), cos (I, T); y_ij = +1 where caption
     j = image i + offset (this rank's first image is caption offset of the gathered batch)."""
-    cos = cos.to(torch.promote_types(cos.dtype, logit_scale.dtype))     # bf16 pairs -> fp32 loss
+    cos = cos.to(torch.promote_types(cos.dtype, a.dtype))   # bf16 pairs -> fp32 loss
     i = torch.arange(cos.shape[0], device=cos.device)[:, None] + offset
     j = torch.arange(cos.shape[1], device=cos.device)[None, :]
     labels = torch.where(i == j, 1.0, -1.0).to(cos.dtype)                # y_ij, (I, T)
-    return -F.logsigmoid(labels * (logit_scale * cos + logit_bias)).sum()
+    return -F.logsigmoid(labels * (a * cos + b)).sum()
 
 
 # ----------------------------------------------------------------------------- CLIP and SigLIP
-def clip_loss(image_emb, text_emb, logit_scale):
+def clip_loss(image_emb, text_emb, a):
     """Image->text and text->image cross-entropy; embeddings (N, D) normalised."""
     rank, _ = rank_and_world()
     n = image_emb.shape[0]
     all_images, all_texts = gather(image_emb), gather(text_emb)
     targets = torch.arange(n, device=image_emb.device) + rank * n
-    return (F.cross_entropy(logit_scale * image_emb @ all_texts.T, targets)
-            + F.cross_entropy(logit_scale * text_emb @ all_images.T, targets)) / 2
+    return (F.cross_entropy(a * image_emb @ all_texts.T, targets)
+            + F.cross_entropy(a * text_emb @ all_images.T, targets)) / 2
 
 
-def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
+def siglip_loss(image_emb, text_emb, a, b):
     """Sigmoid loss of every local image against every caption; embeddings (N, D) normalised."""
     rank, _ = rank_and_world()
     n = image_emb.shape[0]
     cos = image_emb @ gather(text_emb).T                                 # (N, N_global)
-    return sigmoid_loss_sum(cos, logit_scale, logit_bias, rank * n) / n
+    return sigmoid_loss_sum(cos, a, b, rank * n) / n
 
 
 # ----------------------------------------------------------------------------- Llip
-def llip_loss(image, text, out_proj, tau, logit_scale, logit_bias, chunk_size=None, form='auto'):
+def llip_loss(image, text, out_proj, tau, a, b, chunk_size=None, form='auto'):
     """Eq. 3 for this rank's images against every rank's captions. image: keys and values
     (N_img, M, K, D/M); text: queries (N_txt, M, D/M) and emb (N_txt, D), normalised; out_proj
-    (D, D) = W_O; logit_scale = a (already exp'd), logit_bias = b. Image i's positive is
-    caption i of the same rank. chunk_size: images per chunk (None: default_chunk); form:
-    'plain', 'gram', 'mixed' or 'auto' (see pick_form)."""
+    (D, D) = W_O; a and b as in eq. 3: a = exp(t) (the model's logit_scale is t), b the model's
+    logit_bias. Image i's positive is caption i of the same rank. chunk_size: images per chunk
+    (None: default_chunk); form: 'plain', 'gram', 'mixed' or 'auto' (see pick_form)."""
     rank, _ = rank_and_world()
     n = image.keys.shape[0]
     text = text._replace(queries=gather(text.queries), emb=gather(text.emb))
     a, b = (x if torch.is_tensor(x) else torch.tensor(float(x), device=image.keys.device)
-            for x in (logit_scale, logit_bias))
+            for x in (a, b))
     form = pick_form(form, image.keys, text.emb.shape[0])
     chunk = chunk_size or default_chunk(form, text.emb.shape[0], image.keys)
     if form == 'plain':
@@ -121,16 +121,16 @@ def llip_loss(image, text, out_proj, tau, logit_scale, logit_bias, chunk_size=No
     return total / n
 
 
-def _plain_loss_sum(image, text, out_proj, tau, logit_scale, logit_bias, offset):
-    return sigmoid_loss_sum(contextual_cosine(image, text, out_proj, tau), logit_scale, logit_bias,
+def _plain_loss_sum(image, text, out_proj, tau, a, b, offset):
+    return sigmoid_loss_sum(contextual_cosine(image, text, out_proj, tau), a, b,
                             offset)
 
 
-def llip_loss_reference(image, text, out_proj, tau, logit_scale, logit_bias):
+def llip_loss_reference(image, text, out_proj, tau, a, b):
     """The plain form without chunks: every z_ij (N_img x N_txt x D) at once, and autograd
     keeps it all. Single process only; what the chunking saves, in bench.py."""
     cos = contextual_cosine(image, text, out_proj, tau)
-    return sigmoid_loss_sum(cos, logit_scale, logit_bias) / image.keys.shape[0]
+    return sigmoid_loss_sum(cos, a, b) / image.keys.shape[0]
 
 
 def pairwise_cosine(image, text, out_proj, tau, chunk_size=None, form='auto'):

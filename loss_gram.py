@@ -108,13 +108,13 @@ def gram_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
 
 
 # ----------------------------------------------------------------------------- the loss
-def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, logit_scale, logit_bias, offset,
+def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b, offset,
                   chunk):
     """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), y_ij = +1 where caption j is image
     i + offset; keys and values are this rank's images, queries and text_emb every caption."""
     text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
     return _GramSigmoidLoss.apply(tau, chunk, offset, keys, values, queries, text_out,
-                                  out_proj @ out_proj.T, logit_scale, logit_bias)
+                                  out_proj @ out_proj.T, a, b)
 
 
 class _GramSigmoidLoss(torch.autograd.Function):
@@ -279,12 +279,12 @@ def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
         return torch.cat(parts)
 
 
-def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, logit_scale, logit_bias,
+def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b,
                    offset, chunk):
     """gram_loss_sum in the mixed form: the same sum, the same arguments."""
     text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
     return _MixedSigmoidLoss.apply(tau, chunk, offset, keys, values, queries, text_out,
-                                   out_proj @ out_proj.T, logit_scale, logit_bias)
+                                   out_proj @ out_proj.T, a, b)
 
 
 class _MixedSigmoidLoss(torch.autograd.Function):

@@ -34,19 +34,19 @@ def make_inputs(seed=0, dtype=torch.float64, n_img=N, n_txt=N):
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
     return dict(keys=r(n_img, M, K, d), values=r(n_img, M, K, d), queries=r(n_txt, M, d),
                 text_emb=F.normalize(r(n_txt, D), dim=-1), out_proj=r(D, D) / math.sqrt(D),
-                logit_scale=torch.tensor(3.0, dtype=dtype),
-                logit_bias=torch.tensor(-2.0, dtype=dtype))
+                a=torch.tensor(3.0, dtype=dtype),
+                b=torch.tensor(-2.0, dtype=dtype))
 
 
 def on_features(fn, tau, **kwargs):
     """fn in the call shape of llip_loss, as a function of make_inputs' flat tensors."""
-    def call(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias):
+    def call(keys, values, queries, text_emb, out_proj, a, b):
         image, text = ImageFeatures(keys=keys, values=values), TextFeatures(queries, text_emb)
-        return fn(image, text, out_proj, tau, logit_scale, logit_bias, **kwargs)
+        return fn(image, text, out_proj, tau, a, b, **kwargs)
     return call
 
 
-def naive_llip(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias, tau):
+def naive_llip(keys, values, queries, text_emb, out_proj, a, b, tau):
     """Eq. 1-3 written pair by pair, head by head, with no shared helper."""
     total = 0.0
     for i in range(keys.shape[0]):
@@ -58,7 +58,7 @@ def naive_llip(keys, values, queries, text_emb, out_proj, logit_scale, logit_bia
             z = torch.cat(heads) @ out_proj
             cos = torch.dot(z / z.norm(), text_emb[j])
             y = 1.0 if i == j else -1.0
-            total = total + torch.log1p(torch.exp(-y * (logit_scale * cos + logit_bias)))
+            total = total + torch.log1p(torch.exp(-y * (a * cos + b)))
     return total / keys.shape[0]
 
 
@@ -136,7 +136,7 @@ def fp32_inputs(seed, I, T, heads, k, d):
                 queries=torch.randn(T, heads, d, generator=g),
                 text_emb=F.normalize(torch.randn(T, heads * d, generator=g), dim=-1),
                 out_proj=torch.randn(heads * d, heads * d, generator=g) / (heads * d) ** 0.5,
-                logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-3.0))
+                a=torch.tensor(10.0), b=torch.tensor(-3.0))
 
 
 def test_gram_cosines_equal_plain_cosines_in_fp32():
@@ -144,7 +144,7 @@ def test_gram_cosines_equal_plain_cosines_in_fp32():
     the Gram form's own autograd, not its hand-written backward) the same gradients, at M K < D.
     loss_gram.gram_cosine is what Llip.similarity runs; autograd through it is for this test."""
     x = fp32_inputs(6, 9, 11, 4, 3, 8)
-    del x['logit_scale'], x['logit_bias']
+    del x['a'], x['b']
     plain = lambda keys, values, queries, text_emb, out_proj: contextual_cosine(
         ImageFeatures(keys=keys, values=values), TextFeatures(queries, text_emb), out_proj, 3.0)
     gram = lambda keys, values, queries, text_emb, out_proj: loss_gram.gram_cosine(
@@ -183,19 +183,19 @@ def test_fast_forms_on_another_ranks_slice_equal_plain_in_float64(shape, form):
     x['keys'], x['values'] = x['keys'][3:9], x['values'][3:9]
     fast_sum = loss_gram.mixed_loss_sum if form == 'mixed' else loss_gram.gram_loss_sum
 
-    def fast(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias):
-        return fast_sum(keys, values, queries, text_emb, out_proj, 2.0, logit_scale, logit_bias,
+    def fast(keys, values, queries, text_emb, out_proj, a, b):
+        return fast_sum(keys, values, queries, text_emb, out_proj, 2.0, a, b,
                         offset=3, chunk=4)
 
-    def plain(keys, values, queries, text_emb, out_proj, logit_scale, logit_bias):
+    def plain(keys, values, queries, text_emb, out_proj, a, b):
         cos = contextual_cosine(ImageFeatures(keys=keys, values=values),
                                 TextFeatures(queries, text_emb), out_proj, 2.0)
-        return sigmoid_loss_sum(cos, logit_scale, logit_bias, offset=3)
+        return sigmoid_loss_sum(cos, a, b, offset=3)
     expected, expected_grads = value_and_grads(plain, x)
     loss, grads = value_and_grads(fast, x)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     for name in x:
-        assert grads[name].shape == x[name].shape, name      # logit_scale, logit_bias: 0-d
+        assert grads[name].shape == x[name].shape, name      # a, b: 0-d
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-10, atol=1e-12,
                                    msg=name)
 
@@ -275,14 +275,14 @@ def test_uniform_mixing_reduces_to_siglip(form):
     x = make_inputs(seed=3)
     x['keys'] = torch.zeros_like(x['keys'])            # every logit 0 -> Phi = 1/K
     z = x['values'].mean(dim=2).reshape(N, D) @ x['out_proj']
-    expected = siglip_loss(F.normalize(z, dim=-1), x['text_emb'], x['logit_scale'], x['logit_bias'])
+    expected = siglip_loss(F.normalize(z, dim=-1), x['text_emb'], x['a'], x['b'])
     torch.testing.assert_close(on_features(llip_loss, 5.0, chunk_size=3, form=form)(**x), expected)
 
 
 @pytest.mark.parametrize('form', FORMS)
 def test_huge_logits_stay_finite(form):
     x = make_inputs(seed=4, dtype=torch.float32)
-    x['logit_scale'] = torch.tensor(1e6)
+    x['a'] = torch.tensor(1e6)
     loss, grads = value_and_grads(on_features(llip_loss, 5.0, chunk_size=2, form=form), x)
     assert torch.isfinite(loss) and loss > 1e4
     assert all(torch.isfinite(g).all() for g in grads.values())
