@@ -294,18 +294,23 @@ def measured_step(config, batch, grad_ckpt=False, dtype='float32', seed=0):
     params = list(model.parameters())
     state = [*params, *(p.grad for p in params), *(t for s in opt.state.values()
                                                   for t in s.values())]
-    with LiveMemory(known=[*state, images, tokens]) as live:
-        with autocast:
-            loss = model(images, tokens)
-        live.sweep()
-        kept = live.now                                   # what autograd keeps for backward
-        loss.backward()
-    del loss
+    seen = {}
+
+    def tracked():   # counted by FlopCounterMode and LiveMemory at once
+        with LiveMemory(known=[*state, images, tokens]) as live:
+            with autocast:
+                loss = model(images, tokens)
+            live.sweep()
+            seen['kept'] = live.now                       # what autograd keeps for backward
+            loss.backward()
+            del loss
+        seen['activations'] = live.peak
+    flops = step_flops(tracked)
     with LiveMemory(known=[*state, images, tokens]) as live_opt:
         opt.step()                                        # foreach AdamW's temporaries
     held = sum(t.untyped_storage().nbytes() for t in state)
-    return {'kept': kept, 'activations': live.peak, 'state': held,
-            'peak': held + max(live.peak, live_opt.peak), 'flops': step_flops(step)}
+    return {**seen, 'state': held, 'peak': held + max(seen['activations'], live_opt.peak),
+            'flops': flops}
 
 
 def validation_configs():
