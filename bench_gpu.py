@@ -92,7 +92,7 @@ def check_correctness(device):
         return [loss.detach(), *(p.grad for p in model.parameters())]
 
     def run_loss(form, dev, dtype, precision):
-        leaves = {k: v.to(dev, precision).requires_grad_() for k, v in feats.items()}
+        leaves = {k: v.to(dev, precision, copy=True).requires_grad_() for k, v in feats.items()}
         image = ImageFeatures(keys=leaves['keys'], values=leaves['values'])
         text = TextFeatures(leaves['queries'], leaves['text_emb'])
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
@@ -145,7 +145,8 @@ def check_learning(device, steps):
 
 # ----------------------------------------------------------------------------- (c) speed
 def training_step(config, batch, device, grad_ckpt, compile):
-    """One bf16-autocast training step (forward, backward, AdamW) as a function, and its model."""
+    """One training step (forward, backward, AdamW) as a function: bf16 autocast on CUDA, fp32
+    on CPU (bf16 matmuls there are slow and say nothing of a GPU)."""
     torch.manual_seed(0)
     model = Llip(config).to(device)
     model.set_grad_checkpointing(grad_ckpt)
@@ -156,7 +157,7 @@ def training_step(config, batch, device, grad_ckpt, compile):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
             loss = run(images, tokens)
         loss.backward()
         opt.step()
@@ -181,7 +182,8 @@ def check_speed(config, batch, device, compile, repeats):
 
 # ----------------------------------------------------------------------------- (d) loss at scale
 def check_loss_at_scale(config, local, captions, device, chunks, tower_seconds_per_image):
-    """llip_loss forward + backward for `local` images against `captions` captions, bf16: time
+    """llip_loss forward + backward for `local` images against `captions` captions (bf16 on
+    CUDA, fp32 on CPU): time
     (against the towers' step for as many images), peak memory (against the planner's loss
     workspace), both forms, and the Gram form's chunk sweep."""
     D, M, K = config.embed_dim, config.mixer_heads, config.num_mixture
@@ -196,14 +198,15 @@ def check_loss_at_scale(config, local, captions, device, chunks, tower_seconds_p
 
     def run(form, chunk):
         def call():
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
                 loss = llip_loss(image, text, out_proj, config.tau, 10.0, -10.0, chunk, form)
             loss.backward()
             for t in inputs:
                 t.grad = None
         return call
     towers = tower_seconds_per_image * local
-    planned = bench_plan.loss_workspace_bytes(config, local, captions, device)
+    dtype = 'bfloat16' if device == 'cuda' else 'float32'
+    planned = bench_plan.loss_workspace_bytes(config, local, captions, device, dtype)
     out = {'local_images': local, 'captions': captions, 'towers_step_seconds': towers}
     for form, sweep in (('plain', [None]), ('gram', [None, *chunks])):
         for chunk in sweep:
@@ -278,7 +281,8 @@ def main(argv):
     report['e_accumulation'] = check_accumulation(device, 2 if small else 16)
     if device != 'cuda':
         report['skipped'] += ['MFU (no GPU peak on CPU)', 'the CUDA allocator (peak memory is '
-                              "LiveMemory's on CPU)", 'TF32 and the CUDA kernels']
+                              "LiveMemory's on CPU)", 'TF32 and the CUDA kernels',
+                              'bf16 in (b)-(d) (fp32 on CPU; (a) checks bf16 autocast)']
     if not compile:
         report['skipped'].append('torch.compile (--compile=yes to run it)')
     if 'skipped' in report['e_accumulation']:

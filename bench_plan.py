@@ -3,7 +3,7 @@ The planner: what fits on a GPU, and how long a run takes, before the run starts
 
     python bench.py plan --model=vit_g14 --global_batch=32768 --gpus=8,64,256 --gpu_memory=80
     python bench.py plan --model=all --gpu=h100               # every preset, the paper's batch
-    python bench.py plan --validate                           # the arithmetic against CPU measurements
+    python bench.py plan --validate                           # against CPU measurements
 
 Everything is arithmetic on the model's shapes, written out below so it can be checked:
   parameters        counted on the meta device from model.Llip(config) (no memory, no init)
@@ -38,7 +38,7 @@ from model import PRESETS, Llip
 # dense bf16 peak FLOP/s and memory (GB) of the GPUs the planner knows
 GPUS = {'h100': (989e12, 80), 'h200': (989e12, 141), 'a100': (312e12, 80),
         'a100-40gb': (312e12, 40), 'l40s': (362e12, 48)}
-STATE_BYTES = 4 + 4 + 8        # per parameter: fp32 weight, fp32 gradient, AdamW exp_avg + exp_avg_sq
+STATE_BYTES = 4 + 4 + 8        # a parameter: fp32 weight, gradient, AdamW's two moments
 PAPER_SAMPLES = 12.8e9         # the paper trains on 12.8 B samples (appendix)
 PAPER_BATCH = 32768
 
@@ -48,7 +48,7 @@ _COUNTS = {}   # the planner asks for the same config's count many times
 
 
 def count_parameters(config):
-    """Parameters of the towers and of the rest (mixer, projections, a and b), on the meta device."""
+    """Parameters of the towers and of the rest (mixer, projections, a, b), on the meta device."""
     if repr(config) not in _COUNTS:
         _COUNTS[repr(config)] = _count_parameters(config)
     return _COUNTS[repr(config)]
@@ -381,7 +381,8 @@ def print_table(rows, args):
     for r in rows:
         micro = (f"{r['micro']:>5} {r['accum']:>5} {r['memory_gb']:>6.1f}" if r['micro']
                  else f"{'-':>5} {'-':>5} {'-':>6}")
-        print(f"{r['preset']:>8} {r['gpus']:>4} {r['shard']:>5} {'yes' if r['grad_ckpt'] else 'no':>4}"
+        ckpt = 'yes' if r['grad_ckpt'] else 'no'
+        print(f"{r['preset']:>8} {r['gpus']:>4} {r['shard']:>5} {ckpt:>4}"
               f" {r['params'] / 1e6:>6.0f}M {r['state_gb']:>8.1f} {r['act_mb']:>7.1f} {micro}"
               f" {r['tflop_towers']:>8.0f} {r['tflop_mixer']:>6.1f} {r['tflop_loss']:>6.0f}"
               f" {r['loss_share']:>5.1%} {r['step_s']:>7.2f} {r['days']:>6.1f}")

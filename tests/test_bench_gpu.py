@@ -1,4 +1,5 @@
-"""What this proves about the GPU check, bench_gpu.py (run: python -m pytest tests/test_bench_gpu.py):
+"""What this proves about the GPU check, bench_gpu.py
+(run: python -m pytest tests/test_bench_gpu.py):
 - `bench.py gpu --device=cpu --small` runs every item of the check on CPU, the code the GPU runs,
   so it cannot rot: (a) the device's loss, both loss forms and similarity agree with float64 CPU,
   (b) the loss falls, (c) step timings, (d) the loss at scale in both forms with a chunk sweep
