@@ -13,7 +13,7 @@ a table. On CPU, `--device=cpu --small` runs the same code at small shapes, so t
                 the planner), with and without grad_ckpt
   (d) loss      the loss at 128 local images x 32,768 captions (one of 256 GPUs at the paper's
                 batch, B/16 shapes): time against the towers' step, peak memory against the
-                planner, Gram against plain, and the Gram chunk that is fastest
+                planner, plain / Gram / mixed forms, and the Gram chunk that is fastest
   (e) accum     one feature-cached accumulation step (accumulation.py) == one step on the batch
 
 Written for torch 2.11 (the GPU machine's) as well as 2.13: no newer API on these paths.
@@ -185,7 +185,7 @@ def check_loss_at_scale(config, local, captions, device, chunks, tower_seconds_p
     """llip_loss forward + backward for `local` images against `captions` captions (bf16 on
     CUDA, fp32 on CPU): time
     (against the towers' step for as many images), peak memory (against the planner's loss
-    workspace), both forms, and the Gram form's chunk sweep."""
+    workspace, for the form loss.pick_form takes), every form, and the Gram form's chunk sweep."""
     D, M, K = config.embed_dim, config.mixer_heads, config.num_mixture
     torch.manual_seed(0)
     leaf = lambda *s: torch.randn(*s, device=device).requires_grad_()
@@ -208,15 +208,17 @@ def check_loss_at_scale(config, local, captions, device, chunks, tower_seconds_p
     dtype = 'bfloat16' if device == 'cuda' else 'float32'
     planned = bench_plan.loss_workspace_bytes(config, local, captions, device, dtype)
     out = {'local_images': local, 'captions': captions, 'towers_step_seconds': towers}
-    for form, sweep in (('plain', [None]), ('gram', [None, *chunks])):
+    picked = bench_plan.loss_form(config, captions)
+    for form, sweep in (('plain', [None]), ('gram', [None, *chunks]), ('mixed', [None])):
         for chunk in sweep:
             seconds = timed(run(form, chunk), device, 2)
             peak = peak_bytes(run(form, chunk), device, known=inputs)
             out[f'{form} chunk={chunk or "default"}'] = {
                 'seconds': seconds, 'vs_towers': seconds / towers, 'peak_bytes': peak,
-                'planned_bytes': planned if (form, chunk) == ('gram', None) else None}
+                'planned_bytes': planned if (form, chunk) == (picked, None) else None}
     gram = {k: v['seconds'] for k, v in out.items() if k.startswith('gram')}
     out['fastest_gram_chunk'] = min(gram, key=gram.get)
+    out['picked_form'] = picked
     return out
 
 

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import loss_gram
+from loss import pick_form
 from model import PRESETS, Llip
 
 # dense bf16 peak FLOP/s and memory (GB) of the GPUs the planner knows
@@ -123,20 +124,32 @@ def activation_bytes(config, dtype='bfloat16', grad_ckpt=False):
     return {'kept': kept, 'recompute': recompute}
 
 
+def loss_form(config, captions):
+    """The form model.Llip's loss runs at this many captions: loss.pick_form, the one switch."""
+    c = config
+    keys = torch.empty(1, c.mixer_heads, c.num_mixture, c.embed_dim // c.mixer_heads,
+                       device='meta')
+    return pick_form('auto', keys, captions)
+
+
 def loss_workspace_bytes(config, local_images, global_batch, device='cuda', dtype='bfloat16'):
     """The loss's memory beyond the activations, while it runs (loss_gram.py): every caption's
     query, z'_j and W_O z'_j and the gradients of both, in fp32 (about 10 numbers of D per
     caption); the gradient of H = W_O W_O^T (D x D); and per chunk of images (against every
     caption) six pair-sized buffers of mixing weights (_GramSigmoidLoss.forward) and, per image,
     G_i's construction and its gradient: V_i H (M K x D, twice: it and einsum's copy, and once
-    more in backward) and G_i (M K x M K, and its gradient)."""
+    more in backward) and G_i (M K x M K, and its gradient). The mixed form (loss.pick_form's
+    choice when M K > D, or at few captions) keeps per pair 2 M K + 5 D numbers instead."""
     c = config
     chunk = min(local_images, loss_gram.images_per_chunk(global_batch, c.mixer_heads,
                                                           c.num_mixture, device))
-    mk = c.mixer_heads * c.num_mixture
-    per_image = global_batch * mk * 6 + 3 * mk * c.embed_dim + 2 * mk ** 2
+    mk, d = c.mixer_heads * c.num_mixture, c.embed_dim
+    if loss_form(c, global_batch) == 'mixed':   # e and its gradient (M K); x, x_rows, H x,
+        per_image = global_batch * (2 * mk + 5 * d)  # the product and g (D): _MixedSigmoidLoss
+    else:
+        per_image = global_batch * mk * 6 + 3 * mk * d + 2 * mk ** 2
     low = 2 if dtype == 'bfloat16' else 4
-    return 10 * 4 * global_batch * c.embed_dim + 4 * c.embed_dim ** 2 + low * chunk * per_image
+    return 10 * 4 * global_batch * d + 4 * d ** 2 + low * chunk * per_image
 
 
 def memory_plan(config, micro_batch, global_batch, gpus, shard='none', grad_ckpt=False,
@@ -201,28 +214,31 @@ def mixer_flops(c, images):
     return images * 3 * 2 * (image + text)
 
 
-def loss_flops(c, global_batch, gpus, form='gram'):
+def loss_flops(c, global_batch, gpus, form=None):
     """The pairwise part at the global batch, all GPUs together, forward + backward: each GPU's
     global_batch / gpus images against all global_batch captions (B^2 pairs in all), as loss.py
-    and loss_gram.py compute it (their docstrings give the per-pair counts), plus per image
-    G_i and per GPU W_O z'_j for every caption and H = W_O W_O^T. Caption-independent pools
-    score one vector per image: 2 D per pair, forward, backward twice."""
+    and loss_gram.py compute it (loss.pair_cost gives the same per-pair counts), plus per image
+    G_i (gram) and per GPU W_O z'_j for every caption and H = W_O W_O^T. form: None for the one
+    the model picks (loss.pick_form). Caption-independent pools score one vector per image:
+    2 D per pair, forward, backward twice."""
     b, d, mk = global_batch, c.embed_dim, c.mixer_heads * c.num_mixture
     if c.pool != 'llip':
         return 3 * 2 * b * b * d
+    form = form or loss_form(c, global_batch)
     if form == 'plain':   # logits, mixing, W_O and the cosine; recomputed once in backward
         return 4 * 2 * b * b * (2 * c.num_tokens * d + d * d + d)
+    per_gpu = gpus * 3 * (b * d * d + d ** 3)
+    if form == 'mixed':   # logits, x, H x, dH; and by hand the four gradients of logits and x
+        return 2 * (b * b * (6 * c.num_tokens * d + 2 * d * d) + per_gpu)
     pairs = b * b * (6 * c.num_tokens * d + 2 * mk ** 2)
     images = b * 3 * (c.num_tokens * d * d + mk ** 2 * d // c.mixer_heads)
-    per_gpu = gpus * 3 * (b * d * d + d ** 3)
     return 2 * (pairs + images + per_gpu)
 
 
 def flops_per_step(config, global_batch, gpus, grad_ckpt=False, form=None):
-    """FLOPs of one optimizer step on all GPUs, by part. form: the loss form model.Llip runs
-    (loss.pick_form: gram when K <= D/M)."""
+    """FLOPs of one optimizer step on all GPUs, by part. form: the loss's (None: the one
+    model.Llip runs, loss.pick_form)."""
     c = config
-    form = form or ('gram' if c.num_mixture <= c.embed_dim // c.mixer_heads else 'plain')
     parts = {'towers': tower_flops(c, global_batch, grad_ckpt),
              'mixer': mixer_flops(c, global_batch),
              'loss': loss_flops(c, global_batch, gpus, form)}

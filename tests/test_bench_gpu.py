@@ -2,7 +2,7 @@
 (run: python -m pytest tests/test_bench_gpu.py):
 - `bench.py gpu --device=cpu --small` runs every item of the check on CPU, the code the GPU runs,
   so it cannot rot: (a) the device's loss, both loss forms and similarity agree with float64 CPU,
-  (b) the loss falls, (c) step timings, (d) the loss at scale in both forms with a chunk sweep
+  (b) the loss falls, (c) step timings, (d) the loss at scale in every form with a chunk sweep
   and a measured peak next to the planner's, (e) accumulation or a stated skip; the JSON report
   says what was skipped without CUDA;
 - without CUDA, `bench.py gpu` refuses in one line and names the CPU command.
@@ -34,9 +34,10 @@ def test_speed_and_loss_at_scale_are_measured(report):
     assert all(v['images_per_s'] > 0 and v['mfu'] is None for v in report['c_speed'].values())
     d = report['d_loss_at_scale']
     forms = [k for k in d if k.startswith(('plain', 'gram'))]
-    assert forms == ['plain chunk=default', 'gram chunk=default', 'gram chunk=1', 'gram chunk=4']
+    assert forms == ['plain chunk=default', 'gram chunk=default', 'gram chunk=1', 'gram chunk=4',
+                     'mixed chunk=default']
     assert d['fastest_gram_chunk'] in forms
-    default = d['gram chunk=default']
+    default = d[f"{d['picked_form']} chunk=default"]
     # the planner's loss workspace against the peak measured on CPU
     assert 0.5 < default['planned_bytes'] / default['peak_bytes'] < 2
 

