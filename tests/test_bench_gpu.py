@@ -33,7 +33,7 @@ def test_speed_and_loss_at_scale_are_measured(report):
     assert set(report['c_speed']) == {'grad_ckpt=False', 'grad_ckpt=True'}
     assert all(v['images_per_s'] > 0 and v['mfu'] is None for v in report['c_speed'].values())
     d = report['d_loss_at_scale']
-    forms = [k for k in d if k.startswith(('plain', 'gram'))]
+    forms = [k for k in d if k.startswith(('plain', 'gram', 'mixed'))]
     assert forms == ['plain chunk=default', 'gram chunk=default', 'gram chunk=1', 'gram chunk=4',
                      'mixed chunk=default']
     assert d['fastest_gram_chunk'] in forms
