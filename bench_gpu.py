@@ -6,7 +6,7 @@ a table. On CPU, `--device=cpu --small` runs the same code at small shapes, so t
     python bench.py gpu                                   # CUDA; writes gpu_report.json
     python bench.py gpu --device=cpu --small --out=/tmp/gpu_report.json
 
-  (a) correct   tiny model's loss, both loss forms (value and gradients) and `similarity` on the
+  (a) correct   tiny model's loss, the three loss forms (value, gradients) and `similarity` on the
                 device against float64 on CPU, in fp32 and under bf16 autocast
   (b) learns    tiny steps on one fixed batch: the loss must fall
   (c) speed     a vit_b16 training step, bf16 (+ --compile on CUDA): images/s and MFU (FLOPs from
@@ -71,7 +71,7 @@ def relative_error(x, reference):
 
 # ----------------------------------------------------------------------------- (a) correctness
 def check_correctness(device):
-    """Tiny model loss and gradients, both loss forms and similarity, on the device (fp32, bf16
+    """Tiny model loss and gradients, every loss form and similarity, on the device (fp32, bf16
     autocast) against float64 on CPU: the largest relative error of each."""
     torch.manual_seed(0)
     config = PRESETS['tiny']
@@ -104,22 +104,26 @@ def check_correctness(device):
         return [loss.detach(), cos, *(v.grad for v in leaves.values())]
 
     reference = {'model': run_model(model64, 'cpu', 'float32')}
-    for form in ('plain', 'gram'):
+    for form in ('plain', 'gram', 'mixed'):
         reference[form] = run_loss(form, 'cpu', 'float32', torch.float64)
-    errors = {}
+    tolerance, out = {'float32': 1e-4, 'bfloat16': 5e-2}, {}
+
+    def compare(name, run, ref, dtype):   # a crash is a failed item, not the end of the check
+        try:
+            error = max(relative_error(a, b) for a, b in zip(run(), ref))
+            out[name] = {'relative_error': error, 'ok': error < tolerance[dtype]}
+        except RuntimeError as e:
+            out[name] = {'relative_error': None, 'ok': False,
+                         'error': str(e).strip().splitlines()[0]}
     for dtype in ('float32', 'bfloat16'):
         model = Llip(config).to(device)
         model.load_state_dict(model64.state_dict())
-        errors[f'model loss+grads {dtype}'] = max(
-            relative_error(a, b) for a, b in zip(run_model(model, device, dtype),
-                                                 reference['model']))
-        for form in ('plain', 'gram'):
-            errors[f'llip_loss {form} + grads + similarity {dtype}'] = max(
-                relative_error(a, b) for a, b in zip(run_loss(form, device, dtype, torch.float32),
-                                                     reference[form]))
-    tolerance = {'float32': 1e-4, 'bfloat16': 5e-2}
-    return {name: {'relative_error': e, 'ok': e < tolerance[name.split()[-1]]}
-            for name, e in errors.items()}
+        compare(f'model loss+grads {dtype}', lambda: run_model(model, device, dtype),
+                reference['model'], dtype)
+        for form in ('plain', 'gram', 'mixed'):
+            compare(f'llip_loss {form} + grads + similarity {dtype}',
+                    lambda: run_loss(form, device, dtype, torch.float32), reference[form], dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------- (b) learning
@@ -305,7 +309,9 @@ def print_report(r, path):
     print(f"GPU check on {r['device']}, torch {r['torch']}, compile={r['compile']}, "
           f"{r['seconds']:.0f} s; report in {path}")
     for name, v in r['a_correctness'].items():
-        print(f"(a) {name:<48} rel. error {v['relative_error']:.1e}  {'ok' if v['ok'] else 'FAIL'}")
+        what = (f"rel. error {v['relative_error']:.1e}" if v['relative_error'] is not None
+                else f"raised {v['error']}")
+        print(f"(a) {name:<48} {what}  {'ok' if v['ok'] else 'FAIL'}")
     b = r['b_learning']
     print(f"(b) {b['steps']} tiny steps: loss {b['first']:.3f} -> {b['last']:.3f}  "
           f"{'ok' if b['ok'] else 'FAIL'}")
