@@ -9,6 +9,8 @@ and noisy: read the ratios).
     python bench.py zeroshot --n 256              # zero-shot img/s, 1000 classes: Llip vs CLIP
     python bench.py accum --threads 1             # peak memory of a step against --grad_accum,
                                                   # feature-cached vs the whole batch at once
+    python bench.py plan --model=vit_g14 --gpus=8,64,256   # what fits, FLOPs, days (bench_plan.py)
+    python bench.py gpu                           # the GPU check (bench_gpu.py; --device=cpu in CI)
 
 Each loss measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) minus the
 memory it held before the call is the extra memory of that call alone.
@@ -330,6 +332,10 @@ def bench_accum(args):
 
 
 if __name__ == '__main__':
+    # the planner and the GPU check have flags of their own: bench_plan.py, bench_gpu.py
+    if sys.argv[1:2] in (['plan'], ['gpu']):
+        tool = __import__('bench_' + sys.argv[1])
+        sys.exit(tool.main(sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('what', choices=['loss', 'step', 'zeroshot', 'accum'],
                    help='which benchmark to run')

@@ -1,0 +1,72 @@
+"""What this proves about the precision and compile paths train.py takes on a GPU, run here on CPU
+(python -m pytest tests/test_compile.py):
+- torch.compile of a tiny Llip gives the loss of the eager model, step after step of AdamW, to
+  float tolerance, and gradients equal to eager's. Backend aot_eager: dynamo's graph capture and
+  AOTAutograd's joint graph, where our code meets the compiler (the Gram loss's autograd
+  Function, checkpointed blocks, einops); inductor's code generation, what `--compile` adds on
+  top, takes minutes of gcc on a shared CPU and is left to `bench.py gpu` (c) on a GPU. Both
+  exact loss forms the model picks (gram, mixed) are compiled; the mixed form fails today
+  (xfail, strict: the test says when it is fixed);
+- training under bfloat16 autocast (as `--dtype=bfloat16`) runs through the whole step, the loss
+  (computed in fp32 from bf16 pairs) falls on a fixed batch and follows the fp32 run loosely.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import PRESETS, Llip
+
+CONFIG = replace(PRESETS['tiny'], vision_layers=1, text_layers=1, vocab_size=500,
+                 context_length=8)
+# loss.pick_form takes the Gram form with K = 4 (M K = 32 < D = 64), the mixed form with the tiny
+# preset's K = 16 (M K = 128 > D): each is compiled
+FORMS = {'gram': replace(CONFIG, num_mixture=4), 'mixed': CONFIG}
+MIXED_FAILS = ("loss_gram._MixedSigmoidLoss.forward writes torch.div(..., out=g.view(...)), "
+               "which AOTAutograd cannot trace ('Cannot view a tensor with shape ...'): "
+               "--compile fails for every config whose loss runs the mixed form")
+
+
+def losses(steps, compile=False, dtype=torch.float32, grad_ckpt=False, seed=0, config=CONFIG):
+    """`steps` AdamW steps on one fixed batch: the loss of each, and the last gradients."""
+    torch.manual_seed(seed)
+    model = Llip(config)
+    model.set_grad_checkpointing(grad_ckpt)
+    run = torch.compile(model, backend='aot_eager') if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(16, 3, CONFIG.image_size, CONFIG.image_size)
+    tokens = torch.randint(1, CONFIG.vocab_size, (16, CONFIG.context_length))
+    out = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = run(images, tokens)
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize('form', ['gram', pytest.param('mixed', marks=pytest.mark.xfail(
+    strict=True, reason=MIXED_FAILS))])
+@pytest.mark.parametrize('grad_ckpt', [False, True])
+def test_compiled_model_gives_the_eager_loss(grad_ckpt, form, one_thread):
+    torch._dynamo.reset()
+    config = FORMS[form]
+    eager, eager_grads = losses(3, grad_ckpt=grad_ckpt, config=config)
+    compiled, compiled_grads = losses(3, compile=True, grad_ckpt=grad_ckpt, config=config)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_bfloat16_training_learns_and_follows_fp32(one_thread):
+    torch._dynamo.reset()
+    fp32, _ = losses(15)
+    bf16, grads = losses(15, dtype=torch.bfloat16)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert bf16[-1] < 0.7 * bf16[0]                      # it learns the fixed batch
+    # and tracks fp32 loosely: bf16's rounding moves single steps on the steep part of the
+    # curve (up to 27 % at step 2 seen), not the whole run
+    assert sum(bf16) / sum(fp32) == pytest.approx(1, abs=0.15)
+    assert bf16[-1] < 0.5 * bf16[0] and fp32[-1] < 0.5 * fp32[0]
