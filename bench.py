@@ -239,8 +239,12 @@ def bench_zeroshot(args):
     D, K, M, C = args.dim, args.k, args.heads, ZEROSHOT_CLASSES
     torch.manual_seed(0)
     # only W_O matters here; the towers are the tiny preset's and are never run
-    models = {pool: Llip(replace(PRESETS['tiny'], embed_dim=D, num_mixture=K, mixer_heads=M, pool=pool)).to(device)
-              for pool in ('llip', 'cls')}
+    models = {
+        pool: Llip(
+            replace(PRESETS['tiny'], embed_dim=D, num_mixture=K, mixer_heads=M, pool=pool)
+        ).to(device)
+        for pool in ('llip', 'cls')
+    }
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=device), dim=-1)
     classes = {'llip': TextFeatures(torch.randn(C, M, D // M, device=device), unit(C, D)),
                'cls': TextFeatures(None, unit(C, D))}
@@ -336,10 +340,18 @@ if __name__ == '__main__':
     if sys.argv[1:2] in (['plan'], ['gpu']):
         tool = __import__('bench_' + sys.argv[1])
         sys.exit(tool.main(sys.argv[2:]))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument('what', choices=['loss', 'step', 'zeroshot', 'accum'],
                    help='which benchmark to run')
-    p.add_argument('--n', type=int, nargs='+', default=[256, 512, 1024], help='batch sizes N (images = captions)')
+    p.add_argument(
+        '--n',
+        type=int,
+        nargs='+',
+        default=[256, 512, 1024],
+        help='batch sizes N (images = captions)',
+    )
     p.add_argument('--dim', type=int, default=512, help='embed dim D')
     p.add_argument('--k', type=int, default=32, help='mixture tokens K')
     p.add_argument('--heads', type=int, default=8, help='mixer heads M')
@@ -356,8 +368,12 @@ if __name__ == '__main__':
                    help="step: llip_loss forms to run for pool=llip ('auto': training's default; "
                         "plain, gram, mixed: forced)")
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
-    p.add_argument('--repeats', type=int, default=None,
-                   help='timed repeats (default 2; step: 10, and the median is reported; others: the fastest)')
+    p.add_argument(
+        '--repeats',
+        type=int,
+        default=None,
+        help='timed repeats (default 2; step: 10, and the median is reported; others: the fastest)',
+    )
     p.add_argument('--accum', type=int, nargs='+', default=[1, 2, 4, 8],
                    help='accum: micro-batches per step (--grad_accum)')
     p.add_argument('--micro', type=int, default=32, help='accum: images per micro-batch')

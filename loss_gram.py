@@ -262,23 +262,31 @@ class _Scratch:
         return self.flat[name][:numel].view(shape)
 
 
+# torch.compile runs these two eagerly (a graph break): they write into views of reused buffers
+# (out=...), which AOTAutograd cannot trace, and are hand-written kernels already
+@torch.compiler.disable
 def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
     """cos(z_ij, z'_j) for every image and caption in the mixed form, `chunk` images at a time:
     (I, T). For inference only (its steps work in place): no gradients."""
+    device = keys.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
     with torch.no_grad():
-        text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
-        keys_h, values_h, q, s = _heads_side(keys, values, queries, text_out, tau, keys.dtype)
-        heads, k = keys.shape[1:3]
-        scratch, parts = _Scratch(keys.dtype, keys.device), []
-        for st in range(0, keys.shape[0], chunk):
-            keys_c = keys_h[:, st * k:(st + chunk) * k]
-            values_c = values_h[:, st:st + chunk].reshape(-1, k, values_h.shape[3])
-            *_, dot, norm = _mixed_pairs(keys_c, values_c, q, s, out_proj @ out_proj.T,
-                                         scratch)
-            parts.append(dot / norm)
+        text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])   # as in the loss
+        out_gram = out_proj @ out_proj.T
+        # the steps write into buffers of one dtype: autocast must not pick another per op
+        with torch.autocast(device, enabled=False):
+            keys_h, values_h, q, s = _heads_side(keys, values, queries, text_out, tau, dtype)
+            heads, k = keys.shape[1:3]
+            scratch, parts = _Scratch(dtype, keys.device), []
+            for st in range(0, keys.shape[0], chunk):
+                keys_c = keys_h[:, st * k:(st + chunk) * k]
+                values_c = values_h[:, st:st + chunk].reshape(-1, k, values_h.shape[3])
+                *_, dot, norm = _mixed_pairs(keys_c, values_c, q, s, out_gram.to(dtype), scratch)
+                parts.append(dot / norm)
         return torch.cat(parts)
 
 
+@torch.compiler.disable
 def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b,
                    offset, chunk):
     """gram_loss_sum in the mixed form: the same sum, the same arguments."""
