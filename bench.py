@@ -231,7 +231,8 @@ ZEROSHOT_CLASSES = 1000   # ImageNet
 
 def bench_zeroshot(args):
     """Zero-shot images per second, the mixer and the scores only (model.similarity on
-    precomputed image and class features), for Llip and for a CLIP-style single-vector model, 1000 classes."""
+    precomputed image and class features), for Llip and for a CLIP-style single-vector model,
+    1000 classes."""
     from dataclasses import replace
     from model import PRESETS, ImageFeatures, Llip, TextFeatures
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
