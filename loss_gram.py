@@ -117,6 +117,29 @@ def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b, offset,
                                   out_proj @ out_proj.T, a, b)
 
 
+def _sigmoid_pairs(dot, norm, a, b, diagonal, exact, need_grads):
+    """Eq. 3 on a chunk of pairs from z_ij . z'_j and |z_ij| (I, T): (the summed loss, the
+    cosines, dl/dx or None), x = a cos + b. The positives (image s + r, caption offset + s + r)
+    are a diagonal of the chunk."""
+    cos = dot.to(exact) / norm.to(exact)                                  # (I, T)
+    x = a * cos + b
+    # -log sigmoid(y x) is softplus(x) for y = -1 and softplus(x) - x for y = +1
+    loss = -F.logsigmoid(-x).sum() - x.diagonal(diagonal).sum()
+    if not need_grads:
+        return loss, cos, None
+    grad_x = torch.sigmoid(x)                                             # dl/dx
+    grad_x.diagonal(diagonal).sub_(1)                                     # sigmoid(x) - [y = +1]
+    return loss, cos, grad_x
+
+
+def precision(keys, a):
+    """(device type, the dtype the pairs are computed in: autocast's if it is on, else the
+    features', the dtype of the loss: at least float32, so bf16 pairs give an fp32 loss)."""
+    device = keys.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
+    return device, dtype, torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)
+
+
 class _GramSigmoidLoss(torch.autograd.Function):
     """The Gram form of the summed sigmoid loss, `chunk` images (against every caption) at a time,
     with the gradients written by hand and taken in the same pass as the loss. The loss of pair
@@ -133,11 +156,7 @@ class _GramSigmoidLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
-        device = keys.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else keys.dtype
-        # bf16 pairs -> an fp32 loss
-        exact = torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)
+        device, dtype, exact = precision(keys, a)
         need_grads = any(ctx.needs_input_grad)
         with torch.autocast(device, enabled=False):
             kv = _image_side(keys, values).to(dtype)                      # (2, M, I, K, d)
@@ -157,15 +176,11 @@ class _GramSigmoidLoss(torch.autograd.Function):
                     gram = gram_from_out_gram(values_c, out_gram_)       # (I, MK, MK)
                 pairs = _gram_pairs(kv_c, qs, gram.detach())
                 out, phi_a, phi, phi_img, phi_g_phi, dot, norm = pairs
-                cos = dot.to(exact) / norm.to(exact)                      # (I, T)
-                x = a_ * cos + b_                                         # (I, T); y x: eq. 3
-                # -log sigmoid(y x) is softplus(x) for y = -1 and softplus(x) - x for y = +1; the
-                # positives (image s + r, caption offset + s + r) are a diagonal of the chunk
-                total += -F.logsigmoid(-x).sum() - x.diagonal(offset + s).sum()
+                loss, cos, grad_x = _sigmoid_pairs(dot, norm, a_, b_, offset + s, exact,
+                                                   need_grads)
+                total += loss
                 if not need_grads:
                     continue
-                grad_x = torch.sigmoid(x)                                 # dl/dx
-                grad_x.diagonal(offset + s).sub_(1)                       # sigmoid(x) - [y = +1]
                 grad_a += (grad_x * cos).sum()
                 grad_b += grad_x.sum()
                 along = a_ * grad_x / norm                                # dl/dc / n
@@ -268,8 +283,7 @@ class _Scratch:
 def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
     """cos(z_ij, z'_j) for every image and caption in the mixed form, `chunk` images at a time:
     (I, T). For inference only (its steps work in place): no gradients."""
-    device = keys.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
+    device, dtype, _ = precision(keys, keys)
     with torch.no_grad():
         text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])   # as in the loss
         out_gram = out_proj @ out_proj.T
@@ -306,11 +320,7 @@ class _MixedSigmoidLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
-        device = keys.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else keys.dtype
-        # bf16 pairs -> an fp32 loss
-        exact = torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)
+        device, dtype, exact = precision(keys, a)
         need_grads = any(ctx.needs_input_grad)
         n_img, heads, k, d = keys.shape
         with torch.autocast(device, enabled=False):
@@ -331,15 +341,11 @@ class _MixedSigmoidLoss(torch.autograd.Function):
                 values_c = values_h[:, st:st + n].reshape(heads * n, k, d)   # (M I, K, d)
                 e, sums, x, x_rows, hx, dot, norm = _mixed_pairs(keys_c, values_c, q, s,
                                                                  out_gram_, scratch)
-                cos = dot.to(exact) / norm.to(exact)                      # (I, T)
-                y_x = a_ * cos + b_
-                # -log sigmoid(y x): softplus(x) for y = -1, softplus(x) - x for y = +1 (the
-                # positives are a diagonal of the chunk)
-                total += -F.logsigmoid(-y_x).sum() - y_x.diagonal(offset + st).sum()
+                loss, cos, grad_x = _sigmoid_pairs(dot, norm, a_, b_, offset + st, exact,
+                                                   need_grads)
+                total += loss
                 if not need_grads:
                     continue
-                grad_x = torch.sigmoid(y_x)                               # dl/dx
-                grad_x.diagonal(offset + st).sub_(1)                      # sigmoid(x) - [y = +1]
                 grad_a += (grad_x * cos).sum()
                 grad_b += grad_x.sum()
                 along = a_ * grad_x / norm                                # dl/dc / n, (I, T)
