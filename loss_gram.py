@@ -117,19 +117,22 @@ def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b, offset,
                                   out_proj @ out_proj.T, a, b)
 
 
-def _sigmoid_pairs(dot, norm, a, b, diagonal, exact, need_grads):
+def _sigmoid_pairs(dot, norm, a, b, diagonal, exact, grad_ab=None):
     """Eq. 3 on a chunk of pairs from z_ij . z'_j and |z_ij| (I, T): (the summed loss, the
-    cosines, dl/dx or None), x = a cos + b. The positives (image s + r, caption offset + s + r)
-    are a diagonal of the chunk."""
+    cosines, along = dl/dc / n or None), x = a cos + b; with grad_ab = (dl/da, dl/db), the
+    chunk's share is added to them. The positives (image s + r, caption offset + s + r) are a
+    diagonal of the chunk."""
     cos = dot.to(exact) / norm.to(exact)                                  # (I, T)
     x = a * cos + b
     # -log sigmoid(y x) is softplus(x) for y = -1 and softplus(x) - x for y = +1
     loss = -F.logsigmoid(-x).sum() - x.diagonal(diagonal).sum()
-    if not need_grads:
+    if grad_ab is None:
         return loss, cos, None
     grad_x = torch.sigmoid(x)                                             # dl/dx
     grad_x.diagonal(diagonal).sub_(1)                                     # sigmoid(x) - [y = +1]
-    return loss, cos, grad_x
+    grad_ab[0].add_((grad_x * cos).sum())
+    grad_ab[1].add_(grad_x.sum())
+    return loss, cos, a * grad_x / norm
 
 
 def precision(keys, a):
@@ -140,7 +143,18 @@ def precision(keys, a):
     return device, dtype, torch.promote_types(torch.promote_types(dtype, torch.float32), a.dtype)
 
 
-class _GramSigmoidLoss(torch.autograd.Function):
+class _GradientsInForward(torch.autograd.Function):
+    """A loss whose forward computes its gradients too, in the same pass over the pairs, and
+    saves them (for the inputs after tau, chunk and offset): backward only scales them."""
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [g * grad_total.to(g.dtype) if need else None
+                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
+class _GramSigmoidLoss(_GradientsInForward):
     """The Gram form of the summed sigmoid loss, `chunk` images (against every caption) at a time,
     with the gradients written by hand and taken in the same pass as the loss. The loss of pair
     (i, j) depends on no other pair, so nothing is recomputed and nothing per pair is kept:
@@ -176,14 +190,11 @@ class _GramSigmoidLoss(torch.autograd.Function):
                     gram = gram_from_out_gram(values_c, out_gram_)       # (I, MK, MK)
                 pairs = _gram_pairs(kv_c, qs, gram.detach())
                 out, phi_a, phi, phi_img, phi_g_phi, dot, norm = pairs
-                loss, cos, grad_x = _sigmoid_pairs(dot, norm, a_, b_, offset + s, exact,
-                                                   need_grads)
+                loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, offset + s, exact,
+                                                  (grad_a, grad_b) if need_grads else None)
                 total += loss
                 if not need_grads:
-                    continue
-                grad_a += (grad_x * cos).sum()
-                grad_b += grad_x.sum()
-                along = a_ * grad_x / norm                                # dl/dc / n
+                    continue                                # dl/dc / n
                 across = (along * cos / norm)[:, None].to(dtype)          # dl/dc c / n^2, (I, 1, T)
                 along = along[:, None].to(dtype)                          # broadcast: (M, I, K, T)
                 # Phi dl/dPhi, in place of Phi A; the softmax's backward goes into the logits' slot
@@ -214,12 +225,6 @@ class _GramSigmoidLoss(torch.autograd.Function):
                                   grad_out_gram.to(out_gram.dtype), grad_a.to(a.dtype),
                                   grad_b.to(b.dtype))
         return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grads = [g * grad_total.to(g.dtype) if need else None
-                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
-        return (None, None, None, *grads)
 
 
 
@@ -309,7 +314,7 @@ def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b,
                                    out_proj @ out_proj.T, a, b)
 
 
-class _MixedSigmoidLoss(torch.autograd.Function):
+class _MixedSigmoidLoss(_GradientsInForward):
     """The summed sigmoid loss in the mixed form, gradients by hand in the same pass, as in
     _GramSigmoidLoss (same inputs, same gradients returned). Per pair, with c = dot / n:
         dl/dx      = along s_j - across H x       (along = dl/dc / n, across = dl/dc c / n^2)
@@ -341,14 +346,11 @@ class _MixedSigmoidLoss(torch.autograd.Function):
                 values_c = values_h[:, st:st + n].reshape(heads * n, k, d)   # (M I, K, d)
                 e, sums, x, x_rows, hx, dot, norm = _mixed_pairs(keys_c, values_c, q, s,
                                                                  out_gram_, scratch)
-                loss, cos, grad_x = _sigmoid_pairs(dot, norm, a_, b_, offset + st, exact,
-                                                   need_grads)
+                loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, offset + st, exact,
+                                                  (grad_a, grad_b) if need_grads else None)
                 total += loss
                 if not need_grads:
-                    continue
-                grad_a += (grad_x * cos).sum()
-                grad_b += grad_x.sum()
-                along = a_ * grad_x / norm                                # dl/dc / n, (I, T)
+                    continue                                # dl/dc / n, (I, T)
                 across = (along * cos / norm).to(dtype).view(1, -1)       # dl/dc c / n^2
                 along = along.to(dtype).view(1, n, -1)
                 x_pairs = x_rows.view(heads * d, n, -1)                   # (D, I, T)
@@ -376,9 +378,3 @@ class _MixedSigmoidLoss(torch.autograd.Function):
                 rearrange(grad_s, 'm d t -> t m d').to(text_out.dtype),
                 grad_out_gram.to(out_gram.dtype), grad_a.to(a.dtype), grad_b.to(b.dtype))
         return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grads = [g * grad_total.to(g.dtype) if need else None
-                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
-        return (None, None, None, *grads)
