@@ -62,9 +62,7 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
-from typing import NamedTuple
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -74,21 +72,9 @@ from einops import rearrange, reduce
 from tqdm import tqdm
 
 import data
-from eval_data import (
-    ImageFolder,
-    LabelledShards,
-    Truth,
-    caption_folder,
-    captioned_batches,  # noqa: F401
-    class_names,
-    clip_benchmark_layout,
-    count_images,
-    image_folder,
-    labelled_batches,
-    load_names,
-    truth_of,
-)
-from eval_data import bad_templates
+from eval_data import (ImageFolder, LabelledShards, bad_templates, captioned_batches, class_names,
+                       class_names_and_templates, clip_benchmark_layout, count_images,
+                       image_folder, labelled_batches)
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
 import checkpoint
 import checkpoint_dcp
@@ -370,107 +356,6 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
     """Every synthetic zero-shot split and the retrieval split as one flat dict, e.g.
     {'zeroshot/shape/top1': .., 'retrieval/i2t_r1': ..}; what train.py logs at eval intervals."""
     return flatten(synthetic_results(model, root, device, batch_size, taus))
-
-
-# ----------------------------------------------------------------------------- during training
-class EvalPlan(NamedTuple):
-    """What train.py --eval runs: a zero-shot (folder, class names, templates), a retrieval
-    source, or the synthetic splits' root; each None when absent. `summary` says it in a line."""
-    zeroshot: tuple | None
-    retrieval: str | None
-    synthetic_root: str | None
-    summary: str
-
-    @property
-    def any(self):
-        return any((self.zeroshot, self.retrieval, self.synthetic_root))
-
-
-def class_names_and_templates(folder, classnames=None, templates=None):
-    """Zero-shot class names and templates: the flags, else the folder's classnames.json /
-    templates.json, else clip_benchmark's layout, else the subfolder names and 'a photo of a
-    {}.'. The one resolution eval.py and train.py --zeroshot_data share."""
-    bench = clip_benchmark_layout(folder) or (None, None, None)
-    names = load_names(classnames, 'classnames', folder) or bench[1]
-    templates = load_names(templates, 'templates', folder) or bench[2] or ['a photo of a {}.']
-    if names is None:   # no names anywhere: the folder names are the class names
-        names = sorted(f.name for f in Path(folder).iterdir() if f.is_dir())
-        print(f'no class names given and no {folder}/classnames.json: using the {len(names)} '
-              'folder names')
-        if names and all(re.fullmatch(r'n\d{8}', n) for n in names):   # text would read 'n01440764'
-            print(f'warning: the folder names look like WordNet ids ({names[0]}, ...): the text '
-                  'tower reads them as they are; give the class names, e.g. '
-                  '--classnames=imagenet', file=sys.stderr)
-    if len(class_names(names)) < 2:   # one class: every image is a hit, top-1 1.000 says nothing
-        raise ValueError(f'{folder}: {len(class_names(names))} class(es) ({class_names(names)}); '
-                         'zero-shot classification needs at least 2')
-    bad = bad_templates(templates)
-    if bad:
-        raise ValueError(f"templates must contain '{{}}' once, where the class name goes: "
-                         f'{bad[:3]}')
-    return names, templates
-
-
-def training_plan(args):
-    """train.py's EvalPlan, from its flags."""
-    if not args.eval:
-        return EvalPlan(None, None, None, 'eval: off')
-    if args.data == 'synthetic':
-        root = os.path.join(args.synthetic_dir, 'val' if args.eval_split == 'val' else '')
-        return EvalPlan(None, None, root, f'eval: the synthetic {args.eval_split} splits ({root})')
-    zeroshot_plan, said = None, []
-    if args.zeroshot_data:
-        try:   # before step 1, not at the first evaluation
-            names, templates = class_names_and_templates(
-                args.zeroshot_data, args.zeroshot_classnames, args.zeroshot_templates)
-        except (ValueError, OSError) as e:
-            raise SystemExit(f'error: --zeroshot_data={args.zeroshot_data}: {e}') from None
-        if os.path.isdir(args.zeroshot_data) and not clip_benchmark_layout(args.zeroshot_data):
-            try:   # which folder is which class, also before step 1
-                image_folder(args.zeroshot_data, names)
-            except (ValueError, OSError) as e:
-                raise SystemExit(f'error: --zeroshot_data: {e}') from None
-        zeroshot_plan = (args.zeroshot_data, names, templates)
-        said.append(f'zero-shot on {args.zeroshot_data} ({len(names)} classes, '
-                    f'{len(templates)} templates)')
-    if args.retrieval_data:
-        said.append(f'retrieval on {args.retrieval_data}')
-    if not said:
-        return EvalPlan(None, None, None, 'eval: nothing (real --data: give --zeroshot_data '
-                                          'and/or --retrieval_data)')
-    return EvalPlan(zeroshot_plan, args.retrieval_data, None, 'eval: ' + ', '.join(said))
-
-
-def evaluate_plan(model, plan, device, autocast):
-    """The EvalPlan's metrics: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...};
-    {} and a warning if the evaluation fails (the data changed under the run, ...): training
-    goes on, a week of it is not lost to a bad image folder."""
-    try:
-        return _evaluate_plan(model, plan, device, autocast)
-    except Exception as e:
-        print(f'warning: the evaluation failed, training goes on: {type(e).__name__}: '
-              f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}', file=sys.stderr)
-        return {}
-    finally:
-        model.train()
-
-
-def _evaluate_plan(model, plan, device, autocast):
-    model.eval()
-    with torch.no_grad(), autocast:
-        if plan.synthetic_root is not None:
-            metrics = evaluate_synthetic(model, plan.synthetic_root, device=device)
-        else:
-            results = {}
-            if plan.zeroshot:
-                folder, names, templates = plan.zeroshot
-                name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
-                results[name] = zeroshot(model, folder, names, templates, device=device)
-            if plan.retrieval:
-                results['retrieval'] = retrieval(model, plan.retrieval, device=device)
-            metrics = flatten(results)
-    model.train()
-    return metrics
 
 
 # ----------------------------------------------------------------------------- loading

@@ -20,7 +20,9 @@ Which folder is which class (image_folder), in this order:
 import dataclasses
 import itertools
 import json
+import re
 import string
+import sys
 import unicodedata
 import warnings
 from pathlib import Path
@@ -427,3 +429,28 @@ def load_names(value, kind, folder):
         raise SystemExit(f"error: --{kind}={value}: expected a non-empty JSON list of strings"
                          + (' or a {folder: name} dict' if kind == 'classnames' else ''))
     return items
+
+
+def class_names_and_templates(folder, classnames=None, templates=None):
+    """Zero-shot class names and templates: the flags, else the folder's classnames.json /
+    templates.json, else clip_benchmark's layout, else the subfolder names and 'a photo of a
+    {}.'. The one resolution eval.py and train.py --zeroshot_data share."""
+    bench = clip_benchmark_layout(folder) or (None, None, None)
+    names = load_names(classnames, 'classnames', folder) or bench[1]
+    templates = load_names(templates, 'templates', folder) or bench[2] or ['a photo of a {}.']
+    if names is None:   # no names anywhere: the folder names are the class names
+        names = sorted(f.name for f in Path(folder).iterdir() if f.is_dir())
+        print(f'no class names given and no {folder}/classnames.json: using the {len(names)} '
+              'folder names')
+        if names and all(re.fullmatch(r'n\d{8}', n) for n in names):   # text would read 'n01440764'
+            print(f'warning: the folder names look like WordNet ids ({names[0]}, ...): the text '
+                  'tower reads them as they are; give the class names, e.g. '
+                  '--classnames=imagenet', file=sys.stderr)
+    if len(class_names(names)) < 2:   # one class: every image is a hit, top-1 1.000 says nothing
+        raise ValueError(f'{folder}: {len(class_names(names))} class(es) ({class_names(names)}); '
+                         'zero-shot classification needs at least 2')
+    bad = bad_templates(templates)
+    if bad:
+        raise ValueError(f"templates must contain '{{}}' once, where the class name goes: "
+                         f'{bad[:3]}')
+    return names, templates

@@ -49,7 +49,7 @@ from tqdm import tqdm
 import accumulation
 import checkpoint
 import data
-import eval as llip_eval
+import eval_plan
 import run_dir
 import sharding
 import synthetic
@@ -117,7 +117,7 @@ def main():
     a second training run."""
     args = parser.parse_args()
     config = check_flags(args)
-    plan = llip_eval.training_plan(args)
+    plan = eval_plan.training_plan(args)
     run = set_up(args, config)
     build(run)
     run.loader = training_data(run)
@@ -310,7 +310,7 @@ def train(run, start_step, plan, preemption):
                 # first forward, so every rank gathers the weights and rank 0 gets a plain copy
                 model = sharding.unsharded_copy(run.model, run.device, run.master)
                 if run.master:
-                    metrics = llip_eval.evaluate_plan(model, plan, run.device, run.autocast)
+                    metrics = eval_plan.evaluate_plan(model, plan, run.device, run.autocast)
                     run.log(f'step {done} eval: '
                             + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
                     record = {'step': done, **record, **metrics}

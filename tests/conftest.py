@@ -55,6 +55,10 @@ def synthetic(tmp_path_factory):
     return path
 
 
+# SMALL with two DataLoader workers per rank, as a real run has
+FAST = [a for a in SMALL if not a.startswith('--workers')] + ['--workers=2']
+
+
 def train(out_dir, synthetic, *flags, check=True, **popen):
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out_dir}',
            f'--synthetic_dir={synthetic}', *SMALL, *flags]
@@ -85,6 +89,19 @@ def free_port():
 
 def torchrun(*flags):
     return [sys.executable, '-m', 'torch.distributed.run', *flags]
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, synthetic):
+    """An --out_dir after a 2-step run that saved at steps 1 and 2 (tests copy it)."""
+    out = str(tmp_path_factory.mktemp('trained'))
+    train(out, synthetic, '--steps=2', '--save_every=1', '--workers=0')
+    return out
+
+
+def assert_same_weights(a, b):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------- small models

@@ -34,9 +34,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from accumulation import Towers, split_batch, train_step
-from conftest import ROOT, SMALL, batch, free_port, log_lines, tiny, torchrun, train, weights
+from conftest import (ROOT, SMALL, assert_same_weights, batch, free_port, log_lines, tiny, torchrun,
+                      train, weights)
 from model import Llip
-from test_train import assert_same_weights
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
 CASES = [('cls', 'plain'), ('avg', 'plain'),                     # the form is llip's only

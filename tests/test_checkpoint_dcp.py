@@ -32,7 +32,7 @@ import eval as llip_eval
 import sharding
 from checkpoint import CheckpointError
 from model import Llip
-from test_model import batch
+from conftest import batch
 from test_sharding import CASES, model_of, spawn
 
 CONFIG = CASES['gram']

@@ -42,6 +42,7 @@ from conftest import (eval_tiny, plain_checkpoint, random_model, reference_metri
                       reference_one_way, write_folder, write_tar, png)
 from synthetic import make_synthetic
 import eval as llip_eval
+import eval_data
 import loss
 from model import Llip, TextFeatures
 
@@ -480,7 +481,7 @@ def write_clip_benchmark(root, classes, per_class, seed=0):
 def test_clip_benchmark_webdataset_zeroshot(tmp_path, capfd):
     m = random_model(seed=6)
     root, samples = write_clip_benchmark(tmp_path / 'wds', ['cat', 'dog', 'car'], per_class=3)
-    layout = llip_eval.clip_benchmark_layout(root)
+    layout = eval_data.clip_benchmark_layout(root)
     assert layout[1:] == (['cat', 'dog', 'car'], ['a {}', 'the {}!'])
     # the same images as a class folder give the same numbers
     for key, files in samples:

@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import eval as llip_eval
+import eval_data
 from conftest import big_png, plain_checkpoint, random_model, write_folder
 
 NAMES = ['cat', 'dog', 'car', 'sun', 'red', 'box', 'sky', 'tree', 'fish', 'moon', 'rock', 'leaf']
@@ -33,10 +34,10 @@ def test_folder_by_name_by_order_and_undecodable_images(tmp_path):
     )
     # ImageNet-style ids: sorted folder i is class i, so the same images give the same result
     ids = write_folder(tmp_path / 'b', ['n01', 'n02', 'n03'])
-    assert [label for _, label in llip_eval.image_folder(ids, names)] == [0] * 3 + [1] * 3 + [2] * 3
+    assert [label for _, label in eval_data.image_folder(ids, names)] == [0] * 3 + [1] * 3 + [2] * 3
     assert llip_eval.zeroshot(m, ids, names, TEMPLATES, batch_size=4) == by_name
     # a shuffled name order changes which folder is which class, and so the labels
-    samples = llip_eval.image_folder(tmp_path / 'a', ['dog', 'car', 'cat'])
+    samples = eval_data.image_folder(tmp_path / 'a', ['dog', 'car', 'cat'])
     assert [label for _, label in samples] == [1] * 3 + [2] * 3 + [0] * 3   # folders car, cat, dog
     # an undecodable image is skipped, counted and reported; the others are still evaluated
     (tmp_path / 'a' / 'dog' / 'broken.png').write_bytes(b'not a png')
@@ -46,23 +47,23 @@ def test_folder_by_name_by_order_and_undecodable_images(tmp_path):
 
 def test_bad_folders_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match='no such folder'):
-        llip_eval.image_folder(tmp_path / 'missing', ['cat'])
+        eval_data.image_folder(tmp_path / 'missing', ['cat'])
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='no class subfolders'):
-        llip_eval.image_folder(tmp_path / 'empty', ['cat'])
+        eval_data.image_folder(tmp_path / 'empty', ['cat'])
     write_folder(tmp_path / 'noimages', ['cat', 'dog'], per_class=0)
     with pytest.raises(ValueError, match='hold no images'):
-        llip_eval.image_folder(tmp_path / 'noimages', ['cat', 'dog'])
+        eval_data.image_folder(tmp_path / 'noimages', ['cat', 'dog'])
     write_folder(tmp_path / 'pets', ['cat', 'dog', 'emu'], per_class=1)
     with pytest.raises(ValueError, match=r"Folders not in the names: \['emu'\]"):
-        llip_eval.image_folder(tmp_path / 'pets', ['cat', 'dog'])
+        eval_data.image_folder(tmp_path / 'pets', ['cat', 'dog'])
     with pytest.raises(ValueError, match=r"names without a folder: \['owl'\]"):
-        llip_eval.image_folder(tmp_path / 'pets', ['cat', 'dog', 'emu', 'owl'])
+        eval_data.image_folder(tmp_path / 'pets', ['cat', 'dog', 'emu', 'owl'])
     with pytest.raises(ValueError, match='3 class folders but 2 class names'):
-        llip_eval.image_folder(tmp_path / 'pets', ['n01', 'n02'])
+        eval_data.image_folder(tmp_path / 'pets', ['n01', 'n02'])
     with pytest.warns(UserWarning, match='no images in this class folder'):
         (tmp_path / 'pets' / 'owl').mkdir()
-        llip_eval.image_folder(tmp_path / 'pets', ['cat', 'dog', 'emu', 'owl'])
+        eval_data.image_folder(tmp_path / 'pets', ['cat', 'dog', 'emu', 'owl'])
 
 
 # ----------------------------------------------------------------------- bad images, class mapping
@@ -88,13 +89,13 @@ def test_zeroshot_skips_decompression_bombs_and_duplicates(tmp_path):
     (tmp_path / 'a' / 'cat' / 'link.png').symlink_to(tmp_path / 'a' / 'cat' / '0.png')
     with pytest.warns(UserWarning, match='skipped 2 images'):
         twice = llip_eval.zeroshot(m, tmp_path / 'a', names, TEMPLATES, batch_size=4)
-    assert len(llip_eval.image_folder(tmp_path / 'a', names)) == 6 + 2 + 2
+    assert len(eval_data.image_folder(tmp_path / 'a', names)) == 6 + 2 + 2
     assert set(twice[m.config.tau]) == set(expected[m.config.tau])
 
 
 def labels_of(root, classnames):
     by_folder = {}
-    for path, label in llip_eval.image_folder(root, classnames):
+    for path, label in eval_data.image_folder(root, classnames):
         by_folder.setdefault(Path(path).parent.name, set()).add(label)
     return {folder: labels.pop() for folder, labels in by_folder.items()}
 
@@ -112,8 +113,8 @@ def test_which_folder_is_which_class(tmp_path, capsys):
     mapping = {'n03': 'car', 'n01': 'cat', 'n02': 'dog'}
     write_folder(tmp_path / 'ids', ['n01', 'n02', 'n03'], per_class=1)
     assert labels_of(tmp_path / 'ids', mapping) == {'n03': 0, 'n01': 1, 'n02': 2}
-    assert llip_eval.class_names(mapping) == ['car', 'cat', 'dog']
-    assert llip_eval.class_names({'1': 'dog', '0': 'cat'}) == ['cat', 'dog']
+    assert eval_data.class_names(mapping) == ['car', 'cat', 'dog']
+    assert eval_data.class_names({'1': 'dog', '0': 'cat'}) == ['cat', 'dog']
     assert labels_of(tmp_path / 'v2', {str(i): n for i, n in enumerate(NAMES)}) == {
         str(i): i for i in range(12)
     }
@@ -123,9 +124,9 @@ def test_which_folder_is_which_class(tmp_path, capsys):
     # some folders match names and others not: refused rather than mislabelled in silence
     write_folder(tmp_path / 'half', ['cat', 'dog', 'n03'], per_class=1)
     with pytest.raises(ValueError, match=r"Folders not in the names: \['n03'\].*\{folder: name\}"):
-        llip_eval.image_folder(tmp_path / 'half', ['cat', 'dog', 'bird'])
+        eval_data.image_folder(tmp_path / 'half', ['cat', 'dog', 'bird'])
     with pytest.raises(ValueError, match=r"missing from the \{folder: name\}.*'n03'"):
-        llip_eval.image_folder(tmp_path / 'half', {'cat': 'cat', 'dog': 'dog'})
+        eval_data.image_folder(tmp_path / 'half', {'cat': 'cat', 'dog': 'dog'})
 
 
 @torch.no_grad()
@@ -164,4 +165,4 @@ def test_caption_folder_with_a_text_that_is_not_utf8(tmp_path):
     with pytest.warns(
         data.DataWarning, match=r"skipped 1 images whose KEY.txt is not UTF-8: \['b.txt'\]"
     ):
-        assert [key for key, *_ in llip_eval.caption_folder(tmp_path)] == ['a']
+        assert [key for key, *_ in eval_data.caption_folder(tmp_path)] == ['a']

@@ -26,9 +26,8 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, SMALL, free_port, torchrun, train, weights
+from conftest import FAST, ROOT, SMALL, free_port, torchrun, train, weights
 
-FAST = [a for a in SMALL if not a.startswith('--workers')] + ['--workers=2']
 
 
 def launch_ranks(out_dirs, synthetic, *flags):

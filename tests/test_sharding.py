@@ -35,7 +35,7 @@ import data
 import loss
 import sharding
 from model import Llip
-from test_model import batch, tiny
+from conftest import batch, tiny
 
 N, WORLD = 4, 2
 # the three forms of llip_loss, each forced on Llip.forward (see `form`), and pool=cls

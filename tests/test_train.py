@@ -37,12 +37,8 @@ import pytest
 import torch
 
 import train_flags
-from conftest import ROOT, SMALL, free_port, log_lines, torchrun, train, weights
-
-
-def assert_same_weights(a, b):
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+from conftest import (ROOT, SMALL, assert_same_weights, free_port, log_lines, torchrun, train,
+                      weights)
 
 
 @pytest.fixture(scope='module')

@@ -28,18 +28,9 @@ import torch
 
 import checkpoint
 import run_dir
-from test_faults import FAST
-from conftest import ROOT, train
+from conftest import FAST, ROOT, train
 
 ZERO_WORKERS = ['--workers=0']
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, synthetic):
-    """An --out_dir after a 2-step run that saved at steps 1 and 2 (copied by each test)."""
-    out = str(tmp_path_factory.mktemp('trained'))
-    train(out, synthetic, '--steps=2', '--save_every=1', *ZERO_WORKERS)
-    return out
-
 
 def copy_of(trained, tmp_path):
     out = str(tmp_path / 'run')

@@ -26,9 +26,9 @@ from PIL import Image
 import checkpoint
 import eval as llip_eval
 import eval_data
+import eval_plan
 import images
 from conftest import png, write_tar
-from test_trust import trained  # noqa: F401
 
 # ---------------------------------------------------------------- 7. thin images
 def test_a_thin_image_is_never_resized_whole(monkeypatch):
@@ -71,9 +71,9 @@ def test_templates_must_insert_the_class_name_once(tmp_path):
     for templates in (['a photo of a {{}}.'], ['{}{}'], ['a {c}'], ['a {'], ['ok {}', '{0}']):
         (tmp_path / 'templates.json').write_text(json.dumps(templates))
         with pytest.raises(ValueError, match="'{}' once"):
-            llip_eval.class_names_and_templates(str(tmp_path))
+            eval_data.class_names_and_templates(str(tmp_path))
     (tmp_path / 'templates.json').write_text(json.dumps(['a photo of a {}.', '{{literal}} {}']))
-    assert llip_eval.class_names_and_templates(str(tmp_path))[0] == ['cat', 'dog']
+    assert eval_data.class_names_and_templates(str(tmp_path))[0] == ['cat', 'dog']
 
 
 def clip_benchmark_root(root, names, labels):
@@ -93,15 +93,15 @@ def clip_benchmark_root(root, names, labels):
 def test_one_class_is_an_error_in_train_and_eval(tmp_path):
     clip_benchmark_root(tmp_path / 'one', ['cat'], [0, 0])
     with pytest.raises(ValueError, match='at least 2'):
-        llip_eval.class_names_and_templates(str(tmp_path / 'one'))
+        eval_data.class_names_and_templates(str(tmp_path / 'one'))
     train_py = importlib.import_module('train')
     args = train_py.parser.parse_args([f'--zeroshot_data={tmp_path / "one"}', '--data=x.tar'])
     with pytest.raises(SystemExit, match='^error: --zeroshot_data=.*at least 2'):
-        llip_eval.training_plan(args)
+        eval_plan.training_plan(args)
     two = tmp_path / 'two'
     clip_benchmark_root(two, ['cat', 'dog', 'bird', 'fish'], [0, 1, 2, 3])
     args = train_py.parser.parse_args([f'--zeroshot_data={two}', '--data=x.tar'])
-    assert '4 classes' in llip_eval.training_plan(args).summary
+    assert '4 classes' in eval_plan.training_plan(args).summary
 
 
 def test_a_cls_of_minus_one_is_skipped_and_counted(tmp_path):
@@ -127,15 +127,15 @@ def test_wnid_folders_with_too_many_class_names_fail_before_step_1(tmp_path):
     args = train_py.parser.parse_args([f'--zeroshot_data={tmp_path}', '--data=x.tar',
                                        '--zeroshot_classnames=imagenet'])
     with pytest.raises(SystemExit, match='^error: --zeroshot_data: .*2 class folders but 1000'):
-        llip_eval.training_plan(args)
+        eval_plan.training_plan(args)
 
 
 # ---------------------------------------------------------------- 12, 15, 16
 def test_an_evaluation_that_fails_mid_run_is_a_warning_and_training_goes_on(tmp_path, capsys):
     from model import PRESETS, Llip
     model = Llip(PRESETS['tiny']).train()
-    plan = llip_eval.EvalPlan((str(tmp_path / 'gone'), ['cat', 'dog'], ['a {}']), None, None, '')
-    assert llip_eval.evaluate_plan(model, plan, 'cpu', torch.autocast('cpu', enabled=False)) == {}
+    plan = eval_plan.EvalPlan((str(tmp_path / 'gone'), ['cat', 'dog'], ['a {}']), None, None, '')
+    assert eval_plan.evaluate_plan(model, plan, 'cpu', torch.autocast('cpu', enabled=False)) == {}
     assert 'warning: the evaluation failed, training goes on' in capsys.readouterr().err
     assert model.training
 
@@ -255,5 +255,5 @@ def test_benchmark_names_as_clip_benchmark_spells_them_and_wordnet_ids_warn(tmp_
             eval_data.load_names(key, 'classnames', tmp_path)
     for wnid in ('n01440764', 'n01443537'):
         (tmp_path / wnid).mkdir()
-    llip_eval.class_names_and_templates(str(tmp_path))
+    eval_data.class_names_and_templates(str(tmp_path))
     assert 'look like WordNet ids' in capsys.readouterr().err
