@@ -24,10 +24,13 @@ wrapped (DistributedDataParallel, torch.compile), so a wrapper sees every forwar
 gradients are all-reduced once per optimizer step: every replay but the last runs in no_sync(),
 and the last backward also carries the loss head's gradients, so that every parameter's
 gradient is ready in the one synchronised backward. The loss head itself (llip.out_proj,
-logit_scale, logit_bias) is read from the plain module, outside any wrapper: a sharding wrapper
-(FSDP) must leave those three unsharded and all-reduce their gradients, or gather them here.
+logit_scale, logit_bias) is read from the plain module, outside any wrapper. Under FSDP
+(sharding.py) the Llip itself is sharded and Towers calls its registered forward methods; the
+loss head is left out of the shards, whole on every rank (sharding.reduce_head_grads averages its
+gradients), and every replay but the last runs with gradient sync off.
 
     python -m pytest tests/test_accumulation.py    # == one step on the whole batch, 1 and 2 ranks
+    python -m pytest tests/test_fsdp_accum.py      # the same under --shard=fsdp, 2 ranks
     python bench.py accum                           # peak memory against --grad_accum
 """
 from contextlib import nullcontext
@@ -35,6 +38,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+import sharding
 from loss import llip_loss, siglip_loss
 
 DEFAULT_BATCH_SIZE = 64   # images per rank per micro-batch unless told otherwise
@@ -111,6 +115,7 @@ def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autoca
     for m, ((images, tokens), state) in enumerate(zip(micro_batches, states)):
         state.restore()
         sync = towers.no_sync() if hasattr(towers, 'no_sync') and m < last else nullcontext()
+        sharding.set_gradient_sync(llip, m == last)   # fsdp's no_sync; no-op unsharded
         with sync:
             with autocast:
                 image, text = towers(images, tokens)

@@ -66,7 +66,7 @@ def one_rank(rank, port, shard, args, out):
         start = time.perf_counter()
         wrapped(images, tokens).backward()
         if shard == 'fsdp':
-            sharding.reduce_scalar_grads(model)
+            sharding.reduce_head_grads(model)
         optimizer.step()
         times.append(time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=False)   # gradients kept, to be counted below

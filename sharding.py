@@ -13,10 +13,12 @@ root holds the rest: the mixer (W_K, W_V, W_Q, W_O), the text projection W_T. Fo
 backward then hold at most one block's whole weights beyond the root's.
 
 What changes with shards, and how each is kept exact:
-  - fully_shard refuses 0-d parameters. logit_scale t and logit_bias b are left out of the
-    shards (`ignored_params`): every rank holds both, and `reduce_scalar_grads` averages their
-    gradients over ranks, as DDP would. They stay float32 and reading them (logging, the clamp)
-    needs no collective and never meets an empty shard.
+  - The loss head stays whole on every rank (`ignored_params`): logit_scale t and logit_bias b
+    (fully_shard refuses 0-d parameters) and W_O (out_proj, D x D, where pools have it).
+    Feature-cached --grad_accum computes the loss on the plain module, outside any FSDP
+    forward (accumulation.py), so these must be readable there; `reduce_head_grads` averages
+    their gradients over ranks, as DDP would. They stay float32, and reading t and b (logging,
+    the clamp) needs no collective and never meets an empty shard.
   - A parameter between steps is a DTensor holding this rank's rows: `.item()`, `state_dict()`
     and a forward pass outside FSDP see only the shard. `full_state_dict` gathers every
     parameter whole (all ranks must call it); `unsharded_copy` builds a plain model from it,
@@ -26,8 +28,9 @@ What changes with shards, and how each is kept exact:
   - Mixed precision: blocks run with parameters in the compute dtype and reduce gradients in
     float32 (MixedPrecisionPolicy); the root keeps float32 parameters and autocast casts per op,
     as without sharding, so the mixer, t and b stay float32.
-  - --grad_accum: `set_requires_gradient_sync(False)` on inner micro-steps keeps the summed
-    gradient unreduced until the last one (FSDP's counterpart of DDP's no_sync).
+  - --grad_accum: the towers run through encode_image / encode_text, registered as FSDP
+    forward methods; `set_requires_gradient_sync(False)` on all replays but the last keeps the
+    summed gradient unreduced until the last one (FSDP's counterpart of DDP's no_sync).
   - --grad_ckpt composes as PyTorch documents (activation checkpointing inside each block's
     call, then compile, then shard); model.Transformer checkpoints the call of each sharded
     block, so the recomputation in backward gathers the block's weights again.
@@ -43,8 +46,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model import Llip
 
-# 0-d parameters, which fully_shard cannot split: replicated on every rank
-SCALARS = ('logit_scale', 'logit_bias')
+# the loss head, whole on every rank: t and b (0-d, which fully_shard cannot split) and W_O
+HEAD = ('logit_scale', 'logit_bias', 'out_proj')
 SHARDS = ('none', 'fsdp')
 
 
@@ -70,7 +73,7 @@ def shard(model: Llip, device_type='cpu', param_dtype=None, compile=False):
             fully_shard(block, mesh=mesh, mp_policy=blocks)
         fully_shard(tower, mesh=mesh, mp_policy=root)
     fully_shard(model, mesh=mesh, mp_policy=root,
-                ignored_params={getattr(model, name) for name in SCALARS})
+                ignored_params=set(head(model)))
     # the towers' entry points gather the root's parameters as forward does, so a caller may run
     # encode_image / encode_text alone (feature-cached accumulation does)
     for method in ('encode_image', 'encode_text'):
@@ -88,25 +91,30 @@ def set_gradient_sync(model, sync):
         model.set_requires_gradient_sync(sync)
 
 
-def reduce_scalar_grads(model):
-    """Average the replicated t and b gradients over ranks: what FSDP's reduce-scatter does for
-    every other parameter. Call once per optimizer step, after the last backward. No-op for an
-    unsharded model (DDP averaged them)."""
+def head(model):
+    """The loss head's parameters the model has (W_O only where its pool uses it)."""
+    return [getattr(model, name) for name in HEAD if hasattr(model, name)]
+
+
+def reduce_head_grads(model):
+    """Average the replicated t, b and W_O gradients over ranks: what FSDP's reduce-scatter does
+    for every other parameter. Call once per optimizer step, after the last backward. No-op for
+    an unsharded model (DDP averaged them)."""
     if not is_sharded(model):
         return
     world = dist.get_world_size()
-    for name in SCALARS:
-        grad = getattr(model, name).grad
-        if grad is not None:
-            dist.all_reduce(grad)
-            grad /= world
+    for param in head(model):
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world
 
 
 def clip_grad_norm(parameters, max_norm):
     """torch.nn.utils.clip_grad_norm_ over the whole gradient, whether sharded or not: a DTensor
     gradient is this rank's rows of the parameter (its squares are summed over ranks), a plain
-    one is whole on every rank (DDP's, or t and b under fsdp). Returns the norm (a 0-d tensor,
-    the same on every rank); scales the gradients in place by min(1, max_norm / (norm + 1e-6))."""
+    one is whole on every rank (DDP's, or the loss head's under fsdp) and counted once. Returns
+    the norm (a 0-d tensor, the same on every rank); scales the gradients in place by
+    min(1, max_norm / (norm + 1e-6))."""
     grads = [p.grad for p in parameters if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     zero = torch.zeros((), dtype=torch.float64, device=local[0].device)

@@ -181,10 +181,6 @@ def set_up(args, config):
         args.dtype = 'float32' if device_type == 'cpu' else \
             'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     dtype = getattr(torch, args.dtype)
-    if args.shard == 'fsdp' and args.grad_accum > 1:
-        sys.exit(f'error: --shard=fsdp with --grad_accum={args.grad_accum} (or a --global_batch '
-                 'that needs it): feature-cached accumulation is not wired for sharding yet; '
-                 'use --grad_accum=1 or --shard=none')
     if args.shard == 'fsdp' and dtype == torch.float16:
         sys.exit('error: --shard=fsdp with --dtype=float16: the GradScaler is not wired for '
                  'sharded gradients here; use --dtype=bfloat16 or float32')
@@ -259,10 +255,11 @@ def training_data(run):
 def wrap(run):
     """What the steps run the towers through (accumulation.Towers: one forward for both, so
     that a wrapper sees it): compiled (--compile), then DistributedDataParallel; with
-    --shard=fsdp the sharded model itself (its blocks were compiled before sharding)."""
-    if run.sharded:
-        return run.model
+    --shard=fsdp the towers of the sharded model as they are (its blocks were compiled before
+    sharding; encode_image / encode_text are its registered forward methods)."""
     towers = accumulation.Towers(run.model)
+    if run.sharded:
+        return towers
     wrapped = torch.compile(towers) if run.args.compile else towers
     if run.ddp:
         ids = [torch.device(run.device)] if run.device.startswith('cuda') else None
@@ -345,21 +342,14 @@ def train_step(run, batches, step):
     micro_batches = [(images.to(run.device, non_blocking=True),     # (B, 3, S, S)
                       tokens.to(run.device, non_blocking=True))     # (B, L)
                      for images, tokens in itertools.islice(batches, args.grad_accum)]
-    if run.sharded:   # one micro-batch (set_up): the sharded model's own forward and backward
-        (images, tokens), = micro_batches
-        with run.autocast:
-            total = run.wrapped(images, tokens, chunk_size=args.chunk_size or None)
-        scaler.scale(total).backward()
-        total = total.detach()
-    else:   # DDP all-reduces the gradients once, in the step's last backward
-        total = accumulation.train_step(run.wrapped, model, micro_batches,
-                                        args.chunk_size or None, autocast=run.autocast,
-                                        scale=scaler.scale)
+    # DDP all-reduces the gradients once, in the step's last backward; FSDP reduce-scatters them
+    total = accumulation.train_step(run.wrapped, model, micro_batches, args.chunk_size or None,
+                                    autocast=run.autocast, scale=scaler.scale)
     if run.ddp:   # the global loss is the mean over ranks; every rank sees the same value
         dist.all_reduce(total)
         total /= run.world
     total = total.item()
-    sharding.reduce_scalar_grads(run.model)   # fsdp: t and b, whole on every rank, averaged
+    sharding.reduce_head_grads(run.model)   # fsdp: t, b, W_O, whole on every rank, averaged
     scaler.unscale_(optimizer)
     # the norm of the whole gradient, the same on every rank (sharded: summed over the shards)
     clip = sharding.clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_

@@ -60,7 +60,7 @@ def save_worker(rank, world, out_dir):
     for step in range(1, 3):
         images, tokens = batch(4, CONFIG, seed=step)
         model(images[rank * n:(rank + 1) * n], tokens[rank * n:(rank + 1) * n]).backward()
-        sharding.reduce_scalar_grads(model)
+        sharding.reduce_head_grads(model)
         optimizer.step()
         optimizer.zero_grad()
         checkpoint_dcp.save(model, optimizer, train_state(step), out_dir, keep=5)

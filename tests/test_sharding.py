@@ -95,7 +95,7 @@ def loss_and_grads(model, config, part, sharded):
     loss = model(images[part].to(torch.float64), tokens[part], chunk_size=1)
     loss.backward()
     if sharded:
-        sharding.reduce_scalar_grads(model)
+        sharding.reduce_head_grads(model)
         dist.all_reduce(loss := loss.detach())
         loss /= dist.get_world_size()
     return loss.detach(), full_grads(model)
@@ -203,7 +203,7 @@ def train_steps(model, raw, config, rank, world, sharded):
             with sync:
                 (model(images[part], tokens[part], chunk_size=1) / ACCUM).backward()
         if sharded:
-            sharding.reduce_scalar_grads(raw)
+            sharding.reduce_head_grads(raw)
         sharding.clip_grad_norm(raw.parameters(), max_norm=0.5)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
