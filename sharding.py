@@ -9,8 +9,9 @@ the rest of training needs to stay exact when parameters are split across ranks.
 
 Where the model is cut (`shard`): every transformer block of both towers is its own unit
 (gathered before the block, freed after), each tower is one (its embeddings and norms), and the
-root holds the rest: the mixer (W_K, W_V, W_Q, W_O), the text projection W_T. Forward and
-backward then hold at most one block's whole weights beyond the root's.
+root holds the rest: the mixer (W_K, W_V, W_Q), the text projection W_T; the loss head (W_O, t,
+b) is not sharded (below). Forward and backward then hold at most one block's whole weights
+beyond the root's and the loss head.
 
 What changes with shards, and how each is kept exact:
   - The loss head stays whole on every rank (`ignored_params`): logit_scale t and logit_bias b
