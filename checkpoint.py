@@ -195,7 +195,7 @@ def not_a_checkpoint(path):
     import checkpoint_dcp   # here, not above: it imports this module
     if not os.path.lexists(path):
         return 'no such file'
-    if not os.path.islink(path) and checkpoint_dcp.is_sharded(path):
+    if not os.path.islink(path) and checkpoint_dcp.is_sharded(path) and not path.endswith('.pt'):
         manifest = os.path.join(path, checkpoint_dcp.MANIFEST)
         return None if os.path.isfile(manifest) else 'a directory without a checkpoint manifest'
     if os.path.islink(path) or not os.path.isfile(path):
