@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 
 import sharding
-from loss import llip_loss, siglip_loss
 
 DEFAULT_BATCH_SIZE = 64   # images per rank per micro-batch unless told otherwise
 
@@ -57,18 +56,6 @@ class Towers(nn.Module):
         return self.llip.encode_image(images), self.llip.encode_text(tokens)
 
 
-def contrastive_loss(llip, image, text, chunk_size=None, form='auto'):
-    """The training loss on features, as Llip.forward computes it after the towers: eq. 3 on the
-    contextualised pairs for pool=llip, SigLIP's loss on the embeddings for the other pools.
-    This rank's images against every rank's captions (loss.py). Kept the same as Llip.forward
-    by tests/test_accumulation.py, whose reference is Llip.forward on the whole batch."""
-    a = llip.logit_scale.exp()
-    if image.emb is not None:
-        return siglip_loss(image.emb, text.emb, a, llip.logit_bias)
-    return llip_loss(image, text, llip.out_proj, llip.config.tau, a, llip.logit_bias,
-                     chunk_size=chunk_size, form=form)
-
-
 def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autocast=None,
                scale=None):
     """Forward and backward of one optimizer step over `micro_batches`, a list of (images,
@@ -84,7 +71,7 @@ def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autoca
     if len(micro_batches) == 1:
         (images, tokens), = micro_batches
         with autocast:
-            loss = contrastive_loss(llip, *towers(images, tokens), chunk_size, form)
+            loss = llip.loss(*towers(images, tokens), chunk_size, form)
         scale(loss).backward()
         return loss.detach()
 
@@ -101,7 +88,7 @@ def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autoca
     head = [p for p in (llip.logit_scale, llip.logit_bias, getattr(llip, 'out_proj', None))
             if p is not None]
     with autocast:
-        loss = contrastive_loss(llip, image, text, chunk_size, form)
+        loss = llip.loss(image, text, chunk_size, form)
     grads = torch.autograd.grad(scale(loss), leaves + head, allow_unused=True)
     feature_grads = grads[:len(leaves)]                                    # whole batch
     head_grads = [(p, g) for p, g in zip(head, grads[len(leaves):]) if g is not None]

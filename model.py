@@ -326,15 +326,21 @@ class Llip(nn.Module):
         return pairwise_cosine(image_features, text_features, self.out_proj, tau, chunk_size)
 
     def forward(self, images, tokens, chunk_size=None):
-        """The training loss (eq. 3) of this rank's images against every rank's captions. For
-        pool=llip it is the sigmoid loss on cos(z_ij, z'_j), z_ij as in `contextualize`, which
-        loss.llip_loss computes a chunk of images at a time."""
-        img, txt = self.encode_image(images), self.encode_text(tokens)
+        """The training loss (eq. 3) of this rank's images against every rank's captions."""
+        return self.loss(self.encode_image(images), self.encode_text(tokens), chunk_size)
+
+    def loss(self, image_features: ImageFeatures, text_features: TextFeatures, chunk_size=None,
+             form='auto'):
+        """The training loss on the towers' features (what accumulation.py calls on the features
+        it cached). For pool=llip the sigmoid loss on cos(z_ij, z'_j), z_ij as in
+        `contextualize`, which loss.llip_loss computes a chunk of images at a time; SigLIP's
+        loss on the one vector per image for the other pools."""
+        img, txt = image_features, text_features
         a = self.logit_scale.exp()
-        if img.emb is not None:                    # one vector per image: SigLIP's loss
+        if img.emb is not None:
             return siglip_loss(img.emb, txt.emb, a, self.logit_bias)
         return llip_loss(img, txt, self.out_proj, self.config.tau, a, self.logit_bias,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, form=form)
 
 
 # ----------------------------------------------------------------------------- the authors' weights

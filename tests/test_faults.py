@@ -117,22 +117,22 @@ def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_the_run_clearly(tmp_pa
 
 
 def nan_gradient_at_call(n):
-    """An accumulation.contrastive_loss (the loss of every training step) whose n-th call has a
-    finite loss but NaN gradients (d sqrt(x)/dx at 0)."""
-    import accumulation
-    loss_of, calls = accumulation.contrastive_loss, [0]
+    """A Llip.loss (the loss of every training step, on the towers' features) whose n-th call
+    has a finite loss but NaN gradients (d sqrt(x)/dx at 0)."""
+    from model import Llip
+    loss_of, calls = Llip.loss, [0]
 
-    def patched(llip, *a, **k):
+    def patched(self, *a, **k):
         calls[0] += 1
-        loss = loss_of(llip, *a, **k)
-        return loss + torch.sqrt(llip.logit_bias * 0) if calls[0] == n else loss
+        loss = loss_of(self, *a, **k)
+        return loss + torch.sqrt(self.logit_bias * 0) if calls[0] == n else loss
     return patched
 
 
 def test_nonfinite_gradient_stops_before_anything_nonfinite_is_saved(tmp_path, synthetic,
                                                                      monkeypatch, capsys):
     import train as train_py
-    monkeypatch.setattr(train_py.accumulation, 'contrastive_loss', nan_gradient_at_call(2))
+    monkeypatch.setattr(train_py.Llip, 'loss', nan_gradient_at_call(2))
     monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={tmp_path}',
                                       f'--synthetic_dir={synthetic}', *SMALL, '--workers=0',
                                       '--steps=3', '--save_every=1'])

@@ -174,3 +174,21 @@ def test_presets_and_bad_config():
         replace(PRESETS['tiny'], pool='mean')
     with pytest.raises(ValueError, match='patch_size'):
         replace(PRESETS['tiny'], image_size=30)
+
+
+@pytest.mark.parametrize('pool', ['llip', 'cls'])
+def test_loss_is_eq_3_on_the_contextualised_cosines(pool):
+    """Llip.loss (what forward and accumulation.py train on) against eq. 3 written out: every
+    pair's cosine from contextualize (llip) or the embeddings (cls), y = +1 on the diagonal."""
+    torch.manual_seed(0)
+    m = Llip(tiny(pool=pool)).double()
+    images, tokens = batch(5, m.config)
+    img, txt = m.encode_image(images.double()), m.encode_text(tokens)
+    if pool == 'llip':
+        cos = F.cosine_similarity(m.contextualize(img, txt), txt.emb[None], dim=-1)   # (I, T)
+    else:
+        cos = img.emb @ txt.emb.T
+    y = 2 * torch.eye(5, dtype=torch.float64) - 1
+    expected = -F.logsigmoid(y * (m.logit_scale.exp() * cos + m.logit_bias)).sum() / 5
+    torch.testing.assert_close(m.loss(img, txt), expected)
+    torch.testing.assert_close(m(images.double(), tokens), expected)
