@@ -8,8 +8,9 @@ The planner: what fits on a GPU, and how long a run takes, before the run starts
 Everything is arithmetic on the model's shapes, written out below so it can be checked:
   parameters        counted on the meta device from model.Llip(config) (no memory, no init)
   state per GPU     fp32 weights + fp32 gradients + AdamW's two moments = 16 bytes a parameter;
-                    shard=none (DDP) holds all of it on every GPU, shard=fsdp 1/GPUs of it plus
-                    the gathered weights and gradients of two blocks (the one running and the next)
+                    shard=none (DDP) holds all of it on every GPU, shard=fsdp 1/GPUs of it (but
+                    the loss head W_O, t, b, whole on every GPU: sharding.HEAD) plus the gathered
+                    weights and gradients of two blocks (the one running and the next)
   activations       what autograd keeps per image, tensor by tensor (block_activations), fp32 or
                     under bf16 autocast; with grad_ckpt only each block's input plus one block
                     recomputed in backward
@@ -33,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import loss_gram
+import sharding
 from loss import pick_form
 from model import PRESETS, Llip
 
@@ -49,7 +51,8 @@ _COUNTS = {}   # the planner asks for the same config's count many times
 
 
 def count_parameters(config):
-    """Parameters of the towers and of the rest (mixer, projections, a, b), on the meta device."""
+    """Parameters of the towers and of the rest (mixer, projections, a, b), on the meta device;
+    'head': the loss head's (W_O, t, b), which fsdp keeps whole on every rank."""
     if repr(config) not in _COUNTS:
         _COUNTS[repr(config)] = _count_parameters(config)
     return _COUNTS[repr(config)]
@@ -61,18 +64,21 @@ def _count_parameters(config):
     count = lambda module: sum(p.numel() for p in module.parameters())
     towers = {'vision': count(model.visual), 'text': count(model.text)}
     block = max(count(model.visual.transformer.blocks[0]), count(model.text.transformer.blocks[0]))
+    head = sum(p.numel() for p in sharding.head(model))
     return {**towers, 'mixer': count(model) - sum(towers.values()), 'total': count(model),
-            'largest_block': block}
+            'largest_block': block, 'head': head}
 
 
 def state_bytes(config, gpus, shard):
-    """Weights, gradients and AdamW state on one GPU. fsdp: a 1/gpus slice of everything, plus
-    two blocks' full fp32 weights and gradients gathered at a time (the block that runs and the
-    one prefetched) -- an estimate: sharding cannot be measured on this CPU-only machine."""
+    """Weights, gradients and AdamW state on one GPU. fsdp: a 1/gpus slice of everything but
+    the loss head (whole on every GPU), plus two blocks' full fp32 weights and gradients gathered
+    at a time (the block that runs and the one prefetched) -- an estimate: sharding cannot be
+    measured on this CPU-only machine."""
     n = count_parameters(config)
     if shard == 'none':
         return STATE_BYTES * n['total']
-    return STATE_BYTES * n['total'] / gpus + 2 * 8 * n['largest_block']
+    sharded = n['total'] - n['head']
+    return STATE_BYTES * (sharded / gpus + n['head']) + 2 * 8 * n['largest_block']
 
 
 # ----------------------------------------------------------------------------- activations

@@ -23,6 +23,7 @@ Try it:
     python -c "import torch, model; m = model.Llip(model.PRESETS['tiny']); \
 print(m(torch.randn(4, 3, 32, 32), torch.randint(1, 49408, (4, 16))))"
 """
+import hashlib
 import math
 import re
 from collections import OrderedDict
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, einsum
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import load_weights, unwrapped
@@ -138,8 +140,8 @@ class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(width ** -0.5 * torch.randn(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))   # values: init_weights
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x, causal=False):                                  # x (B, N, W)
@@ -173,11 +175,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, quick_gelu)
                                      for _ in range(layers)])
         self.grad_ckpt = False   # recompute each block's activations in backward (H/14, G/14)
-        # CLIP's init: residual-branch outputs scaled down with depth
+        # CLIP's init (init_weights reads init_std): residual-branch outputs scaled down with depth
         for block in self.blocks:
-            nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+            block.attn.out_proj.init_std = width ** -0.5 * (2 * layers) ** -0.5
+            block.mlp.c_fc.init_std = (2 * width) ** -0.5
+            block.mlp.c_proj.init_std = width ** -0.5 * (2 * layers) ** -0.5
 
     def forward(self, x, causal=False):
         for block in self.blocks:
@@ -197,9 +199,9 @@ class VisionTransformer(nn.Module):
         self.patch_size = c.patch_size
         width, num_patches = c.vision_width, (c.image_size // c.patch_size) ** 2
         self.patch_embed = nn.Linear(3 * c.patch_size ** 2, width, bias=False)
-        self.mixture_tokens = nn.Parameter(width ** -0.5 * torch.randn(c.num_tokens, width))
+        self.mixture_tokens = nn.Parameter(torch.empty(c.num_tokens, width))
         positions = c.num_tokens + num_patches
-        self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(positions, width))
+        self.pos_embed = nn.Parameter(torch.empty(positions, width))
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, c.vision_layers, width // c.vision_head_width,
                                        c.vision_mlp_ratio, c.quick_gelu)
@@ -221,10 +223,9 @@ class TextTransformer(nn.Module):
     def __init__(self, c: LlipConfig):
         super().__init__()
         self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
-        self.pos_embed = nn.Parameter(0.01 * torch.randn(c.context_length, c.text_width))
+        self.pos_embed = nn.Parameter(torch.empty(c.context_length, c.text_width))
         self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, 4.0, c.quick_gelu)
         self.ln_final = nn.LayerNorm(c.text_width)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
 
     def forward(self, tokens):                                           # (N, L) int64
         x = self.token_embed(tokens) + self.pos_embed[:tokens.shape[1]]  # (N, L, W_t)
@@ -246,29 +247,45 @@ class TextFeatures(NamedTuple):
 
 
 class Llip(nn.Module):
-    def __init__(self, config: LlipConfig):
+    """Llip(config, seed=None): the model with its initial weights, drawn by init_weights from
+    `seed` and each parameter's name (seed None: one drawn from torch's global generator, so
+    torch.manual_seed decides the weights, as for any torch module). Under
+    `with torch.device('meta')` only the shapes are built: train.py then shards the model
+    and materialises each rank's part (to_empty, then init_weights with its --seed)."""
+
+    def __init__(self, config: LlipConfig, seed=None):
         super().__init__()
+        device = torch.get_default_device()   # 'meta' inside `with torch.device('meta')`
+        with torch.device('meta'):   # the shapes only: each value is drawn once, below
+            self.build(config)
+        if device.type != 'meta':
+            self.to_empty(device=device)
+            init_weights(self, torch.randint(2 ** 62, (), device='cpu').item()
+                         if seed is None else seed)
+
+    def build(self, config):
+        """The modules and parameters, without values (init_weights gives them theirs)."""
         c = self.config = config
         D, K, Wv, Wt = c.embed_dim, c.num_tokens, c.vision_width, c.text_width
         self.visual = VisionTransformer(c)
         self.text = TextTransformer(c)
-        self.text_proj = nn.Parameter(Wt ** -0.5 * torch.randn(Wt, D))               # W_T
-        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale))            # t, a = exp(t)
-        self.logit_bias = nn.Parameter(torch.tensor(c.init_logit_bias))              # b
+        self.text_proj = nn.Parameter(torch.empty(Wt, D))                        # W_T
+        self.logit_scale = nn.Parameter(torch.empty(()))                         # t, a = exp(t)
+        self.logit_bias = nn.Parameter(torch.empty(()))                          # b
         # the image side of each pool; parameters a pool does not use are not created
         if c.pool in ('cls', 'registers'):
-            self.proj = nn.Parameter(Wv ** -0.5 * torch.randn(Wv, D))           # first token -> D
+            self.proj = nn.Parameter(torch.empty(Wv, D))                         # first token -> D
         else:
-            self.v_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))      # W_V, per token
-            self.out_proj = nn.Parameter(D ** -0.5 * torch.randn(D, D))              # W_O
+            self.v_proj = nn.Parameter(torch.empty(K, Wv, D))                    # W_V, per token
+            self.out_proj = nn.Parameter(torch.empty(D, D))                      # W_O
             self.v_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
         if c.pool in ('learned', 'llip'):
-            self.k_proj = nn.Parameter(Wv ** -0.5 * torch.randn(K, Wv, D))      # W_K, per token
+            self.k_proj = nn.Parameter(torch.empty(K, Wv, D))                    # W_K, per token
             self.k_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
         if c.pool == 'learned':   # one query shared by every sample (paper: "learned average")
-            self.learned_query = nn.Parameter(torch.randn(c.mixer_heads, D // c.mixer_heads))
+            self.learned_query = nn.Parameter(torch.empty(c.mixer_heads, D // c.mixer_heads))
         if c.pool == 'llip':      # the caption's query
-            self.q_proj = nn.Parameter(Wt ** -0.5 * torch.randn(Wt, D))              # W_Q
+            self.q_proj = nn.Parameter(torch.empty(Wt, D))                       # W_Q
             self.q_norm = nn.LayerNorm(D) if c.qkv_norm else nn.Identity()
 
     def set_grad_checkpointing(self, enabled=True):
@@ -341,6 +358,59 @@ class Llip(nn.Module):
             return siglip_loss(img.emb, txt.emb, a, self.logit_bias)
         return llip_loss(img, txt, self.out_proj, self.config.tau, a, self.logit_bias,
                          chunk_size=chunk_size, form=form)
+
+
+# ----------------------------------------------------------------------------- initial weights
+# Why by name: a parameter's initial value is a function of (seed, its name) alone, drawn whole on
+# CPU from its own generator. Then 1 process, 8 DDP ranks or 64 FSDP ranks, each keeping its own
+# rows, start from the same weights; no rank ever holds the whole model in host memory (one
+# parameter at a time); and the order in which modules are built or visited changes nothing.
+def init_weights(model, seed):
+    """Give every parameter of `model` (a Llip, plain or sharded by sharding.shard, or any of its
+    parts) its initial value from `seed` and its name. A sharded parameter (a DTensor) gets its
+    rows of the whole value: every rank draws the whole parameter, keeps its own rows."""
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full_name = f'{module_name}.{name}' if module_name else name
+            digest = hashlib.sha256(f'{seed}/{full_name}'.encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little') >> 1)
+            value = initial_value(module, name, param.shape, generator)
+            with torch.no_grad():
+                if isinstance(param, DTensor):   # this rank's rows, as fully_shard cut them
+                    value = distribute_tensor(value.to(param.device), param.device_mesh,
+                                              param.placements, src_data_rank=None)
+                    param.to_local().copy_(value.to_local())
+                else:
+                    param.copy_(value)
+
+
+def initial_value(module, name, shape, generator):
+    """The whole initial value of `module`'s own parameter `name`: the authors' init (CLIP's,
+    with SigLIP's t and b), float32 on CPU, random draws from `generator` only."""
+    normal = lambda std: std * torch.randn(shape, generator=generator)                # noqa: E731
+    uniform = lambda bound: bound * (2 * torch.rand(shape, generator=generator) - 1)  # noqa: E731
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape) if name == 'weight' else torch.zeros(shape)
+    if isinstance(module, nn.Embedding):
+        return normal(0.02)
+    if isinstance(module, nn.Linear):   # torch's default, U(+-1/sqrt(fan_in)), unless init_std
+        std = getattr(module, 'init_std', None)   # set by Transformer on the residual branches
+        return normal(std) if name == 'weight' and std else uniform(module.in_features ** -0.5)
+    if isinstance(module, Attention):   # the packed q, k, v projection (W_in, W) and its bias
+        return normal(shape[1] ** -0.5) if name == 'in_proj_weight' else torch.zeros(shape)
+    if isinstance(module, VisionTransformer):   # mixture tokens and positions (T or T + P, W)
+        return normal(shape[-1] ** -0.5)
+    if isinstance(module, TextTransformer):     # positions
+        return normal(0.01)
+    if isinstance(module, Llip):
+        c = module.config
+        if name in ('logit_scale', 'logit_bias'):
+            return torch.full(shape, c.init_logit_scale if name == 'logit_scale'
+                              else c.init_logit_bias)
+        if name == 'learned_query':
+            return normal(1.0)
+        return normal(shape[-2] ** -0.5)   # x @ W with W (..., in, D): std 1/sqrt(in)
+    raise TypeError(f'{type(module).__name__}.{name}: no initial value; add its rule here')
 
 
 # ----------------------------------------------------------------------------- the authors' weights

@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import accumulation
+import bench_plan
 import checkpoint
 import data
 import eval_plan
@@ -54,7 +55,7 @@ import run_dir
 import sharding
 import synthetic
 from checkpoint import Preemption
-from model import Llip, LlipConfig
+from model import Llip, LlipConfig, init_weights
 from train_flags import check_flags, config_fields, parser
 
 parser.description = __doc__   # --help shows the commands above
@@ -195,24 +196,31 @@ def set_up(args, config):
 
 
 def build(run):
-    """The model, the same initial weights on every rank, sharded with --shard=fsdp, and AdamW
-    (decay on matrices only), built after sharding so that it holds this rank's rows."""
+    """The model and AdamW (decay on matrices only). The model is built on the meta device
+    (shapes only, no memory), sharded with --shard=fsdp, and only then materialised on this
+    rank's device: each rank allocates its own part (with fsdp, its rows of every parameter, so
+    no rank ever holds the whole model) and model.init_weights draws each parameter's initial
+    value from --seed and the parameter's name: the same weights on 1 or 64 ranks, with DDP or
+    fsdp, as model.Llip(config, seed=--seed). AdamW is built after sharding: it must hold this
+    rank's rows."""
     args, config = run.args, run.config
-    with torch.device('meta'):   # the sizes, before any memory is spent on them
-        params = sum(p.numel() for p in Llip(config).parameters())
-    # float32 weights and gradients, AdamW's two moments: 16 bytes a parameter
-    per_rank = 16 * params / 2 ** 30 / (run.world if run.sharded else 1)
-    run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
-            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
-    run.log(f'weights, gradients and AdamW state: {per_rank:.2f} GiB per rank'
-            + (f' (sharded over {run.world})' if run.sharded else ''))
-    torch.manual_seed(args.seed)   # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = Llip(config).to(run.device)
+    log_plan(run)   # before any memory is spent: a model that cannot fit says so first
+    torch.manual_seed(args.seed)   # torch's global generator, for whatever else draws from it
+    with torch.device('meta'):
+        model = Llip(config)
     model.set_grad_checkpointing(args.grad_ckpt)
     if run.sharded:   # every block, then each tower, then the rest: sharding.shard
         device_type = 'cuda' if run.device.startswith('cuda') else 'cpu'
         model = sharding.shard(model, device_type, param_dtype=getattr(torch, args.dtype),
                                compile=args.compile)
+    try:
+        model.to_empty(device=run.device)
+        init_weights(model, args.seed)
+    except RuntimeError as e:   # torch.OutOfMemoryError on CUDA, the CPU allocator's otherwise
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate" not in str(e):
+            raise
+        sys.exit(f'error: --model={args.model} does not fit on {run.device}: '
+                 f'{str(e).strip().splitlines()[0]} (try --shard=fsdp on more ranks)')
     run.model = model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
@@ -224,6 +232,25 @@ def build(run):
             f'{micro} = {args.batch_size * run.world * args.grad_accum}')
     run.log(f'device {run.device}, {args.dtype}; data {args.data}')
     run.log(f'out_dir {args.out_dir}')
+
+
+def log_plan(run):
+    """The model's size and the memory a training step will need per rank (bench_plan's
+    arithmetic), printed by rank 0 before the model is built."""
+    args, config = run.args, run.config
+    params = bench_plan.count_parameters(config)['total']
+    device_type = 'cuda' if run.device.startswith('cuda') else 'cpu'
+    plan = bench_plan.memory_plan(config, args.batch_size, args.batch_size * run.world *
+                                  args.grad_accum, run.world, args.shard, args.grad_ckpt,
+                                  args.dtype, device_type)
+    gib = {k: v / 2 ** 30 for k, v in plan.items()}
+    run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
+            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters '
+            f'({4 * params / 2 ** 30:.2f} GiB in float32)')
+    run.log(f"planned memory per rank (bench_plan): {gib['total']:.2f} GiB = weights, gradients "
+            f"and AdamW state {gib['state']:.2f}"
+            + (f' (sharded over {run.world})' if run.sharded else '')
+            + f" + activations {gib['activations']:.2f} + loss/recompute {gib['transient']:.2f}")
 
 
 def training_data(run):

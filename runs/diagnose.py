@@ -91,11 +91,9 @@ def run_seed(path):
 
 
 def initial_model(config, seed):
-    """The weights train.py started from: torch.manual_seed(its --seed), then Llip(config),
-    so the same draws; the caller's random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Llip(config).eval()
+    """The weights train.py started from: Llip(config, seed=its --seed), the same draws
+    (model.init_weights); the caller's random state is left as it was."""
+    return Llip(config, seed=seed).eval()
 
 
 def captions_table(rows, n, seed):

@@ -91,12 +91,10 @@ def main():
         rng = random.Random(f'{args.seed}/{family}')
         images, tokens, labels = examples(family, 4000, rng, config)
         test_images, test_tokens, test_labels = examples(family, 500, rng, config)
-        torch.manual_seed(args.seed)
-        vit = model.VisionTransformer(config)
+        vit = model.Llip(config, seed=args.seed).visual   # train.py's initial weights
         image_acc = train_probe(FirstToken(vit), config.vision_width, images, labels, test_images,
                                 test_labels, args.steps, args.lr)
-        torch.manual_seed(args.seed)
-        text = model.TextTransformer(config)
+        text = model.Llip(config, seed=args.seed).text
         text_acc = train_probe(text, config.text_width, tokens, labels, test_tokens, test_labels,
                                args.steps, args.lr)
         print(

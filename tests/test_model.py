@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import batch, tiny
-from model import POOLS, PRESETS, Attention, Llip
+from model import POOLS, PRESETS, Attention, Llip, init_weights
 
 
 @pytest.mark.parametrize('pool', POOLS)
@@ -110,6 +110,7 @@ def test_zero_query_projection_gives_uniform_average():
 def test_attention_matches_torch_multihead_attention(causal):
     torch.manual_seed(3)
     ours = Attention(32, 4)
+    init_weights(ours, seed=3)   # a part of Llip, built alone: Llip gives it its values
     ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
     ref.load_state_dict(ours.state_dict())          # same names: in_proj_weight, out_proj.*
     with torch.no_grad():
