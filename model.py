@@ -363,8 +363,10 @@ class Llip(nn.Module):
 # ----------------------------------------------------------------------------- initial weights
 # Why by name: a parameter's initial value is a function of (seed, its name) alone, drawn whole on
 # CPU from its own generator. Then 1 process, 8 DDP ranks or 64 FSDP ranks, each keeping its own
-# rows, start from the same weights; no rank ever holds the whole model in host memory (one
-# parameter at a time); and the order in which modules are built or visited changes nothing.
+# rows, start from the same weights; drawing takes host memory for one parameter at a time, never
+# the whole model; the order in which modules are built or visited changes nothing; and a GPU run
+# starts where a CPU test does (CUDA's generator would draw other numbers). The price: every
+# rank draws every parameter whole, a few minutes of one CPU core for vit_g14.
 def init_weights(model, seed):
     """Give every parameter of `model` (a Llip, plain or sharded by sharding.shard, or any of its
     parts) its initial value from `seed` and its name. A sharded parameter (a DTensor) gets its

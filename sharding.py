@@ -7,6 +7,10 @@ the rest of training needs to stay exact when parameters are split across ranks.
     torchrun --standalone --nproc_per_node=2 train.py --shard=fsdp      # CPU: gloo; GPU: NCCL
     python -m pytest tests/test_sharding.py     # 2 ranks with fsdp == 1 process, == DDP
 
+train.py shards the model while it is still on the meta device (shapes, no memory), then each
+rank allocates its rows only and model.init_weights gives them their values, the same rows of
+the same whole values on any number of ranks (tests/test_init.py).
+
 Where the model is cut (`shard`): every transformer block of both towers is its own unit
 (gathered before the block, freed after), each tower is one (its embeddings and norms), and the
 root holds the rest: the mixer (W_K, W_V, W_Q), the text projection W_T; the loss head (W_O, t,

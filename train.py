@@ -204,7 +204,7 @@ def build(run):
     fsdp, as model.Llip(config, seed=--seed). AdamW is built after sharding: it must hold this
     rank's rows."""
     args, config = run.args, run.config
-    log_plan(run)   # before any memory is spent: a model that cannot fit says so first
+    planned = log_plan(run)   # before any memory is spent
     torch.manual_seed(args.seed)   # torch's global generator, for whatever else draws from it
     with torch.device('meta'):
         model = Llip(config)
@@ -219,8 +219,8 @@ def build(run):
     except RuntimeError as e:   # torch.OutOfMemoryError on CUDA, the CPU allocator's otherwise
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate" not in str(e):
             raise
-        sys.exit(f'error: --model={args.model} does not fit on {run.device}: '
-                 f'{str(e).strip().splitlines()[0]} (try --shard=fsdp on more ranks)')
+        sys.exit(f'error: --model={args.model}: out of memory on {run.device} allocating its '
+                 f'weights ({planned:.2f} GiB planned per rank); try --shard=fsdp on more ranks')
     run.model = model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases, norms, logit scale/bias
@@ -236,7 +236,7 @@ def build(run):
 
 def log_plan(run):
     """The model's size and the memory a training step will need per rank (bench_plan's
-    arithmetic), printed by rank 0 before the model is built."""
+    arithmetic), printed by rank 0 before the model is built; returns that memory in GiB."""
     args, config = run.args, run.config
     params = bench_plan.count_parameters(config)['total']
     device_type = 'cuda' if run.device.startswith('cuda') else 'cpu'
@@ -245,12 +245,12 @@ def log_plan(run):
                                   args.dtype, device_type)
     gib = {k: v / 2 ** 30 for k, v in plan.items()}
     run.log(f'model {args.model}: pool={config.pool}, K={config.num_mixture} mixture tokens, '
-            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters '
-            f'({4 * params / 2 ** 30:.2f} GiB in float32)')
-    run.log(f"planned memory per rank (bench_plan): {gib['total']:.2f} GiB = weights, gradients "
-            f"and AdamW state {gib['state']:.2f}"
-            + (f' (sharded over {run.world})' if run.sharded else '')
-            + f" + activations {gib['activations']:.2f} + loss/recompute {gib['transient']:.2f}")
+            f'D={config.embed_dim}, tau={config.tau:g}, {params / 1e6:.2f}M parameters')
+    # state: float32 weights and gradients, AdamW's two moments (with fsdp, this rank's share)
+    run.log(f"memory per rank (bench_plan): {gib['total']:.2f} GiB = state {gib['state']:.2f}"
+            + (f' (1/{run.world})' if run.sharded else '')
+            + f" + activations {gib['activations']:.2f} + loss {gib['transient']:.2f}")
+    return gib['total']
 
 
 def training_data(run):
