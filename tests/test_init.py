@@ -5,8 +5,9 @@ whatever the ranks or the sharding:
 - model.Llip(config, seed) built plainly on CPU, as users and tests build it;
 - train.build on one process;
 - train.build on 2 gloo ranks with DDP (each rank's own weights, before DDP's broadcast could
-  hide a difference) and with --shard=fsdp (gathered whole), on the tiny preset with K = 5, so
-  that some parameters split unevenly over the two ranks;
+  hide a difference) and with --shard=fsdp (gathered whole, and the sharded towers compute
+  what the plain model's do), on the tiny preset with K = 5, so that some parameters split
+  unevenly over the two ranks;
 and a different seed gives different weights; Llip(config) without a seed is decided by
 torch.manual_seed, as before; the largest preset builds on the meta device without memory; the
 planner counts as whole on every rank exactly the parameters sharding leaves unsharded.
@@ -22,7 +23,7 @@ import bench_plan
 import sharding
 import train
 from model import PRESETS, Llip
-from conftest import free_port
+from conftest import batch, free_port
 
 FLAGS = ['--model=tiny', '--num_mixture=5', '--seed=7', '--device=cpu', '--dtype=float32',
          '--workers=0']
@@ -85,12 +86,22 @@ def test_two_ranks_with_ddp_and_with_fsdp_build_the_same_weights(tmp_path):
     port = free_port()
     mp.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
     expected = plain()
+    model = Llip(train.check_flags(train.parser.parse_args(FLAGS)), seed=7)
     for rank in range(2):
-        ddp, fsdp, unsharded, head = torch.load(tmp_path / f'rank{rank}.pt')
+        ddp, fsdp, features, unsharded, head = torch.load(tmp_path / f'rank{rank}.pt')
         assert_equal(ddp, expected, f'rank {rank} with DDP')
         assert_equal(fsdp, expected, f'rank {rank} with fsdp')
+        # and the sharded forward computes with them (the rows FSDP gathers are the ones set)
+        torch.testing.assert_close(features, towers(model), rtol=1e-6, atol=1e-6)
         # what fsdp leaves whole on every rank is what the planner counts whole (bench_plan)
         assert unsharded == head > 0
+
+
+def towers(model):
+    """Both towers' outputs for a fixed batch: the keys of the images and z'_j of the captions."""
+    images, tokens = batch(4, model.config)
+    with torch.no_grad():
+        return model.encode_image(images).keys, model.encode_text(tokens).emb
 
 
 def _two_ranks(rank, port, out):
@@ -103,6 +114,7 @@ def _two_ranks(rank, port, out):
     run.args.shard = 'fsdp'   # the same ranks again, sharded
     fsdp = built_weights(run)
     unsharded = sum(p.numel() for p in run.model.parameters() if not isinstance(p, DTensor))
+    features = towers(run.model)   # the same batch on both ranks, through the sharded towers
     head = bench_plan.count_parameters(run.config)['head']
-    torch.save((ddp, fsdp, unsharded, head), os.path.join(out, f'rank{rank}.pt'))
+    torch.save((ddp, fsdp, features, unsharded, head), os.path.join(out, f'rank{rank}.pt'))
     torch.distributed.destroy_process_group()
