@@ -56,8 +56,6 @@ folders and class names are eval_data.py.
 """
 
 import argparse
-import dataclasses
-import itertools
 import json
 import math
 import os
@@ -76,9 +74,9 @@ from eval_data import (ImageFolder, LabelledShards, bad_templates, captioned_bat
                        class_names_and_templates, clip_benchmark_layout, count_images,
                        image_folder, labelled_batches)
 from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
-import checkpoint
-import checkpoint_dcp
-from model import Llip, LlipConfig, TextFeatures, load_official
+import llip
+from llip import load_checkpoint  # noqa: F401  (eval.load_checkpoint, as analysis.py calls it)
+from model import TextFeatures
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -358,55 +356,6 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
     return flatten(synthetic_results(model, root, device, batch_size, taus))
 
 
-# ----------------------------------------------------------------------------- loading
-def load_checkpoint(path):
-    """A Llip from a train.py checkpoint: {'model': state dict, 'config': {'model_config': {...}}},
-    its checksum verified as train.py verifies it when resuming; or a sharded checkpoint's
-    directory (train.py --shard=fsdp), gathered into this one process."""
-    if os.path.isdir(path):
-        try:
-            return checkpoint_dcp.load_model(path)[0]
-        except checkpoint.CheckpointError as e:
-            raise ValueError(f"--ckpt={path}: {e}") from None
-    try:
-        ckpt = checkpoint.load_weights(path)   # train.py writes only tensors and plain containers
-        if isinstance(ckpt, dict):
-            ckpt = checkpoint.verified(ckpt)
-    except (checkpoint.UnsafeCheckpointError, checkpoint.CheckpointError) as e:
-        raise ValueError(f"--ckpt={path}: {e}") from None
-    except Exception as e:
-        raise ValueError(f"--ckpt={path}: not a checkpoint torch.load can read "
-                         f"({type(e).__name__}: {e})") from None
-    if not (isinstance(ckpt, dict) and 'model' in ckpt and isinstance(ckpt.get('config'), dict)):
-        hint = (" It looks like the authors' weights: use --official." if isinstance(ckpt, dict)
-                and any('class_embedding' in k for k in ckpt.get('state_dict', ckpt)) else '')
-        raise ValueError(f"--ckpt={path}: not a train.py checkpoint (expected a dict with 'model' "
-                         f"and 'config').{hint}")
-    config = ckpt['config'].get('model_config', ckpt['config'])
-    fields = {f.name for f in dataclasses.fields(LlipConfig)}
-    model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
-    try:
-        model.load_state_dict(checkpoint.unwrapped(ckpt['model']))
-    except RuntimeError as e:   # a hand-edited shape or a missing key: torch's first lines
-        what = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
-        raise ValueError(f"--ckpt={path}: its weights do not fit its config ({what})") from None
-    return model.eval()
-
-
-def load_model(args):
-    """--ckpt or --official as a Llip; ValueError (one line) for a file that is not one."""
-    if args.ckpt:
-        return load_checkpoint(args.ckpt)
-    try:
-        return load_official(args.official)
-    except (KeyError, ValueError):   # load_official's own messages
-        raise
-    except Exception as e:   # truncated, empty, a list or a tensor: not a dict of weights
-        first = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-        raise ValueError(f"--official={args.official}: not the authors' weights, a dict of "
-                         f"tensors torch.load can read ({first})") from None
-
-
 def print_table(results):
     for name, by_tau in results.items():
         for tau, metrics in by_tau.items():
@@ -447,12 +396,6 @@ def positive(text):
         if not (math.isfinite(values[-1]) and values[-1] > 0):
             raise argparse.ArgumentTypeError(f'{part}: must be a finite number > 0')
     return values
-
-
-def nonfinite_weights(model):
-    """The names of the model's parameters and buffers that hold a NaN or an infinity."""
-    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-            if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def main(argv=None):
@@ -499,8 +442,8 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     args.tau = [t for group in args.tau for t in (group if isinstance(group, list) else [group])]
-    if args.ckpt and os.path.isdir(args.ckpt):   # a run directory, as analysis.py takes it
-        args.ckpt = os.path.join(args.ckpt, 'ckpt.pt')
+    if args.ckpt:   # a run directory: its ckpt.pt or newest checkpoint, as analysis.py reads it
+        args.ckpt = str(llip.checkpoint_path(args.ckpt))
     try:
         run(args)
     except (
@@ -521,13 +464,9 @@ def run(args):
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f'--device={args.device}: no CUDA GPU is available here; use '
                          '--device=cpu')
-    model = load_model(args)
-    bad = nonfinite_weights(model)
-    if bad:   # the numbers would be chance level, and look like a result
-        raise ValueError(f'{args.official or args.ckpt}: non-finite weights in {len(bad)} tensors '
-                         f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}); nothing to '
-                         'evaluate')
-    model = model.to(args.device).eval()
+    model = (llip.load_checkpoint(args.ckpt) if args.ckpt else
+             llip.load_official_file(args.official))
+    model = llip.finite(model, args.official or args.ckpt).to(args.device).eval()
     # bf16 on GPUs that support it; the scores are cosines, far from bf16's range limits
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if args.device.startswith('cuda')
                 and torch.cuda.is_bf16_supported() else nullcontext())
