@@ -19,13 +19,14 @@ Zero-shot data is an image folder with one subfolder per class (eval_data.py say
 is which class: by a {folder: name} classnames.json, by name ignoring case and '_', numbered
 folders as class indices, else sorted order, which is printed), or clip_benchmark's WebDataset
 zero-shot layout (ROOT/classnames.txt, ROOT/test/N.tar of KEY.webp + KEY.cls), or shards of
-KEY.jpg + KEY.cls with --classnames. Class names and templates come from --classnames /
+KEY.jpg + KEY.cls with --classnames (clip_benchmark's names: --classnames=cifar10). Class names and templates come from --classnames /
 --templates (a JSON list or {folder: name} file, a .txt with one per line, or a key of
 data/zeroshot-*.json: the CLIP protocol's names and templates), else from classnames.json /
 templates.json inside --data (or clip_benchmark's .txt files). Zero-shot reports top1, top5
-(n/a below 5 classes) and mean_per_class_recall. Retrieval data is WebDataset shards, or a
-folder of KEY.jpg + KEY.txt with one caption per line; either may have a KEY.json with ground
-truth (below). An image that does not decode or is beyond images.MAX_PIXELS is skipped and
+(n/a below 5 classes) and mean_per_class_recall. Retrieval data is WebDataset shards, a
+folder of KEY.jpg + KEY.txt with one caption per line, or clip_benchmark's WebDataset retrieval
+layout (ROOT/dataset_type.txt, ROOT/test/N.tar of KEY.webp + KEY.txt); each may have a KEY.json
+with ground truth (below). An image that does not decode or is beyond images.MAX_PIXELS is skipped and
 counted, in every format.
 
 Retrieval is measured over distinct caption strings, each scored once: the candidates are the
@@ -46,11 +47,13 @@ false one being the true one with an attribute swapped between two objects of th
 fraction of triples whose image scores the true caption above the false one, overall and per
 kind. The false captions are scored against their own image only, never ranked.
 
-Results: a table on stdout and a JSON file (--out; default eval_<task>_<data>.json beside the
-weights, one per dataset) holding our metrics and the same numbers under clip_benchmark's names
-(acc1, acc5, mean_per_class_recall, image_retrieval_recall@k = t2i_rk, text_retrieval_recall@k
-= i2t_rk). The readers of class folders, caption
-folders and class names are eval_data.py.
+Results: a table on stdout and a JSON file (--out; default eval_<task>_<name>.json beside the
+weights, <name> the data's folder, e.g. eval_zeroshot_imagenet_val.json; one per dataset, never
+replacing another dataset's) holding our metrics and the same numbers under clip_benchmark's
+names (acc1, acc5, mean_per_class_recall, image_retrieval_recall@k = t2i_rk,
+text_retrieval_recall@k = i2t_rk); --format=clip_benchmark writes clip_benchmark's own file
+instead (metrics.write_results). Loading the weights is llip.py; the readers of class folders,
+caption folders, clip_benchmark's roots and class names are eval_data.py.
     python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time, metrics ==
                                              # one query at a time
 """
@@ -59,7 +62,6 @@ import argparse
 import json
 import math
 import os
-import re
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -73,7 +75,7 @@ import data
 from eval_data import (ImageFolder, LabelledShards, bad_templates, captioned_batches, class_names,
                        class_names_and_templates, clip_benchmark_layout, count_images,
                        image_folder, labelled_batches)
-from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
+from metrics import binding_metrics, default_out, print_table, ranking_metrics, write_results
 import llip
 from llip import load_checkpoint  # noqa: F401  (eval.load_checkpoint, as analysis.py calls it)
 from model import TextFeatures
@@ -356,34 +358,6 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
     return flatten(synthetic_results(model, root, device, batch_size, taus))
 
 
-def print_table(results):
-    for name, by_tau in results.items():
-        for tau, metrics in by_tau.items():
-            cells = '  '.join(
-                f'{k} {"n/a" if v is None else f"{100 * v:6.2f}"}' for k, v in metrics.items()
-            )
-            print(f'{name:<28} tau {tau:<5g} {cells}')
-
-
-def default_out(weights, task, data_arg):
-    """eval_<task>_<data>.json next to the weights: each dataset keeps its own results. <data>
-    is --data with every run of other characters than letters and digits made one '_' (its
-    last 80 characters). Two datasets whose names collide refuse to replace each other."""
-    name = re.sub(r'[^A-Za-z0-9]+', '_', data_arg).strip('_')[-80:].strip('_') or 'data'
-    out = Path(weights).with_name(f'eval_{task}_{name}.json')
-    if out.is_file():
-        try:
-            earlier = json.loads(out.read_text()).get('data')
-        except (ValueError, AttributeError):
-            earlier = None
-        if earlier != data_arg:
-            raise ValueError(
-                f"{out} holds the results of --data={earlier}, not of --data={data_arg}; "
-                f"name another file with --out"
-            )
-    return str(out)
-
-
 def positive(text):
     """--tau's type: finite numbers > 0 (0 or inf would divide the mixing weights' logits), one
     or several joined by commas (--tau 1 5 and --tau=1,5 alike)."""
@@ -437,9 +411,14 @@ def main(argv=None):
     )
     p.add_argument(
         '--out',
-        help='JSON file of results (default: eval_<task>_<data>.json next to the weights, '
-        '<data> being --data made a file name)',
+        help='JSON file of results (default: eval_<task>_<name>.json next to the weights, '
+        '<name> the last folder of --data, with the one above it when that is a split: '
+        'imagenet_val)',
     )
+    p.add_argument('--format', choices=['llip', 'clip_benchmark'], default='llip',
+                   help="the result file's schema: llip (every tau and dataset, our metrics and "
+                   "clip_benchmark's names) or clip_benchmark (its cli's file: dataset, model, "
+                   'pretrained, task, metrics, language; one dataset at one --tau)')
     args = p.parse_args(argv)
     args.tau = [t for group in args.tau for t in (group if isinstance(group, list) else [group])]
     if args.ckpt:   # a run directory: its ckpt.pt or newest checkpoint, as analysis.py reads it
@@ -455,18 +434,19 @@ def main(argv=None):
 
 
 def run(args):
-    out = args.out or default_out(
-        args.official or args.ckpt, args.task, args.data
-    )  # refused before the work
+    weights = args.official or args.ckpt
+    out = args.out or default_out(weights, args.task, args.data, args.format)
     folder = os.path.dirname(os.path.abspath(out))   # before the whole evaluation, not after
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f'--out={out}: the folder {folder} does not exist or is not writable')
+    if args.format == 'clip_benchmark' and (args.task == 'synthetic' or len(args.tau) > 1):
+        raise ValueError('--format=clip_benchmark: its file holds one dataset at one tau; give '
+                         'one --tau and --task=zeroshot or retrieval (or --format=llip)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f'--device={args.device}: no CUDA GPU is available here; use '
                          '--device=cpu')
-    model = (llip.load_checkpoint(args.ckpt) if args.ckpt else
-             llip.load_official_file(args.official))
-    model = llip.finite(model, args.official or args.ckpt).to(args.device).eval()
+    model = llip.load_checkpoint(args.ckpt) if args.ckpt else llip.load_official_file(weights)
+    model = llip.finite(model, weights).to(args.device).eval()
     # bf16 on GPUs that support it; the scores are cosines, far from bf16's range limits
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if args.device.startswith('cuda')
                 and torch.cuda.is_bf16_supported() else nullcontext())
@@ -476,51 +456,19 @@ def run(args):
                 model, args.data, args.device, args.batch_size, args.tau, progress=True
             )
         elif args.task == 'retrieval':
-            results = {
-                'retrieval': retrieval(
-                    model, args.data, args.tau, args.device, args.batch_size, progress=True
-                )
-            }
+            results = {'retrieval': retrieval(model, args.data, args.tau, args.device,
+                                              args.batch_size, progress=True)}
         else:
             if not Path(args.data).is_dir():
-                data.expand_urls(
-                    args.data
-                )  # shards with KEY.cls: a pattern that names no file is an error
+                data.expand_urls(args.data)   # shards with KEY.cls: a pattern naming no file
                 if args.classnames is None:
                     raise ValueError(f"--data={args.data}: shards with KEY.cls need --classnames")
             names, templates = class_names_and_templates(args.data, args.classnames, args.templates)
-            results = {
-                f'zeroshot/{Path(args.data).name}': zeroshot(
-                    model,
-                    args.data,
-                    names,
-                    templates,
-                    args.tau,
-                    args.device,
-                    args.batch_size,
-                    args.workers,
-                    progress=True,
-                )
-            }
+            results = {f'zeroshot/{Path(args.data).name}': zeroshot(
+                model, args.data, names, templates, args.tau, args.device, args.batch_size,
+                args.workers, progress=True)}
     print_table(results)
-    with open(out, 'w') as f:
-        json.dump(
-            {
-                'weights': args.official or args.ckpt,
-                'task': args.task,
-                'data': args.data,
-                'results': {
-                    name: {f'{t:g}': m for t, m in by_tau.items()}
-                    for name, by_tau in results.items()
-                },
-                'clip_benchmark': {
-                    name: {f'{t:g}': clip_benchmark_names(m) for t, m in by_tau.items()}
-                    for name, by_tau in results.items()
-                },
-            },
-            f,
-            indent=1,
-        )
+    write_results(out, results, weights, args.task, args.data, args.format)
     print(f'wrote {out}')
 
 

@@ -168,6 +168,24 @@ def collate_skipping(batch):
 
 
 # --------------------------------------------------------------- zero-shot: clip_benchmark's shards
+def clip_benchmark_shards(root):
+    """The shards of clip_benchmark's WebDataset layout, [] where there are none: ROOT/test/0.tar
+    .. N-1.tar with N from ROOT/test/nshards.txt where it is there (clip_benchmark reads that
+    file: a shard missing from the folder is then counted as unreadable, not left out in
+    silence), else the *.tar of ROOT/test, or of ROOT, in the order of their numbers."""
+    root = Path(root)
+    count = root / 'test' / 'nshards.txt'
+    if count.is_file() and count.read_text().strip().isdecimal():
+        return [str(root / 'test' / f'{i}.tar') for i in range(int(count.read_text()))]
+    for folder in (root / 'test', root):
+        shards = sorted((p for p in folder.glob('*.tar') if p.is_file()),
+                        key=lambda p: (not p.stem.isdecimal(), int(p.stem) if
+                                       p.stem.isdecimal() else 0, p.name))
+        if shards:
+            return [str(p) for p in shards]
+    return []
+
+
 def clip_benchmark_layout(root):
     """clip_benchmark's WebDataset zero-shot layout (ROOT/classnames.txt, ROOT/test/0.tar ..
     or ROOT/*.tar, optionally ROOT/zeroshot_classification_templates.txt), or None:
@@ -175,12 +193,7 @@ def clip_benchmark_layout(root):
     root = Path(root)
     if not (root.is_dir() and (root / 'classnames.txt').is_file()):
         return None
-    shards = []
-    for folder in (root / 'test', root):
-        shards = sorted(folder.glob('*.tar'), key=lambda p: (not p.stem.isdecimal(), int(p.stem) if
-                                                              p.stem.isdecimal() else 0, p.name))
-        if shards:
-            break
+    shards = clip_benchmark_shards(root)
     if not shards:
         return None
     names = load_names(str(root / 'classnames.txt'), 'classnames', root)
@@ -190,7 +203,16 @@ def clip_benchmark_layout(root):
         if file.is_file()
         else None
     )
-    return [str(p) for p in shards], names, templates
+    return shards, names, templates
+
+
+def retrieval_shards(source):
+    """What retrieval reads as shards: the source itself (a pattern, a list), or of a folder
+    clip_benchmark's retrieval root (ROOT/test/N.tar of KEY.webp + KEY.txt, one caption a
+    line; ROOT/dataset_type.txt says 'retrieval') or its own *.tar; None for a caption folder."""
+    if not (isinstance(source, (str, Path)) and Path(source).is_dir()):
+        return source
+    return clip_benchmark_shards(source) or None
 
 
 class LabelledShards:
@@ -321,11 +343,11 @@ def captioned_batches(source, image_size, batch_size, skipped, max_images=None):
         for s in range(0, n, batch_size):
             yield images[s:min(n, s + batch_size)], truths[s:min(n, s + batch_size)]
         return
-    is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
-    if is_folder and not any(Path(source).glob('*.tar')):
+    shards = retrieval_shards(source)
+    if shards is None:
         samples = caption_folder(source, with_json=True)
     else:
-        samples = data.read_shards(source if not is_folder else str(source), with_json=True)
+        samples = data.read_shards(shards, with_json=True)
     transform = data.eval_transform(image_size)
     images, truths, n = [], [], 0
     for key, image, caps, meta in samples:
@@ -353,11 +375,11 @@ def count_images(source, max_images=None):
     elif isinstance(source, ImageFolder):
         n = len(source)
     elif isinstance(source, (str, Path, list)):   # retrieval shards or a caption folder
-        is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
-        if is_folder and not any(Path(source).glob('*.tar')):
+        shards = retrieval_shards(source)
+        if shards is None:
             n = sum(p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS for p in Path(source).iterdir())
         else:
-            n = data.count_samples(data.expand_urls(source))
+            n = data.count_samples(data.expand_urls(shards))
     else:   # tensors
         n = len(source[0])
     return n if n is None or max_images is None else min(n, max_images)
