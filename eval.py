@@ -19,15 +19,16 @@ Zero-shot data is an image folder with one subfolder per class (eval_data.py say
 is which class: by a {folder: name} classnames.json, by name ignoring case and '_', numbered
 folders as class indices, else sorted order, which is printed), or clip_benchmark's WebDataset
 zero-shot layout (ROOT/classnames.txt, ROOT/test/N.tar of KEY.webp + KEY.cls), or shards of
-KEY.jpg + KEY.cls with --classnames (clip_benchmark's names: --classnames=cifar10). Class names and templates come from --classnames /
+KEY.jpg + KEY.cls with --classnames. Class names and templates come from --classnames /
 --templates (a JSON list or {folder: name} file, a .txt with one per line, or a key of
-data/zeroshot-*.json: the CLIP protocol's names and templates), else from classnames.json /
-templates.json inside --data (or clip_benchmark's .txt files). Zero-shot reports top1, top5
-(n/a below 5 classes) and mean_per_class_recall. Retrieval data is WebDataset shards, a
-folder of KEY.jpg + KEY.txt with one caption per line, or clip_benchmark's WebDataset retrieval
-layout (ROOT/dataset_type.txt, ROOT/test/N.tar of KEY.webp + KEY.txt); each may have a KEY.json
-with ground truth (below). An image that does not decode or is beyond images.MAX_PIXELS is skipped and
-counted, in every format.
+data/zeroshot-*.json: the CLIP protocol's names and templates, also as clip_benchmark spells
+them: cifar10, imagenet1k), else from classnames.json / templates.json inside --data (or
+clip_benchmark's .txt files). Zero-shot reports top1, top5 (n/a below 5 classes) and
+mean_per_class_recall. Retrieval data is WebDataset shards, a folder of KEY.jpg + KEY.txt with
+one caption per line, or clip_benchmark's WebDataset retrieval layout (ROOT/dataset_type.txt,
+ROOT/test/N.tar of KEY.webp + KEY.txt); each may have a KEY.json with ground truth (below). An
+image that does not decode or is beyond images.MAX_PIXELS is skipped and counted, in every
+format.
 
 Retrieval is measured over distinct caption strings, each scored once: the candidates are the
 distinct lines of the evaluated images' .txt files, and string s is a match of image i when s
