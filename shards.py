@@ -85,10 +85,15 @@ FOLDER_PIECE = 1000
 FOLDER = re.compile(r'folder:(.*):(\d+):(\d+)')
 
 
-@functools.lru_cache(maxsize=8)
 def _folder_samples(folder):
     """The samples of a folder's top level, sorted by KEY: ((key, ((ext, path), ...)), ...).
-    Regular files only (a FIFO would block), no hidden files; KEY as in a tar (_key)."""
+    Regular files only (a FIFO would block), no hidden files; KEY as in a tar (_key). Listed
+    once per process while the folder's modification time stays the same."""
+    return _listing(folder, os.stat(folder).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _listing(folder, mtime):
     groups = {}
     for entry in os.scandir(folder):
         if entry.is_file() and not entry.name.startswith('.'):
@@ -259,8 +264,10 @@ def _captions(url, key, group, caption_lines=True, caption_key='caption'):
 
 
 def _check(url, key, group, caption_lines=True, caption_key='caption'):
-    """The cheap checks, made before any image is decoded."""
-    ext = next((e for e in SHARD_IMAGE_KEYS if e in group), None)
+    """The cheap checks, made before any image is decoded. A shard's image is one of
+    SHARD_IMAGE_KEYS (img2dataset's and open_clip's); a folder's, any file image folders take."""
+    keys = IMAGE_EXTENSIONS if FOLDER.fullmatch(url) else SHARD_IMAGE_KEYS
+    ext = next((e for e in keys if e in group), None)
     if ext is None:
         unknown = sorted(e for e in group if e not in ('txt', 'json', 'cls'))
         kind = 'unknown extension' if unknown else 'no image'
