@@ -130,10 +130,9 @@ def plotted_tiny(**overrides):
 
 
 def save_checkpoint(path, pool, seed=0):
-    """A random model in train.py's checkpoint format; W_Q scaled up so that Phi is far from
-    uniform."""
-    torch.manual_seed(seed)
-    model = Llip(plotted_tiny(pool=pool))
+    """A random model in train.py's checkpoint format, train.py's initial weights for `seed`;
+    W_Q scaled up so that Phi is far from uniform."""
+    model = Llip(plotted_tiny(pool=pool), seed=seed)
     if pool == 'llip':
         with torch.no_grad():
             model.q_proj.mul_(20)
