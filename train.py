@@ -247,7 +247,8 @@ def training_data(run):
                                 tokenizer=config.tokenizer, rank=run.rank, world_size=run.world,
                                 workers=args.workers, seed=args.seed, resample=True,
                                 # the built-in data has one caption per line
-                                caption_lines=args.caption_lines or args.data == 'synthetic')
+                                caption_lines=args.caption_lines or args.data == 'synthetic',
+                                captions_per_image=args.captions_per_image)
     except ValueError as e:
         sys.exit(f'error: --data={args.data}: {e}')
 

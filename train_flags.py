@@ -73,6 +73,14 @@ parser.add_argument('--grad_accum', type=int, default=None,
                     'meets every caption of all of them (feature-cached accumulation, '
                     'accumulation.py: activation memory of one micro-batch, one more forward of '
                     'the towers). Default 1; with --global_batch, derived from it')
+parser.add_argument('--captions_per_image', type=int, default=1,
+               help='C: each image comes with C of its distinct captions (drawn without '
+                    'replacement; fewer than C: all of them, repeated in order until C), and the '
+                    'sigmoid loss has a positive for each of them and a negative for every other '
+                    'image-caption pair, every pool alike, across ranks. The loss is still '
+                    'divided by the images. With --grad_accum a micro-batch holds --batch_size '
+                    'images and their C captions each, and the loss still sees the whole batch. '
+                    'Default 1: one caption drawn per image')
 parser.add_argument('--global_batch', type=int, default=None,
                help='the contrastive batch of a step, batch_size x world size x grad_accum '
                     '(paper: 32768); --batch_size and --grad_accum are derived from it and the '
@@ -157,7 +165,7 @@ for f in config_fields:
 # checkpoint right after writing it. The model's own fields (num_mixture, tau, ...) are checked
 # by LlipConfig.
 AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size',
-                'global_batch')
+                'global_batch', 'captions_per_image')
 AT_LEAST_ZERO = ('eval_every', 'workers', 'warmup', 'chunk_size')
 TRACKERS = {'tensorboard': 'torch.utils.tensorboard', 'wandb': 'wandb'}
 
