@@ -9,22 +9,30 @@ python -m pytest tests/test_captions.py), in float64 against a loop written pair
 - with C = 1 the positives are today's: the labels of the plain form and the positive view of
   the fast forms are bit for bit the diagonal they were, and Llip.loss reads C from the sizes;
 - a text batch that is not C captions of each image is refused by name;
+- on 2 gloo ranks (each its images and their captions; the captions all-gathered) every form,
+  siglip_loss and clip_loss give the loop's loss on the global batch (the ranks' mean) and its
+  gradients (a rank's slice: world size x the global gradient; the loss head: the ranks' mean);
 - feature-cached --grad_accum with C = 2 (a micro-batch: B images and their 2 B captions) gives
-  the loss and every parameter gradient of one step on the whole batch;
+  the loss and every parameter gradient of one step on the whole batch, on 1 process and on 2
+  ranks under DDP;
 - the loader gives each image C distinct captions of its own list, image-major, and an image with
   fewer distinct captions all of them repeated in order; it resumes exactly with C = 2;
 - train.py --captions_per_image=2 with --grad_accum=2 trains.
 """
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import loss_gram
 from accumulation import Towers, train_step
-from conftest import batch, tiny, train, write_tar, png
+from conftest import batch, free_port, png, tiny, train, write_tar
 from loss import clip_loss, llip_loss, siglip_loss, sigmoid_loss_sum
 from model import ImageFeatures, Llip, TextFeatures
 
@@ -203,6 +211,80 @@ def test_grad_accum_with_two_captions_equals_the_whole_batch(pool, form, one_thr
     for name, grad in want.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-9,
                                    atol=1e-12, msg=name)
+
+
+# ----------------------------------------------------------------------------- two ranks
+WORLD, PER_RANK = 2, 2                          # 2 gloo ranks of 2 images each
+SHARED = ('out_proj', 't', 'b')                 # the loss head: whole on every rank
+LOSS_CASES = [('llip', form, c) for form in FORMS for c in (2, 3)] + \
+    [(name, None, 2) for name in ('siglip', 'clip')]
+
+
+def rank_slice(x, rank, captions):
+    """Rank `rank`'s part of the global features: its images and their captions."""
+    images = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    texts = slice(images.start * captions, images.stop * captions)
+    return {k: v if k in SHARED else v[texts if k in ('queries', 'text_emb') else images]
+            for k, v in x.items()}
+
+
+def accumulated_with_ddp(pool, rank, world):
+    """This rank's 2 micro-batches of 3 images with 2 captions each, through train_step under DDP
+    (world 1: the whole batch in one step, Llip.forward): (loss, parameter gradients)."""
+    torch.manual_seed(0)
+    model = Llip(tiny(pool=pool, num_mixture=3)).double()
+    images, tokens = batch(2 * 6 * WORLD, model.config, seed=1)
+    images = images[:6 * WORLD].double()                 # 6 images a rank, 12 captions
+    if world == 1:
+        loss = model(images, tokens, chunk_size=2)
+        loss.backward()
+    else:
+        mine, theirs = slice(rank * 6, rank * 6 + 6), slice(rank * 12, rank * 12 + 12)
+        micro = list(zip(images[mine].split(3), tokens[theirs].split(6)))
+        towers = DistributedDataParallel(Towers(model))
+        loss = train_step(towers, model, micro, chunk_size=2, form='mixed')
+        dist.all_reduce(loss)
+        loss = loss / world                             # the global loss: the ranks' mean
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def rank_worker(rank, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=WORLD)
+    result = {}
+    for name, form, captions in LOSS_CASES:
+        x = rank_slice(inputs(WORLD * PER_RANK, captions, seed=4), rank, captions)
+        result[name, form, captions] = value_and_grads(
+            lambda x: ours(name, x, captions, form, chunk=1), x)
+    result['ddp'] = accumulated_with_ddp('llip', rank, WORLD)
+    torch.save(result, f'{out}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_the_loop_on_the_global_batch(tmp_path, one_thread):
+    mp.spawn(rank_worker, args=(free_port(), str(tmp_path / 'rank')), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f'rank.{r}', weights_only=False) for r in range(WORLD)]
+    loops = {'llip': loop_llip, 'siglip': loop_siglip, 'clip': loop_clip}
+    for case in LOSS_CASES:
+        name, _, captions = case
+        x = inputs(WORLD * PER_RANK, captions, seed=4)
+        want_loss, want = value_and_grads(lambda x: loops[name](x, captions), x)
+        # the global loss is the ranks' mean; DDP averages the shared gradients over ranks, and
+        # a rank's gradient of its own slice is the world size times the global loss's
+        torch.testing.assert_close(sum(r[case][0] for r in ranks) / WORLD, want_loss,
+                                   rtol=1e-12, atol=1e-12, msg=str(case))
+        for key, ref in want.items():
+            if ref is None:
+                continue
+            parts = [r[case][1][key] for r in ranks]
+            got = sum(parts) / WORLD if key in SHARED else torch.cat(parts) / WORLD
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=f'{case} {key}')
+    loss, grads = accumulated_with_ddp('llip', 0, 1)
+    for r in ranks:
+        torch.testing.assert_close(r['ddp'][0], loss, rtol=1e-12, atol=1e-12)
+        for name, grad in grads.items():
+            torch.testing.assert_close(r['ddp'][1][name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 # ----------------------------------------------------------------------------- the loader
