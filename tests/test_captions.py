@@ -14,7 +14,7 @@ python -m pytest tests/test_captions.py), in float64 against a loop written pair
   gradients (a rank's slice: world size x the global gradient; the loss head: the ranks' mean);
 - feature-cached --grad_accum with C = 2 (a micro-batch: B images and their 2 B captions) gives
   the loss and every parameter gradient of one step on the whole batch, on 1 process and on 2
-  ranks under DDP;
+  ranks under DDP and under --shard=fsdp;
 - the loader gives each image C distinct captions of its own list, image-major, and an image with
   fewer distinct captions all of them repeated in order; it resumes exactly with C = 2;
 - train.py --captions_per_image=2 with --grad_accum=2 trains.
@@ -27,10 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 import loss_gram
+import sharding
 from accumulation import Towers, train_step
 from conftest import batch, free_port, png, tiny, train, write_tar
 from loss import clip_loss, llip_loss, siglip_loss, sigmoid_loss_sum
@@ -228,11 +230,13 @@ def rank_slice(x, rank, captions):
             for k, v in x.items()}
 
 
-def accumulated_with_ddp(pool, rank, world):
+def accumulated(pool, rank, world, shard=None):
     """This rank's 2 micro-batches of 3 images with 2 captions each, through train_step under DDP
-    (world 1: the whole batch in one step, Llip.forward): (loss, parameter gradients)."""
+    or, shard='fsdp', on the sharded model (world 1: the whole batch in one step, Llip.forward):
+    (loss, every parameter's whole gradient)."""
     torch.manual_seed(0)
     model = Llip(tiny(pool=pool, num_mixture=3)).double()
+    model = sharding.shard(model) if shard == 'fsdp' else model
     images, tokens = batch(2 * 6 * WORLD, model.config, seed=1)
     images = images[:6 * WORLD].double()                 # 6 images a rank, 12 captions
     if world == 1:
@@ -241,11 +245,13 @@ def accumulated_with_ddp(pool, rank, world):
     else:
         mine, theirs = slice(rank * 6, rank * 6 + 6), slice(rank * 12, rank * 12 + 12)
         micro = list(zip(images[mine].split(3), tokens[theirs].split(6)))
-        towers = DistributedDataParallel(Towers(model))
+        towers = Towers(model) if shard == 'fsdp' else DistributedDataParallel(Towers(model))
         loss = train_step(towers, model, micro, chunk_size=2, form='mixed')
+        sharding.reduce_head_grads(model)              # fsdp: W_O, t, b averaged; else no-op
         dist.all_reduce(loss)
         loss = loss / world                             # the global loss: the ranks' mean
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                           for n, p in model.named_parameters()}
 
 
 def rank_worker(rank, port, out):
@@ -257,7 +263,8 @@ def rank_worker(rank, port, out):
         x = rank_slice(inputs(WORLD * PER_RANK, captions, seed=4), rank, captions)
         result[name, form, captions] = value_and_grads(
             lambda x: ours(name, x, captions, form, chunk=1), x)
-    result['ddp'] = accumulated_with_ddp('llip', rank, WORLD)
+    result['ddp'] = accumulated('llip', rank, WORLD)
+    result['fsdp'] = accumulated('llip', rank, WORLD, 'fsdp')
     torch.save(result, f'{out}.{rank}')
     dist.destroy_process_group()
 
@@ -280,11 +287,12 @@ def test_two_ranks_equal_the_loop_on_the_global_batch(tmp_path, one_thread):
             parts = [r[case][1][key] for r in ranks]
             got = sum(parts) / WORLD if key in SHARED else torch.cat(parts) / WORLD
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=f'{case} {key}')
-    loss, grads = accumulated_with_ddp('llip', 0, 1)
-    for r in ranks:
-        torch.testing.assert_close(r['ddp'][0], loss, rtol=1e-12, atol=1e-12)
+    loss, grads = accumulated('llip', 0, 1)
+    for r, wrapper in ((r, w) for r in ranks for w in ('ddp', 'fsdp')):
+        torch.testing.assert_close(r[wrapper][0], loss, rtol=1e-12, atol=1e-12)
         for name, grad in grads.items():
-            torch.testing.assert_close(r['ddp'][1][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+            torch.testing.assert_close(r[wrapper][1][name], grad, rtol=1e-9, atol=1e-12,
+                                       msg=f'{wrapper} {name}')
 
 
 # ----------------------------------------------------------------------------- the loader
