@@ -17,10 +17,13 @@ python -m pytest tests/test_captions.py), in float64 against a loop written pair
   ranks under DDP and under --shard=fsdp;
 - the loader gives each image C distinct captions of its own list, image-major, and an image with
   fewer distinct captions all of them repeated in order; it resumes exactly with C = 2;
-- train.py --captions_per_image=2 with --grad_accum=2 trains.
+- train.py --captions_per_image=2 with --grad_accum=2 trains; a C below 1 is a one-line error.
 """
+import importlib
+import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ import data
 import loss_gram
 import sharding
 from accumulation import Towers, train_step
-from conftest import batch, free_port, png, tiny, train, write_tar
+from conftest import batch, free_port, log_lines, png, tiny, train, write_tar
 from loss import clip_loss, llip_loss, siglip_loss, sigmoid_loss_sum
 from model import ImageFeatures, Llip, TextFeatures
 
@@ -376,7 +379,20 @@ def test_resume_with_two_captions_gives_the_uninterrupted_batches(tmp_path):
 
 
 # ----------------------------------------------------------------------------- train.py
+@pytest.mark.parametrize('value', ['0', '-2'])
+def test_captions_per_image_below_one_is_a_one_line_error(tmp_path, monkeypatch, value):
+    train_py = importlib.import_module('train')
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={tmp_path}',
+                                      f'--captions_per_image={value}'])
+    with pytest.raises(SystemExit) as stop:
+        train_py.check_flags(train_py.parser.parse_args())
+    assert str(stop.value.code) == f'error: --captions_per_image={value}: must be an integer >= 1'
+
+
 def test_train_py_with_two_captions_and_grad_accum(tmp_path, synthetic):
-    result = train(str(tmp_path), synthetic, '--captions_per_image=2', '--grad_accum=2',
-                   '--batch_size=4', '--steps=3', '--save_every=3')
-    assert result.returncode == 0
+    train(str(tmp_path), synthetic, '--captions_per_image=2', '--grad_accum=2', '--batch_size=4',
+          '--steps=3', '--save_every=3')                   # (train checks the exit status)
+    with open(tmp_path / 'config.json') as f:
+        assert json.load(f)['captions_per_image'] == 2
+    losses = [r['loss'] for r in log_lines(str(tmp_path)) if 'loss' in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
