@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-import checkpoint
 import data
-import eval as llip_eval
+import llip
+from llip import checkpoint_path
 from loss import mixing_weights
 
 HERE = Path(__file__).resolve().parent
@@ -40,19 +40,10 @@ MIXER_POOLS = ('avg', 'learned', 'llip')   # pools whose image vector is made fr
 
 
 # ----------------------------------------------------------------------------- inputs
-def checkpoint_path(path):
-    """A train.py checkpoint (a file, or a directory with --shard=fsdp), or a run directory:
-    its newest checkpoint, ckpt.pt (or, with none, the newest of either kind)."""
-    path = Path(path)
-    if not path.is_dir() or (path / 'manifest.json').exists():
-        return path
-    newest = checkpoint.paths(str(path))
-    return path / 'ckpt.pt' if (path / 'ckpt.pt').exists() or not newest else Path(newest[0])
-
-
 def load_model(path):
-    # {'model': ..., 'config': {'model_config': ...}}
-    return llip_eval.load_checkpoint(checkpoint_path(path))
+    """A run directory (its ckpt.pt, or newest checkpoint), a checkpoint file or a sharded
+    checkpoint's directory (llip.checkpoint_path)."""
+    return llip.load_checkpoint(checkpoint_path(path))
 
 
 def describe(model, path):
