@@ -17,7 +17,8 @@ and torchrun's environment change.
         --out_dir=/shared/run1                          # on each node; one shared --out_dir
 
 DDP is decided by torchrun's environment alone (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on
-CUDA, gloo on CPU. --batch_size is per rank per micro-batch; the loss of each rank covers its
+CUDA, gloo on CPU; ranks started by hand with that environment wait --rendezvous_timeout s for
+each other, then stop with a message. --batch_size is per rank per micro-batch; the loss of each rank covers its
 images against every rank's captions (loss.py), and --grad_accum micro-batches are one
 contrastive batch (accumulation.py caches their features), so a step's contrastive batch is
 batch_size x world size x grad_accum. --global_batch=N asks for that product and derives the
