@@ -17,15 +17,15 @@ and torchrun's environment change.
         --out_dir=/shared/run1                          # on each node; one shared --out_dir
 
 DDP is decided by torchrun's environment alone (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on
-CUDA, gloo on CPU; ranks started by hand with that environment wait --rendezvous_timeout s for
-each other, then stop with a message. --batch_size is per rank per micro-batch; the loss of each rank covers its
+CUDA, gloo on CPU. --batch_size is per rank per micro-batch; the loss of each rank covers its
 images against every rank's captions (loss.py), and --grad_accum micro-batches are one
 contrastive batch (accumulation.py caches their features), so a step's contrastive batch is
 batch_size x world size x grad_accum. --global_batch=N asks for that product and derives the
 other two from N and the world size: the same command trains the same batch on 8 or 256 GPUs.
 --shard=fsdp shards the model instead of copying it (sharding.py); its checkpoints are
 directories every rank writes (checkpoint_dcp.py). A run resumes from either kind of checkpoint
-on any number of ranks, each sample of the epoch seen once.
+on any number of ranks, each sample of the epoch seen once. Ranks started by hand (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) wait --rendezvous_timeout s for each other.
 Every flag is --key=value (bools too: --eval=false); `python train.py --help` lists them. Any
 LlipConfig field can be overridden (--num_mixture=64 --tau=8 ...). On several nodes, --out_dir
 must be one shared filesystem path: rank 0 picks the checkpoint and every rank reads it.
