@@ -9,7 +9,8 @@ Plots and tables of finished (or running) trainings of the miniature Llip reprod
     python -m runs.report ablation runs/ablation/*/ --metrics=zeroshot/color/top1,retrieval/i2t_r1 \
         --baseline=cls --out=runs/ablation.png --table=runs/ablation.md
     # Figure 6: against K or tau (--baseline=16: each K minus K = 16, paired by seed)
-    python -m runs.report sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 \
+    # (--against=cls: the cls runs drawn as a level, every K minus cls, paired by seed)
+    python -m runs.report sweep runs/k_sweep/*/ --by=num_mixture --baseline=16 --against=cls \
         --out=runs/k_sweep.png
     python -m runs.report sweep runs/tau_sweep/*/ --by=tau --out=runs/tau_sweep.png
     # each pool's learning rate from a grid of runs on the validation split (--eval_split=val):
@@ -169,23 +170,37 @@ def dodge(ax, xs, i, n):
 
 def cmd_sweep(args):
     metrics = args.metrics.split(',')
-    grouped = split_runs(load_runs(args.runs), args.by)
+    runs = load_runs(args.runs)
+    # --against: that pool's runs are one level drawn across the plot, not a point of the sweep
+    # (cls has no mixture tokens and no tau: it is the same run at every K)
+    reference = [run for run in runs if run['config'].get('pool') == args.against]
+    grouped = split_runs([run for run in runs if run not in reference], args.by)
     groups = group_stats(grouped, args.by, metrics)
     fig, ax = plt.subplots(layout='constrained', figsize=(6, 4))
     xs = dict(zip([v for v, _, _ in groups], x_axis(ax, [v for v, _, _ in groups])))
-    for metric in metrics:
+    level = metric_stats(reference, metrics)
+    for i, metric in enumerate(metrics):
         points = [(v, stats[metric]) for v, _, stats in groups if metric in stats]
-        ax.errorbar([xs[v] for v, _ in points], [100 * s[0] for _, s in points],
+        ax.errorbar([xs[v] for v, _ in points], [100 * s[0] for _, s in points], color=f'C{i}',
                     yerr=[100 * s[1] for _, s in points], marker='o', capsize=3, label=metric)
+        if metric in level:
+            mean, std = (100 * x for x in level[metric])
+            ax.axhline(mean, color=f'C{i}', linestyle='--', linewidth=1)
+            ax.axhspan(mean - std, mean + std, color=f'C{i}', alpha=0.08)
     ax.set_xlabel(args.by)
     ax.set_ylabel('%, mean ± std over seeds')
-    ax.set_title(f'Sweep over {args.by} (paper Figure 6)', fontsize=10)
+    against = f'; dashed: {args.against} ({len(reference)} runs)' if reference else ''
+    ax.set_title(f'Sweep over {args.by} (paper Figure 6){against}', fontsize=10)
     ax.legend(fontsize=8)
+    if reference:
+        groups = groups + group_stats([(args.against, reference)], 'pool', metrics)
     table = markdown_table(groups, args.by, metrics)
-    if args.baseline is not None:
-        rows = paired_rows(grouped, args.baseline, metrics, args.by)
+    # each value minus --baseline (a value of --by), then each value minus the --against pool
+    for baseline, pairs in ((args.baseline, grouped),
+                            (args.against, grouped + [(args.against, reference)])):
+        rows = paired_rows(pairs, baseline, metrics, args.by) if baseline is not None else []
         if rows:
-            table += '\n' + paired_table(rows, args.by, args.baseline, metrics)
+            table += '\n' + paired_table(rows, args.by, baseline, metrics)
     write_table(table, args.table)
     save(fig, args.out)
 
@@ -376,6 +391,8 @@ def parser():
     s.add_argument('--metrics', default=','.join(METRICS), help='comma-separated eval metrics')
     s.add_argument('--baseline', help='a value of --by (e.g. 16): also the table of every other '
                                       'value minus this one, paired by seed')
+    s.add_argument('--against', help='a pool (e.g. cls) whose runs are not swept: drawn as a '
+                                     'dashed level, and every value minus it, paired by seed')
 
     s = add_command(sub, 'lr', cmd_lr, "each pool's learning rate: the best mean over seeds of "
                     'the average of --metrics (runs on the validation split)', 'lr.json',

@@ -6,6 +6,8 @@
 #     bash runs/study.sh headline   # lr for cls and llip on val, then 5 seeds each on test (~22 min)
 #     bash runs/study.sh long       # then cls, llip, avg, learned and the pressure sweeps at 2500 steps
 #     bash runs/study.sh where      # then cls and llip at 2500 steps with the place also said alone
+#     bash runs/study.sh figure6    # then llip's K and tau swept, cls beside (Figure 6, ~20 min)
+#     bash runs/study.sh captions   # then cls and llip with 1, 2 and 4 captions an image a step
 #     bash runs/study.sh            # everything: + the ladder, + the pressure sweeps (~70 min)
 #     JOBS=1 STEPS=100 bash runs/study.sh headline    # a quick look, one run at a time
 #
@@ -25,6 +27,10 @@
 #   pressure  cls and llip, 3 seeds, with a narrower joint space (D = 32 instead of 64) and
 #             with up to 5 objects per image instead of 3: does llip gain more where one vector
 #             has to hold more?
+#   figure6   (only with `figure6`) llip with K = 4, 8, 16, 32 mixture tokens and with tau = 1,
+#             5, 20, 3 seeds, at llip's learning rate, each against cls's seeds (ladder's runs)
+#   captions  (only with `captions`) cls and llip, 3 seeds, each image with C = 1, 2, 4 of its
+#             captions a step (--captions_per_image): the same images seen, more captions
 # Seed s of every pool sees the same data in the same order, so pools are compared pair by
 # pair (report.py: mean and 95% interval of the paired difference).
 #
@@ -123,6 +129,46 @@ if [ "$WHAT" = where ]; then   # the place also said alone ("a shape on the left
             --by=synthetic_captions --baseline=shape,color,place,size --metrics=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map,retrieval/binding \
             --out=runs/results/where_$pool.png --table=runs/results/where_$pool.md
     done
+    exit 0
+fi
+
+if [ "$WHAT" = figure6 ]; then   # the paper's Figure 6: more mixture tokens help, a large tau hurts
+    for seed in 0 1 2; do
+        for pool in cls llip; do   # K = 16 and tau = 5 are the tiny preset's: the ladder's runs
+            echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
+        done
+        for k in 4 8 32; do
+            echo "$OUT/figure6/pool=llip,num_mixture=$k,seed=$seed --pool=llip --num_mixture=$k" \
+                 "--seed=$seed --lr=$(lr_of llip)"
+        done
+        for tau in 1 20; do
+            echo "$OUT/figure6/pool=llip,tau=$tau,seed=$seed --pool=llip --tau=$tau --seed=$seed" \
+                 "--lr=$(lr_of llip)"
+        done
+    done | run_all
+    FIG6=$ZEROSHOT,retrieval/i2t_map,retrieval/t2i_map,retrieval/binding
+    base="$OUT/ladder/pool=cls,seed=[012]/ $OUT/ladder/pool=llip,seed=[012]/"
+    # shellcheck disable=SC2086
+    python -m runs.report sweep $base "$OUT"/figure6/pool=llip,num_mixture=*/ --by=num_mixture \
+        --baseline=16 --against=cls --metrics=$FIG6 --out=runs/results/figure6_k.png \
+        --table=runs/results/figure6_k.md
+    # shellcheck disable=SC2086
+    python -m runs.report sweep $base "$OUT"/figure6/pool=llip,tau=*/ --by=tau --baseline=5 \
+        --against=cls --metrics=$FIG6 --out=runs/results/figure6_tau.png \
+        --table=runs/results/figure6_tau.md
+    exit 0
+fi
+if [ "$WHAT" = captions ]; then   # C captions of each image in a step: same images, more captions
+    for seed in 0 1 2; do for pool in cls llip; do
+        echo "$OUT/ladder/pool=$pool,seed=$seed --pool=$pool --seed=$seed --lr=$(lr_of $pool)"
+        for c in 2 4; do
+            echo "$OUT/captions/pool=$pool,captions_per_image=$c,seed=$seed --pool=$pool" \
+                 "--captions_per_image=$c --seed=$seed --lr=$(lr_of $pool)"
+        done
+    done; done | run_all
+    python -m runs.report pressure "$OUT"/ladder/pool={cls,llip},seed=[012]/ "$OUT"/captions/*/ \
+        --by=captions_per_image --baseline=cls --pool=llip --metrics=$RETRIEVAL,$ZEROSHOT \
+        --out=runs/results/captions.png --table=runs/results/captions.md
     exit 0
 fi
 

@@ -15,7 +15,8 @@
 - pairing uses only the seeds both pools have, and says which it left out;
 - lr picks each pool's best mean over seeds of the average of --metrics, a tie going to the
   smaller lr whatever the order of the runs, writes {pool: lr} and warns about test-split runs;
-- ablation and pressure write a PNG and markdown that holds those paired numbers.
+- ablation and pressure write a PNG and markdown that holds those paired numbers; sweep
+  --against=cls draws cls as a level and pairs every swept value with it.
 """
 import json
 import math
@@ -86,6 +87,24 @@ def test_sweep_groups_numerically_and_warns_about_mixed_groups(tmp_path, capsys)
     assert [value for value, _, _ in groups] == [4, 16, 64]
     assert groups[0][2][METRICS[0]] == pytest.approx((0.0405, math.sqrt(0.001 ** 2 / 2)))
     assert 'num_mixture=16 also differ in pool' in capsys.readouterr().err
+
+
+def test_sweep_against_a_pool_pairs_every_value_with_it(tmp_path, is_png):
+    # llip at K = 4 and 16 over seeds 0-2, cls (which has no K) a level: K minus cls by seed
+    runs = [fake_run(tmp_path, f'k{k}s{s}', 'llip', s, {METRICS[0]: k / 100 + s / 10},
+                     num_mixture=k) for k in (4, 16) for s in range(3)]
+    runs += [fake_run(tmp_path, f'cls{s}', 'cls', s, {METRICS[0]: 0.1 + s / 10 + d})
+             for s, d in enumerate([0.0, 0.01, -0.01])]
+    table = tmp_path / 'k.md'
+    report.main(['sweep', *runs, '--by=num_mixture', '--baseline=16', '--against=cls',
+                 f'--metrics={METRICS[0]}', f'--table={table}', f"--out={tmp_path / 'k.png'}"])
+    assert is_png(tmp_path / 'k.png')
+    text = table.read_text()
+    assert '| cls | 3 | 20.0 ± 9.5 |' in text              # the level, a row of its own
+    assert '| 4 | 3 | 14.0 ± 10.0 |' in text                # cls is not a point of the sweep
+    # K = 4 minus cls: differences -6, -7, -5 points: mean -6.0 +- 4.303 * 1 / sqrt(3)
+    assert '| 4 | 3 | -6.0 [-8.5, -3.5] * |' in text and 'num_mixture − cls' in text
+    assert '| 4 | 3 | -12.0 [-12.0, -12.0] * |' in text     # and K = 4 minus K = 16
 
 
 # ----------------------------------------------------------------------------- every command
