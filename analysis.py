@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-import checkpoint
 import data
-import eval as llip_eval
+import llip
+from llip import checkpoint_path
 from loss import mixing_weights
 
 HERE = Path(__file__).resolve().parent
@@ -43,16 +43,6 @@ MIXER_POOLS = ('avg', 'learned', 'llip')   # pools whose image vector is made fr
 
 
 # ----------------------------------------------------------------------------- inputs
-def checkpoint_path(path):
-    """A train.py checkpoint (a file, or a directory with --shard=fsdp), or a run directory:
-    its newest checkpoint, ckpt.pt (or, with none, the newest of either kind)."""
-    path = Path(path)
-    if not path.is_dir() or (path / 'manifest.json').exists():
-        return path
-    newest = checkpoint.paths(str(path))
-    return path / 'ckpt.pt' if (path / 'ckpt.pt').exists() or not newest else Path(newest[0])
-
-
 def run_folder(path):
     """Where a checkpoint argument's run lives: a run directory itself, else the folder holding
     the checkpoint (a file, or a sharded checkpoint's directory)."""
@@ -69,8 +59,9 @@ def out_path(args, paths, name):
 
 
 def load_model(path):
-    # {'model': ..., 'config': {'model_config': ...}}
-    return llip_eval.load_checkpoint(checkpoint_path(path))
+    """A run directory (its ckpt.pt, or newest checkpoint), a checkpoint file or a sharded
+    checkpoint's directory (llip.checkpoint_path)."""
+    return llip.load_checkpoint(checkpoint_path(path))
 
 
 def describe(model, path):

@@ -21,12 +21,14 @@ folders as class indices, else sorted order, which is printed), or clip_benchmar
 zero-shot layout (ROOT/classnames.txt, ROOT/test/N.tar of KEY.webp + KEY.cls), or shards of
 KEY.jpg + KEY.cls with --classnames. Class names and templates come from --classnames /
 --templates (a JSON list or {folder: name} file, a .txt with one per line, or a key of
-data/zeroshot-*.json: the CLIP protocol's names and templates), else from classnames.json /
-templates.json inside --data (or clip_benchmark's .txt files). Zero-shot reports top1, top5
-(n/a below 5 classes) and mean_per_class_recall. Retrieval data is WebDataset shards, or a
-folder of KEY.jpg + KEY.txt with one caption per line; either may have a KEY.json with ground
-truth (below). An image that does not decode or is beyond images.MAX_PIXELS is skipped and
-counted, in every format.
+data/zeroshot-*.json: the CLIP protocol's names and templates, also as clip_benchmark spells
+them: cifar10, imagenet1k), else from classnames.json / templates.json inside --data (or
+clip_benchmark's .txt files). Zero-shot reports top1, top5 (n/a below 5 classes) and
+mean_per_class_recall. Retrieval data is WebDataset shards, a folder of KEY.jpg + KEY.txt with
+one caption per line, or clip_benchmark's WebDataset retrieval layout (ROOT/dataset_type.txt,
+ROOT/test/N.tar of KEY.webp + KEY.txt); each may have a KEY.json with ground truth (below). An
+image that does not decode or is beyond images.MAX_PIXELS is skipped and counted, in every
+format.
 
 Retrieval is measured over distinct caption strings, each scored once: the candidates are the
 distinct lines of the evaluated images' .txt files, and string s is a match of image i when s
@@ -46,22 +48,21 @@ false one being the true one with an attribute swapped between two objects of th
 fraction of triples whose image scores the true caption above the false one, overall and per
 kind. The false captions are scored against their own image only, never ranked.
 
-Results: a table on stdout and a JSON file (--out; default eval_<task>_<data>.json beside the
-weights, one per dataset) holding our metrics and the same numbers under clip_benchmark's names
-(acc1, acc5, mean_per_class_recall, image_retrieval_recall@k = t2i_rk, text_retrieval_recall@k
-= i2t_rk). The readers of class folders, caption
-folders and class names are eval_data.py.
+Results: a table on stdout and a JSON file (--out; default eval_<task>_<name>.json beside the
+weights, <name> the data's folder, e.g. eval_zeroshot_imagenet_val.json; one per dataset, never
+replacing another dataset's) holding our metrics and the same numbers under clip_benchmark's
+names (acc1, acc5, mean_per_class_recall, image_retrieval_recall@k = t2i_rk,
+text_retrieval_recall@k = i2t_rk); --format=clip_benchmark writes clip_benchmark's own file
+instead (metrics.write_results). Loading the weights is llip.py; the readers of class folders,
+caption folders, clip_benchmark's roots and class names are eval_data.py.
     python -m pytest tests/test_eval.py      # chunked evaluation == one pair at a time, metrics ==
                                              # one query at a time
 """
 
 import argparse
-import dataclasses
-import itertools
 import json
 import math
 import os
-import re
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -75,10 +76,10 @@ import data
 from eval_data import (ImageFolder, LabelledShards, bad_templates, captioned_batches, class_names,
                        class_names_and_templates, clip_benchmark_layout, count_images,
                        image_folder, labelled_batches)
-from metrics import binding_metrics, clip_benchmark_names, ranking_metrics
-import checkpoint
-import checkpoint_dcp
-from model import Llip, LlipConfig, TextFeatures, load_official
+from metrics import binding_metrics, default_out, print_table, ranking_metrics, write_results
+import llip
+from llip import load_checkpoint  # noqa: F401  (eval.load_checkpoint, as analysis.py calls it)
+from model import TextFeatures
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -358,83 +359,6 @@ def evaluate_synthetic(model, root, device='cpu', batch_size=256, taus=(None,)):
     return flatten(synthetic_results(model, root, device, batch_size, taus))
 
 
-# ----------------------------------------------------------------------------- loading
-def load_checkpoint(path):
-    """A Llip from a train.py checkpoint: {'model': state dict, 'config': {'model_config': {...}}},
-    its checksum verified as train.py verifies it when resuming; or a sharded checkpoint's
-    directory (train.py --shard=fsdp), gathered into this one process."""
-    if os.path.isdir(path):
-        try:
-            return checkpoint_dcp.load_model(path)[0]
-        except checkpoint.CheckpointError as e:
-            raise ValueError(f"--ckpt={path}: {e}") from None
-    try:
-        ckpt = checkpoint.load_weights(path)   # train.py writes only tensors and plain containers
-        if isinstance(ckpt, dict):
-            ckpt = checkpoint.verified(ckpt)
-    except (checkpoint.UnsafeCheckpointError, checkpoint.CheckpointError) as e:
-        raise ValueError(f"--ckpt={path}: {e}") from None
-    except Exception as e:
-        raise ValueError(f"--ckpt={path}: not a checkpoint torch.load can read "
-                         f"({type(e).__name__}: {e})") from None
-    if not (isinstance(ckpt, dict) and 'model' in ckpt and isinstance(ckpt.get('config'), dict)):
-        hint = (" It looks like the authors' weights: use --official." if isinstance(ckpt, dict)
-                and any('class_embedding' in k for k in ckpt.get('state_dict', ckpt)) else '')
-        raise ValueError(f"--ckpt={path}: not a train.py checkpoint (expected a dict with 'model' "
-                         f"and 'config').{hint}")
-    config = ckpt['config'].get('model_config', ckpt['config'])
-    fields = {f.name for f in dataclasses.fields(LlipConfig)}
-    model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
-    try:
-        model.load_state_dict(checkpoint.unwrapped(ckpt['model']))
-    except RuntimeError as e:   # a hand-edited shape or a missing key: torch's first lines
-        what = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
-        raise ValueError(f"--ckpt={path}: its weights do not fit its config ({what})") from None
-    return model.eval()
-
-
-def load_model(args):
-    """--ckpt or --official as a Llip; ValueError (one line) for a file that is not one."""
-    if args.ckpt:
-        return load_checkpoint(args.ckpt)
-    try:
-        return load_official(args.official)
-    except (KeyError, ValueError):   # load_official's own messages
-        raise
-    except Exception as e:   # truncated, empty, a list or a tensor: not a dict of weights
-        first = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-        raise ValueError(f"--official={args.official}: not the authors' weights, a dict of "
-                         f"tensors torch.load can read ({first})") from None
-
-
-def print_table(results):
-    for name, by_tau in results.items():
-        for tau, metrics in by_tau.items():
-            cells = '  '.join(
-                f'{k} {"n/a" if v is None else f"{100 * v:6.2f}"}' for k, v in metrics.items()
-            )
-            print(f'{name:<28} tau {tau:<5g} {cells}')
-
-
-def default_out(weights, task, data_arg):
-    """eval_<task>_<data>.json next to the weights: each dataset keeps its own results. <data>
-    is --data with every run of other characters than letters and digits made one '_' (its
-    last 80 characters). Two datasets whose names collide refuse to replace each other."""
-    name = re.sub(r'[^A-Za-z0-9]+', '_', data_arg).strip('_')[-80:].strip('_') or 'data'
-    out = Path(weights).with_name(f'eval_{task}_{name}.json')
-    if out.is_file():
-        try:
-            earlier = json.loads(out.read_text()).get('data')
-        except (ValueError, AttributeError):
-            earlier = None
-        if earlier != data_arg:
-            raise ValueError(
-                f"{out} holds the results of --data={earlier}, not of --data={data_arg}; "
-                f"name another file with --out"
-            )
-    return str(out)
-
-
 def positive(text):
     """--tau's type: finite numbers > 0 (0 or inf would divide the mixing weights' logits), one
     or several joined by commas (--tau 1 5 and --tau=1,5 alike)."""
@@ -447,12 +371,6 @@ def positive(text):
         if not (math.isfinite(values[-1]) and values[-1] > 0):
             raise argparse.ArgumentTypeError(f'{part}: must be a finite number > 0')
     return values
-
-
-def nonfinite_weights(model):
-    """The names of the model's parameters and buffers that hold a NaN or an infinity."""
-    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-            if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def main(argv=None):
@@ -494,13 +412,18 @@ def main(argv=None):
     )
     p.add_argument(
         '--out',
-        help='JSON file of results (default: eval_<task>_<data>.json next to the weights, '
-        '<data> being --data made a file name)',
+        help='JSON file of results (default: eval_<task>_<name>.json next to the weights, '
+        '<name> the last folder of --data, with the one above it when that is a split: '
+        'imagenet_val)',
     )
+    p.add_argument('--format', choices=['llip', 'clip_benchmark'], default='llip',
+                   help="the result file's schema: llip (every tau and dataset, our metrics and "
+                   "clip_benchmark's names) or clip_benchmark (its cli's file: dataset, model, "
+                   'pretrained, task, metrics, language; one dataset at one --tau)')
     args = p.parse_args(argv)
     args.tau = [t for group in args.tau for t in (group if isinstance(group, list) else [group])]
-    if args.ckpt and os.path.isdir(args.ckpt):   # a run directory, as analysis.py takes it
-        args.ckpt = os.path.join(args.ckpt, 'ckpt.pt')
+    if args.ckpt:   # a run directory: its ckpt.pt or newest checkpoint, as analysis.py reads it
+        args.ckpt = str(llip.checkpoint_path(args.ckpt))
     try:
         run(args)
     except (
@@ -512,22 +435,19 @@ def main(argv=None):
 
 
 def run(args):
-    out = args.out or default_out(
-        args.official or args.ckpt, args.task, args.data
-    )  # refused before the work
+    weights = args.official or args.ckpt
+    out = args.out or default_out(weights, args.task, args.data, args.format)
     folder = os.path.dirname(os.path.abspath(out))   # before the whole evaluation, not after
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f'--out={out}: the folder {folder} does not exist or is not writable')
+    if args.format == 'clip_benchmark' and (args.task == 'synthetic' or len(args.tau) > 1):
+        raise ValueError('--format=clip_benchmark: its file holds one dataset at one tau; give '
+                         'one --tau and --task=zeroshot or retrieval (or --format=llip)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f'--device={args.device}: no CUDA GPU is available here; use '
                          '--device=cpu')
-    model = load_model(args)
-    bad = nonfinite_weights(model)
-    if bad:   # the numbers would be chance level, and look like a result
-        raise ValueError(f'{args.official or args.ckpt}: non-finite weights in {len(bad)} tensors '
-                         f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}); nothing to '
-                         'evaluate')
-    model = model.to(args.device).eval()
+    model = llip.load_checkpoint(args.ckpt) if args.ckpt else llip.load_official_file(weights)
+    model = llip.finite(model, weights).to(args.device).eval()
     # bf16 on GPUs that support it; the scores are cosines, far from bf16's range limits
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if args.device.startswith('cuda')
                 and torch.cuda.is_bf16_supported() else nullcontext())
@@ -537,51 +457,19 @@ def run(args):
                 model, args.data, args.device, args.batch_size, args.tau, progress=True
             )
         elif args.task == 'retrieval':
-            results = {
-                'retrieval': retrieval(
-                    model, args.data, args.tau, args.device, args.batch_size, progress=True
-                )
-            }
+            results = {'retrieval': retrieval(model, args.data, args.tau, args.device,
+                                              args.batch_size, progress=True)}
         else:
             if not Path(args.data).is_dir():
-                data.expand_urls(
-                    args.data
-                )  # shards with KEY.cls: a pattern that names no file is an error
+                data.expand_urls(args.data)   # shards with KEY.cls: a pattern naming no file
                 if args.classnames is None:
                     raise ValueError(f"--data={args.data}: shards with KEY.cls need --classnames")
             names, templates = class_names_and_templates(args.data, args.classnames, args.templates)
-            results = {
-                f'zeroshot/{Path(args.data).name}': zeroshot(
-                    model,
-                    args.data,
-                    names,
-                    templates,
-                    args.tau,
-                    args.device,
-                    args.batch_size,
-                    args.workers,
-                    progress=True,
-                )
-            }
+            results = {f'zeroshot/{Path(args.data).name}': zeroshot(
+                model, args.data, names, templates, args.tau, args.device, args.batch_size,
+                args.workers, progress=True)}
     print_table(results)
-    with open(out, 'w') as f:
-        json.dump(
-            {
-                'weights': args.official or args.ckpt,
-                'task': args.task,
-                'data': args.data,
-                'results': {
-                    name: {f'{t:g}': m for t, m in by_tau.items()}
-                    for name, by_tau in results.items()
-                },
-                'clip_benchmark': {
-                    name: {f'{t:g}': clip_benchmark_names(m) for t, m in by_tau.items()}
-                    for name, by_tau in results.items()
-                },
-            },
-            f,
-            indent=1,
-        )
+    write_results(out, results, weights, args.task, args.data, args.format)
     print(f'wrote {out}')
 
 

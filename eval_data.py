@@ -1,8 +1,9 @@
 """
 Evaluation data on disk, read for eval.py: class folders for zero-shot classification (which
-folder is which class), clip_benchmark's WebDataset zero-shot shards, caption folders for
-retrieval, the class names and templates, and batches of images with their labels or with
-their ground truth (Truth: the captions true of each image, binding triples).
+folder is which class), clip_benchmark's WebDataset zero-shot and retrieval roots, the class
+names and templates, and batches of images with their labels or with their ground truth
+(Truth: the captions true of each image, binding triples). Shards and caption folders (KEY.jpg
++ KEY.txt) are read by shards.py, as training reads them.
 
 Which folder is which class (image_folder), in this order:
 - classnames as a dict {folder: name} says it outright (ImageNet's {"n01440764": "tench"});
@@ -168,6 +169,24 @@ def collate_skipping(batch):
 
 
 # --------------------------------------------------------------- zero-shot: clip_benchmark's shards
+def clip_benchmark_shards(root):
+    """The shards of clip_benchmark's WebDataset layout, [] where there are none: ROOT/test/0.tar
+    .. N-1.tar with N from ROOT/test/nshards.txt where it is there (clip_benchmark reads that
+    file: a shard missing from the folder is then counted as unreadable, not left out in
+    silence), else the *.tar of ROOT/test, or of ROOT, in the order of their numbers."""
+    root = Path(root)
+    count = root / 'test' / 'nshards.txt'
+    if count.is_file() and count.read_text().strip().isdecimal():
+        return [str(root / 'test' / f'{i}.tar') for i in range(int(count.read_text()))]
+    for folder in (root / 'test', root):
+        shards = sorted((p for p in folder.glob('*.tar') if p.is_file()),
+                        key=lambda p: (not p.stem.isdecimal(), int(p.stem) if
+                                       p.stem.isdecimal() else 0, p.name))
+        if shards:
+            return [str(p) for p in shards]
+    return []
+
+
 def clip_benchmark_layout(root):
     """clip_benchmark's WebDataset zero-shot layout (ROOT/classnames.txt, ROOT/test/0.tar ..
     or ROOT/*.tar, optionally ROOT/zeroshot_classification_templates.txt), or None:
@@ -175,12 +194,7 @@ def clip_benchmark_layout(root):
     root = Path(root)
     if not (root.is_dir() and (root / 'classnames.txt').is_file()):
         return None
-    shards = []
-    for folder in (root / 'test', root):
-        shards = sorted(folder.glob('*.tar'), key=lambda p: (not p.stem.isdecimal(), int(p.stem) if
-                                                              p.stem.isdecimal() else 0, p.name))
-        if shards:
-            break
+    shards = clip_benchmark_shards(root)
     if not shards:
         return None
     names = load_names(str(root / 'classnames.txt'), 'classnames', root)
@@ -190,7 +204,16 @@ def clip_benchmark_layout(root):
         if file.is_file()
         else None
     )
-    return [str(p) for p in shards], names, templates
+    return shards, names, templates
+
+
+def retrieval_shards(source):
+    """What retrieval reads: clip_benchmark's retrieval root (ROOT/test/N.tar of KEY.webp +
+    KEY.txt, one caption a line; ROOT/dataset_type.txt says 'retrieval') as its shards, else
+    the source itself: shards (a pattern, a list, a folder of *.tar) or a folder of KEY.jpg +
+    KEY.txt, which shards.py reads as shards."""
+    is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
+    return (clip_benchmark_shards(source) if is_folder else None) or source
 
 
 class LabelledShards:
@@ -210,50 +233,6 @@ class LabelledShards:
                     f'{self.n_classes - 1})'
             else:
                 yield self.transform(image), label
-
-
-# --------------------------------------------------------------------- retrieval: caption folders
-def caption_folder(root, with_json=False):
-    """(key, PIL image or None when it does not decode, captions) for root/KEY.jpg + root/KEY.txt
-    (UTF-8, one caption per line; an image whose .txt is not UTF-8 is skipped and counted);
-    with_json=True: and a fourth element, root/KEY.json parsed, or None when there is none or
-    it does not parse (those are counted in one warning)."""
-    bad_json = []
-    bad_text = []
-    for path in sorted(
-        p for p in Path(root).iterdir() if p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS
-    ):
-        text = path.with_suffix('.txt')
-        try:
-            lines = text.read_bytes().decode('utf-8').splitlines() if text.exists() else []
-        except UnicodeDecodeError:   # skipped and counted, as in shards
-            bad_text.append(text.name)
-            continue
-        captions = [line.strip() for line in lines if line.strip()]
-        try:
-            with data.open_image(path) as im:   # within images.MAX_PIXELS
-                image = data.to_rgb(im)
-                image.load()
-        except Exception:   # corrupt, truncated, a decompression bomb: counted by the caller
-            image = None
-        if not with_json:
-            yield path.stem, image, captions
-            continue
-        meta, file = None, path.with_suffix('.json')
-        if file.exists():
-            try:
-                meta = json.loads(file.read_bytes())
-            except ValueError:   # not UTF-8 or not JSON
-                bad_json.append(file.name)
-        yield path.stem, image, captions, meta
-    if bad_json:
-        warnings.warn(f"{root}: ignored {len(bad_json)} KEY.json that do not parse, "
-                      f"e.g. {bad_json[:3]}")
-    if bad_text:
-        warnings.warn(
-            f"{root}: skipped {len(bad_text)} images whose KEY.txt is not UTF-8: {bad_text[:3]}",
-            data.DataWarning,
-        )
 
 
 # ----------------------------------------------------------------------------- batches for eval.py
@@ -321,11 +300,7 @@ def captioned_batches(source, image_size, batch_size, skipped, max_images=None):
         for s in range(0, n, batch_size):
             yield images[s:min(n, s + batch_size)], truths[s:min(n, s + batch_size)]
         return
-    is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
-    if is_folder and not any(Path(source).glob('*.tar')):
-        samples = caption_folder(source, with_json=True)
-    else:
-        samples = data.read_shards(source if not is_folder else str(source), with_json=True)
+    samples = data.read_shards(retrieval_shards(source), with_json=True)   # a folder of pairs too
     transform = data.eval_transform(image_size)
     images, truths, n = [], [], 0
     for key, image, caps, meta in samples:
@@ -353,11 +328,7 @@ def count_images(source, max_images=None):
     elif isinstance(source, ImageFolder):
         n = len(source)
     elif isinstance(source, (str, Path, list)):   # retrieval shards or a caption folder
-        is_folder = isinstance(source, (str, Path)) and Path(source).is_dir()
-        if is_folder and not any(Path(source).glob('*.tar')):
-            n = sum(p.suffix.lower()[1:] in data.IMAGE_EXTENSIONS for p in Path(source).iterdir())
-        else:
-            n = data.count_samples(data.expand_urls(source))
+        n = data.count_samples(data.expand_urls(retrieval_shards(source)))
     else:   # tensors
         n = len(source[0])
     return n if n is None or max_images is None else min(n, max_images)

@@ -4,6 +4,7 @@ Retrieval metrics against ground truth, from a matrix of scores: what eval.py re
     ranking_metrics(scores, truth)       # R@1/5/10 and mAP, image->text and text->image
     binding_metrics(true, false, kinds)  # how often the true caption beats the swapped one
     clip_benchmark_names(metrics)        # the same numbers under clip_benchmark's names
+    write_results(out, results, ...)     # eval.py's result file, ours or clip_benchmark's schema
 
 scores (N_img, N_str) is every image against every distinct caption string; truth (N_img,
 N_str) bool says which strings are true of which image, so a caption that many images share
@@ -11,7 +12,11 @@ is a hit for each of them (eval.py's docstring says which protocol that is on wh
 
     python -m pytest tests/test_eval.py -k "metrics or ties"   # == one query at a time, in loops
 """
+import itertools
+import json
+import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -96,3 +101,72 @@ def clip_benchmark_names(metrics):
         elif name == 'mean_per_class_recall':
             out[name] = value
     return out
+
+
+# ----------------------------------------------------------------------------- result files
+# Folder names that say which split, not which dataset: the name above them is kept too
+SPLITS = {'val', 'valid', 'validation', 'test', 'train', 'eval', 'images', 'data'}
+
+
+def data_name(data_arg):
+    """A short name for --data: its last folder ('synthetic'), with the one above where that
+    is a split or a number ('inet_val', 'imagenetv2_0'); a shard pattern's folder ('coco' for
+    coco/{00000..00004}.tar)."""
+    parts = [p for p in re.split(r'[/\\]+', data_arg.split('::')[0]) if p not in ('', '.', '..')]
+    while parts and re.search(r'[{*?\[]|\.tar$', parts[-1]):   # shards, not a folder
+        parts.pop()
+    keep = parts[-2:] if parts and (parts[-1].lower() in SPLITS or parts[-1].isdecimal()) \
+        else parts[-1:]
+    return re.sub(r'[^A-Za-z0-9]+', '_', '_'.join(keep)).strip('_')[-80:] or 'data'
+
+
+def default_out(weights, task, data_arg, schema='llip'):
+    """eval_<task>_<data name>.json next to the weights (data_name; '_clip_benchmark' before
+    .json for that schema). Each dataset keeps its own file: one that holds another --data's
+    results is never replaced, the name takes _2, _3, ... instead."""
+    stem = f"eval_{task}_{data_name(data_arg)}{'_clip_benchmark' if schema != 'llip' else ''}"
+    for n in itertools.count(1):
+        out = Path(weights).with_name(f"{stem}{f'_{n}' if n > 1 else ''}.json")
+        try:
+            earlier = json.loads(out.read_text()).get('data') if out.is_file() else data_arg
+        except (ValueError, AttributeError, OSError):   # not ours: never replaced
+            earlier = None
+        if earlier == data_arg:
+            return str(out)
+
+
+CLIP_BENCHMARK_TASKS = {'zeroshot': 'zeroshot_classification', 'retrieval': 'zeroshot_retrieval'}
+
+
+def write_results(out, results, weights, task, data_arg, schema='llip'):
+    """results {name: {tau: metrics}} as JSON. schema 'llip': every name and tau, our metrics and
+    the same numbers under clip_benchmark's names. 'clip_benchmark': the file its cli writes
+    and its build_csv reads, for one dataset at one tau: {dataset, model, pretrained, task,
+    metrics, language} (acc5 NaN below 5 classes, as clip_benchmark writes it), with --data
+    and tau beside them."""
+    if schema == 'clip_benchmark':
+        ((name, by_tau),) = results.items()
+        ((tau, metrics),) = by_tau.items()
+        dump = {'dataset': data_name(data_arg), 'model': 'llip', 'pretrained': str(weights),
+                'task': CLIP_BENCHMARK_TASKS[task], 'language': 'en',
+                'metrics': {k: math.nan if v is None else v
+                            for k, v in clip_benchmark_names(metrics).items()},
+                'data': data_arg, 'tau': tau}
+    else:
+        dump = {'weights': str(weights), 'task': task, 'data': data_arg,
+                'results': {name: {f'{t:g}': m for t, m in by_tau.items()}
+                            for name, by_tau in results.items()},
+                'clip_benchmark': {name: {f'{t:g}': clip_benchmark_names(m)
+                                          for t, m in by_tau.items()}
+                                   for name, by_tau in results.items()}}
+    with open(out, 'w') as f:
+        json.dump(dump, f, indent=1)
+
+
+def print_table(results):
+    for name, by_tau in results.items():
+        for tau, metrics in by_tau.items():
+            cells = '  '.join(
+                f'{k} {"n/a" if v is None else f"{100 * v:6.2f}"}' for k, v in metrics.items()
+            )
+            print(f'{name:<28} tau {tau:<5g} {cells}')

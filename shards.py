@@ -57,8 +57,10 @@ def expand_urls(urls):
         if os.path.isdir(pattern):   # regular files only: a FIFO named b.tar would block
             paths = sorted(p for p in glob.glob(os.path.join(pattern, '*.tar'))
                            if os.path.isfile(p))
+            paths = paths or folder_pieces(pattern)
             if not paths:
-                raise ValueError(f"shards {pattern!r}: the directory holds no *.tar file")
+                raise ValueError(f"shards {pattern!r}: the directory holds no *.tar file and no "
+                                 f"image file (KEY.jpg + KEY.txt)")
             return paths
         paths = []
         for part in pattern.split('::'):
@@ -66,11 +68,63 @@ def expand_urls(urls):
                 paths += sorted(glob.glob(path)) if any(c in path for c in '*?[') else [path]
     else:
         pattern, paths = str(list(urls)), [os.fspath(u) for u in urls]
-    local = [p for p in paths if not p.startswith('pipe:')]
+    local = [p for p in paths if not p.startswith(('pipe:', 'folder:'))]
     if not paths or (local and not any(os.path.isfile(p) for p in local)):
         raise ValueError(f"shards {pattern!r} match no file (no such file or directory: "
                          f"{paths[0] if paths else pattern})")
     return paths
+
+
+# ----------------------------------------------------------------------------- caption folders
+# A folder of KEY.jpg + KEY.txt (+ KEY.json) files, as eval reads them and img2dataset's "files"
+# output holds them, is read as if it were shards: its files, grouped by KEY in sorted order,
+# are cut into pieces of FOLDER_PIECE samples, each named by a string 'folder:DIR:START:STOP'
+# that stands where a shard's path would. So the loader shuffles, splits among workers and
+# resumes a folder exactly as it does shards, and the same checks skip and count bad samples.
+FOLDER_PIECE = 1000
+FOLDER = re.compile(r'folder:(.*):(\d+):(\d+)')
+
+
+def _folder_samples(folder):
+    """The samples of a folder's top level, sorted by KEY: ((key, ((ext, path), ...)), ...).
+    Regular files only (a FIFO would block), no hidden files; KEY as in a tar (_key). Listed
+    once per process while the folder's modification time stays the same."""
+    return _listing(folder, os.stat(folder).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _listing(folder, mtime):
+    groups = {}
+    for entry in os.scandir(folder):
+        if entry.is_file() and not entry.name.startswith('.'):
+            key, _, ext = entry.name.partition('.')
+            groups.setdefault(key, []).append((ext.lower(), entry.path))
+    return tuple((key, tuple(sorted(groups[key]))) for key in sorted(groups))
+
+
+def folder_pieces(folder):
+    """The piece names of a caption folder (see FOLDER_PIECE), [] when it holds no image file."""
+    samples = _folder_samples(os.path.abspath(folder))
+    if not any(ext in IMAGE_EXTENSIONS for _, files in samples for ext, _ in files):
+        return []
+    n, folder = len(samples), os.path.abspath(folder)
+    return [f'folder:{folder}:{start}:{min(start + FOLDER_PIECE, n)}'
+            for start in range(0, n, FOLDER_PIECE)]
+
+
+def _folder_groups(url):
+    """A folder piece's samples as a tar's: (key, {extension: bytes}); a caption file beyond
+    MAX_TEXT_BYTES is None, never read, as in a shard."""
+    folder, start, stop = FOLDER.fullmatch(url).groups()
+    for key, files in _folder_samples(folder)[int(start):int(stop)]:
+        group = {}
+        for ext, path in files:
+            if ext in ('txt', 'json') and os.path.getsize(path) > MAX_TEXT_BYTES:
+                group[ext] = None
+                continue
+            with open(path, 'rb') as f:
+                group[ext] = f.read()
+        yield key, group
 
 
 def _open(url):
@@ -130,6 +184,15 @@ def _shard_items(url, with_json=False, check=None):
     element, the bytes of KEY.json or None (evaluation reads ground truth from it).
     check(url, key, group) makes an item of a sample (default: _check, one caption per line)."""
     check = check or _check
+    if FOLDER.fullmatch(url):   # a piece of a caption folder: its files, not a tar
+        try:
+            for key, group in _folder_groups(url):
+                item = check(url, key, group)
+                yield (*item, group.get('json')) if with_json else item
+        except OSError as e:   # a file removed or unreadable since the folder was listed
+            yield (('unreadable file', f'{url}: {e}'), None, None, None) + \
+                ((None,) if with_json else ())
+        return
     stream = tar = None
     try:
         stream = _open(url)
@@ -201,8 +264,10 @@ def _captions(url, key, group, caption_lines=True, caption_key='caption'):
 
 
 def _check(url, key, group, caption_lines=True, caption_key='caption'):
-    """The cheap checks, made before any image is decoded."""
-    ext = next((e for e in SHARD_IMAGE_KEYS if e in group), None)
+    """The cheap checks, made before any image is decoded. A shard's image is one of
+    SHARD_IMAGE_KEYS (img2dataset's and open_clip's); a folder's, any file image folders take."""
+    keys = IMAGE_EXTENSIONS if FOLDER.fullmatch(url) else SHARD_IMAGE_KEYS
+    ext = next((e for e in keys if e in group), None)
     if ext is None:
         unknown = sorted(e for e in group if e not in ('txt', 'json', 'cls'))
         kind = 'unknown extension' if unknown else 'no image'
@@ -264,6 +329,11 @@ def count_samples(urls):
     for url in urls:
         if url.startswith('pipe:'):
             return None
+        piece = FOLDER.fullmatch(url)
+        if piece:   # a caption folder: its samples with an image file
+            samples = _folder_samples(piece[1])[int(piece[2]):int(piece[3])]
+            n += sum(any(ext in IMAGE_EXTENSIONS for ext, _ in files) for _, files in samples)
+            continue
         try:
             with tarfile.open(url) as tar:
                 n += len({_key(m.name) for m in tar if m.isfile() and

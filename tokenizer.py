@@ -207,8 +207,10 @@ def get_tokenizer(name):
     raise ValueError(f"tokenizer={name!r}: expected 'byte' or 'clip'")
 
 
-def tokenize(texts, context_length, tokenizer='byte'):
+def tokenize(texts, context_length, tokenizer):
     """list of str -> LongTensor (len(texts), context_length). tokenizer: 'byte', 'clip' or a
-    tokenizer object (ClipTokenizer(path) with another vocabulary file)."""
+    tokenizer object (ClipTokenizer(path) with another vocabulary file). No default: the model's
+    own (model.config.tokenizer, 'clip' for every preset) is the only right one, and tokens of
+    the other are valid ids that give wrong scores in silence; llip.load returns it bound."""
     tok = tokenizer if callable(tokenizer) else get_tokenizer(tokenizer)
     return tok(texts, context_length)

@@ -60,6 +60,7 @@ import run_dir
 import sharding
 import synthetic
 from checkpoint import Preemption
+from metrics import print_table
 from model import Llip, LlipConfig
 from train_flags import check_flags, config_fields, parser
 
@@ -381,7 +382,7 @@ def train(run, start_step, plan, preemption):
 
 def evaluate(run, plan, step, final):
     """The EvalPlan on rank 0 (eval_plan.py), as log.jsonl's flat keys ({} on other ranks, or
-    if it failed); a line, or for the final evaluation eval.py's table."""
+    if it failed); a line, or for the final evaluation the table eval.py prints."""
     # rank 0 evaluates alone: a sharded model would wait for the other ranks in its first
     # forward, so every rank gathers the weights and rank 0 gets a plain copy
     model = sharding.unsharded_copy(run.model, run.device, run.master)
@@ -392,7 +393,7 @@ def evaluate(run, plan, step, final):
     if final and results:
         table = io.StringIO()
         with redirect_stdout(table):
-            llip_eval.print_table(results)
+            print_table(results)
         run.log(f'step {step}, final evaluation (%; tau: the mixing temperature):\n'
                 + table.getvalue().rstrip())
     elif metrics:

@@ -23,7 +23,8 @@
   decompression bombs and images beyond the pixel budget skipped with a warning;
 - mean per-class recall equals a per-class loop; top5 is n/a below 5 classes; clip_benchmark's
   metric names and its WebDataset zero-shot layout (same numbers as the same images in folders);
-- the command line: one results file per dataset, progress bars with totals;
+- the command line: one results file per dataset, named short (eval_zeroshot_pets.json; _2
+  where another dataset has the name), progress bars with totals;
 - a file that is not a checkpoint is refused, and a train.py checkpoint loads.
 """
 import dataclasses
@@ -271,7 +272,7 @@ def test_truth_and_binding_are_read_from_shards_and_folders(tmp_path):
         for ext, payload in files.items():
             payload = payload.encode() if isinstance(payload, str) else payload
             (folder / f'{key}.{ext}').write_bytes(payload)
-    with pytest.warns(UserWarning, match=r"ignored 1 KEY.json that do not parse.*\['c.json'\]"):
+    with pytest.warns(UserWarning, match=r"ignored 1 KEY.json that do not parse.*\['c'\]"):
         assert llip_eval.retrieval(m, folder) == expected
 
     bad = {**truth_a, 'binding': [['a red box', 'a blue box']]}
@@ -404,32 +405,29 @@ def test_results_of_a_second_dataset_do_not_replace_the_first(tmp_path, capsys):
         )
         llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={folder}', '--workers=0'])
     written = sorted(p.name for p in tmp_path.glob('eval_*.json'))
-    assert len(written) == 2 and all(n.startswith('eval_zeroshot_') for n in written)
+    assert written == ['eval_zeroshot_cars.json', 'eval_zeroshot_pets.json']   # short names
     assert {json.loads((tmp_path / n).read_text())['data'] for n in written} == {
         str(tmp_path / 'pets'), str(tmp_path / 'cars')}
-    # the same data again replaces its own file; another whose name collides is refused
+    # the same data again replaces its own file; another whose name collides takes _2
     llip_eval.main(
         [f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets"}', '--workers=0']
     )
     assert sorted(p.name for p in tmp_path.glob('eval_*.json')) == written
-    (tmp_path / 'pets_').mkdir()
+    (tmp_path / 'other' / 'pets').mkdir(parents=True)
     for item in (tmp_path / 'pets').iterdir():
-        item.rename(tmp_path / 'pets_' / item.name)
-    with pytest.raises(SystemExit, match='name another file with --out'):
-        llip_eval.main(
-            [f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "pets_"}', '--workers=0']
-        )
+        item.rename(tmp_path / 'other' / 'pets' / item.name)
+    for _ in range(2):   # the second time it finds its own file again
+        llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot',
+                        f'--data={tmp_path / "other" / "pets"}', '--workers=0'])
+    assert json.loads((tmp_path / 'eval_zeroshot_pets.json').read_text())['data'] == \
+        str(tmp_path / 'pets')
+    assert json.loads((tmp_path / 'eval_zeroshot_pets_2.json').read_text())['data'] == \
+        str(tmp_path / 'other' / 'pets')
+    assert len(list(tmp_path.glob('eval_*.json'))) == 3
     out = tmp_path / 'mine.json'
-    llip_eval.main(
-        [
-            f'--ckpt={ckpt}',
-            '--task=zeroshot',
-            f'--data={tmp_path / "pets_"}',
-            f'--out={out}',
-            '--workers=0',
-        ]
-    )
-    assert json.loads(out.read_text())['data'] == str(tmp_path / 'pets_')
+    llip_eval.main([f'--ckpt={ckpt}', '--task=zeroshot', f'--data={tmp_path / "other" / "pets"}',
+                    f'--out={out}', '--workers=0'])
+    assert json.loads(out.read_text())['data'] == str(tmp_path / 'other' / 'pets')
 
 
 # ------------------------------------------------------------------------- clip_benchmark, progress

@@ -21,6 +21,7 @@ import pytest
 import checkpoint
 import eval as llip_eval
 import eval_plan
+import metrics
 from conftest import ROOT, SMALL, free_port, log_lines
 
 # SMALL has --no-eval: these runs evaluate
@@ -29,6 +30,7 @@ EVALUATED = [a for a in SMALL if a != '--no-eval'] + ['--eval', '--workers=0']
 KILLED_IN_EVALUATION = '''
 import os, sys
 import eval_plan
+import metrics
 eval_plan.evaluate_plan = lambda *args: os._exit(3)   # as a crash or a kill -9 in it
 import train
 sys.argv[0] = 'train.py'
@@ -68,7 +70,7 @@ def test_saved_before_evaluating_and_the_final_evaluation_is_a_table(tmp_path, s
     printed = capsys.readouterr().out
     table = io.StringIO()
     with redirect_stdout(table):
-        llip_eval.print_table(results[-1])
+        metrics.print_table(results[-1])
     assert 'step 3, final evaluation' in printed and table.getvalue() in printed, printed
     assert 'step 1 eval: zeroshot/x/top1 0.250\n' in printed, 'the others: one line each'
     final = [r for r in log_lines(out) if r['step'] == 3]
