@@ -147,6 +147,10 @@ parser.add_argument('--keep', type=int, default=3,
 parser.add_argument('--resume', default='auto',
                help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
                     "a path: from that file; 'never': start afresh")
+parser.add_argument('--rendezvous_timeout', type=float, default=600,
+                    help='seconds a rank waits for the others to join (ranks started by hand with '
+                         'RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; under torchrun, for its '
+                         'store) before it stops with a message')
 parser.add_argument('--stop_grace', type=float, default=10,
                help='seconds after SIGTERM within which the step must end before the rank exits '
                     'without saving (a rank blocked on a dead peer must not delay the restart)')
@@ -178,7 +182,8 @@ NUMBERS = (('lr', lambda v: v > 0, 'a number > 0'), ('eps', lambda v: v > 0, 'a 
            ('min_lr_ratio', lambda v: 0 <= v <= 1, 'in [0, 1]'),
            ('grad_clip', lambda v: v >= 0, 'a number >= 0 (0: off)'),
            ('weight_decay', lambda v: v >= 0, 'a number >= 0'),
-           ('stop_grace', lambda v: v > 0, 'a number of seconds > 0'))
+           ('stop_grace', lambda v: v > 0, 'a number of seconds > 0'),
+           ('rendezvous_timeout', lambda v: v > 0, 'a number of seconds > 0'))
 
 
 def check_flags(args):
