@@ -265,8 +265,11 @@ def build(run):
                                        {'params': no_decay, 'weight_decay': 0.0}],
                                       lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
     micro = f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''
-    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s)'
-            f'{micro} = {args.batch_size * run.world * args.grad_accum}')
+    images = args.batch_size * run.world * args.grad_accum
+    captions = (f', against {images * args.captions_per_image} captions '
+                f'({args.captions_per_image} an image)' if args.captions_per_image > 1 else '')
+    run.log(f'images per step: {args.batch_size} per rank x {run.world} rank(s)'
+            f'{micro} = {images}{captions}')
     run.log(f'device {run.device}, {args.dtype}; data {args.data}')
     run.log(f'out_dir {args.out_dir}')
 

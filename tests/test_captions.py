@@ -390,8 +390,10 @@ def test_captions_per_image_below_one_is_a_one_line_error(tmp_path, monkeypatch,
 
 
 def test_train_py_with_two_captions_and_grad_accum(tmp_path, synthetic):
-    train(str(tmp_path), synthetic, '--captions_per_image=2', '--grad_accum=2', '--batch_size=4',
-          '--steps=3', '--save_every=3')                   # (train checks the exit status)
+    out = train(str(tmp_path), synthetic, '--captions_per_image=2', '--grad_accum=2',
+                '--batch_size=4', '--steps=3', '--save_every=3')   # (train checks the exit status)
+    assert ('images per step: 4 per rank x 1 rank(s) x 2 micro-batches = 8, against 16 captions '
+            '(2 an image)') in out.stdout + out.stderr
     with open(tmp_path / 'config.json') as f:
         assert json.load(f)['captions_per_image'] == 2
     losses = [r['loss'] for r in log_lines(str(tmp_path)) if 'loss' in r]
