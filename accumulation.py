@@ -14,6 +14,11 @@ at the activation memory of one micro-batch (Gao et al.'s gradient cache; open_c
                 state as in 1, and backward of the cached gradient of its features; the loss
                 head's gradient joins the last backward
 
+With C captions per image (train.py --captions_per_image) a micro-batch is B images with their
+B C captions, all C of an image in the same micro-batch; the loss in 2 still sees the whole
+batch, every image against every caption of every micro-batch and rank, so C changes nothing
+here but the size of the text features.
+
 Exactness: a rank's loss is S_r / n (S_r its images' sum of pair losses, n its images per step)
 and the data-parallel average of the ranks' gradients is then the gradient of S / (ranks x n),
 the loss of one step on the whole batch. The cost is one more forward of the towers per step.
@@ -85,6 +90,7 @@ def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autoca
     # 2. loss over the whole batch; gradients w.r.t. the cached features and the loss head
     image, text = (concat([f[i] for f in cached]) for i in (0, 1))
     leaves = [t.requires_grad_() for t in tensors(image) + tensors(text)]
+    image_leaves = len(tensors(image))
     head = [p for p in (llip.logit_scale, llip.logit_bias, getattr(llip, 'out_proj', None))
             if p is not None]
     with autocast:
@@ -96,8 +102,11 @@ def train_step(towers, llip, micro_batches, chunk_size=None, form='auto', autoca
 
     # 3. replay: each micro-batch's towers with autograd, from the same random state; backward
     # of its slice of the feature gradients. Gradient sync (DDP) only in the last backward.
-    sizes = [images.shape[0] for images, _ in micro_batches]
-    per_micro = list(zip(*(g.split(sizes) for g in feature_grads)))        # [micro][feature]
+    # (with C captions per image a micro-batch's text features are C times its image features)
+    image_sizes = [images.shape[0] for images, _ in micro_batches]
+    text_sizes = [tokens.shape[0] for _, tokens in micro_batches]
+    per_micro = list(zip(*(g.split(image_sizes if f < image_leaves else text_sizes)
+                           for f, g in enumerate(feature_grads))))         # [micro][feature]
     last = len(micro_batches) - 1
     for m, ((images, tokens), state) in enumerate(zip(micro_batches, states)):
         state.restore()

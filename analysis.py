@@ -3,23 +3,26 @@ What a trained Llip of the miniature reproduction (arXiv 2405.00740) has learned
 checkpoints: PNG files.
 
     # Figure 5: singular values of the covariance of the visual features, several checkpoints
-    python analysis.py spectrum out/llip/ckpt.pt out/cls/ckpt.pt --out=spectrum.png
+    python analysis.py spectrum out/llip out/cls                  # writes out/spectrum.png
     # the mixing weights Phi of one image for its own captions and for other images' captions
-    python analysis.py mixing out/llip/ckpt.pt --index=0 --unrelated=4 --out=mixing.png
+    python analysis.py mixing out/llip --index=0 --unrelated=4    # writes out/llip/mixing.png
     # where each mixture token looks: its attention over the patches in the last ViT block
-    python analysis.py attention out/llip/ckpt.pt --index=0 --out=attention.png
-    python -m pytest tests/test_analysis.py      # what these numbers are checked against
+    python analysis.py attention out/llip/ckpt.pt --out=attention.png
+    python -m pytest tests/test_analysis.py   # what these numbers are checked against
 
 A checkpoint is one train.py wrote, or a run directory (train.py's --out_dir): its newest
-checkpoint, ckpt.pt. Images come from the synthetic retrieval split (data/synthetic/retrieval,
-written by train.py on first use), whose .txt holds all of an image's captions; --data takes any
-shards. The plots and tables of the runs' logs alone (curves, ablation, sweep, lr, pressure)
-are runs/report.py's; what the towers know against their init (captions, probe, spread),
-runs/diagnose.py's.
+checkpoint, ckpt.pt. The PNG goes into the run directory unless --out says otherwise. Images
+come from the synthetic retrieval split (data/synthetic/retrieval, written by train.py on first
+use), whose .txt holds all of an image's captions; --data takes any shards. The plots and
+tables of the runs' logs alone (curves, ablation, sweep, lr, pressure) are runs/report.py's;
+what the towers know against their init (captions, probe, spread), runs/diagnose.py's.
 Everything runs on CPU; `python analysis.py SUBCOMMAND --help` lists the flags.
 """
 import argparse
+import itertools
 import math
+import os
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -40,6 +43,21 @@ MIXER_POOLS = ('avg', 'learned', 'llip')   # pools whose image vector is made fr
 
 
 # ----------------------------------------------------------------------------- inputs
+def run_folder(path):
+    """Where a checkpoint argument's run lives: a run directory itself, else the folder holding
+    the checkpoint (a file, or a sharded checkpoint's directory)."""
+    path = Path(path).resolve()
+    return path if path.is_dir() and not (path / 'manifest.json').exists() else path.parent
+
+
+def out_path(args, paths, name):
+    """--out, or by default NAME in the run directory of the checkpoint(s): with several runs,
+    in the folder that holds them all (not wherever the command was started)."""
+    if args.out:
+        return args.out
+    return str(Path(os.path.commonpath([run_folder(p) for p in paths])) / name)
+
+
 def load_model(path):
     """A run directory (its ckpt.pt, or newest checkpoint), a checkpoint file or a sharded
     checkpoint's directory (llip.checkpoint_path)."""
@@ -135,7 +153,7 @@ def cmd_spectrum(args):
     ax.set_title(f'Spectrum of the covariance of the visual features ({args.features}, '
                  f'{len(images)} images)', fontsize=9)
     ax.legend(fontsize=8)
-    save(fig, args.out)
+    save(fig, out_path(args, args.ckpts, 'spectrum.png'))
 
 
 # ------------------------------------------------------------------------- mixing weights (eq. 1)
@@ -153,13 +171,31 @@ def caption_mixing(model, image, captions, tau=None):
     return mixing_weights(queries, keys, c.tau if tau is None else tau)[0]          # eq. 1
 
 
+def unrelated_captions(source, index, own, n):
+    """n captions of the images after image `index` of the shards, each from another image,
+    none of them `own` (the image's own captions: all that is true of it in the synthetic data)
+    and no two alike; each image's first such caption (a synthetic image's first captions, 'a
+    square', are often shared, so first captions alone can give fewer than n)."""
+    found, images = [], (caps for _, image, caps in data.read_shards(str(source))
+                         if image is not None and caps)   # as load_images counts them
+    for caps in itertools.islice(images, index + 1, None):
+        if len(found) == n:
+            break
+        new = [c for c in caps if c not in own and c not in found]
+        found += new[:1]
+    return found
+
+
 def cmd_mixing(args):
+    if args.unrelated < 0:
+        raise ValueError(f'--unrelated={args.unrelated}: expected a number >= 0')
     model = load_model(args.ckpt)
-    images, captions = load_images(args.data, model.config.image_size,
-                                   args.index + 1 + args.unrelated)
+    images, captions = load_images(args.data, model.config.image_size, args.index + 1)
     check_index(args, images)
     own = captions[args.index]
-    others = [caps[0] for caps in captions[args.index + 1:] if caps[0] not in own][:args.unrelated]
+    others = unrelated_captions(args.data, args.index, own, args.unrelated)
+    if len(others) < args.unrelated:
+        print(f'--unrelated={args.unrelated}: --data has only {len(others)} other captions')
     texts = own + others
     phi = caption_mixing(model, images[args.index], texts, args.tau)                # (T, M, K)
     T, M, K = phi.shape
@@ -192,7 +228,7 @@ def cmd_mixing(args):
     tau = model.config.tau if args.tau is None else args.tau
     fig.suptitle(f'Mixing weights of image {args.index} '
                  f'({describe(model, args.ckpt)}, tau={tau:g})')
-    save(fig, args.out)
+    save(fig, out_path(args, [args.ckpt], 'mixing.png'))
 
 
 # ----------------------------------------------------------------------------- attention maps
@@ -252,8 +288,10 @@ def cmd_attention(args):
     fig.suptitle(f'Attention of each mixture token over the patches, last vision block, {heads}\n'
                  f'({describe(model, args.ckpt)}; each map normalised over the patches)',
                  fontsize=9)
-    fig.text(0.5, 0.01, ' | '.join(captions[args.index][:4]), ha='center', fontsize=7)
-    save(fig, args.out)
+    # a label of the figure, not free text: the layout makes room for it below the panels
+    caption = ' | '.join(captions[args.index][:4])
+    fig.supxlabel('\n'.join(textwrap.wrap(caption, 18 * cols)), fontsize=7)
+    save(fig, out_path(args, [args.ckpt], 'attention.png'))
 
 
 # ----------------------------------------------------------------------------- output
@@ -275,10 +313,11 @@ def subcommands(doc):
 
 
 def add_command(sub, name, func, help, out, out_help='the PNG file to write'):
-    """A subcommand that runs func(args) and writes --out."""
+    """A subcommand that runs func(args) and writes --out (out=None: the command picks it)."""
     s = sub.add_parser(name, help=help, description=help)
     s.set_defaults(func=func)
-    s.add_argument('--out', default=out, help=f'{out_help} (default: {out})')
+    s.add_argument('--out', default=out,
+                   help=out_help if out is None else f'{out_help} (default: {out})')
     return s
 
 
@@ -305,7 +344,8 @@ def add_data_flag(s):
 
 def one_image_command(sub, name, func, help, which=''):
     """A subcommand that plots one image of --data (--index) for one checkpoint: NAME.png."""
-    s = add_command(sub, name, func, help, f'{name}.png')
+    s = add_command(sub, name, func, help, None, f'the PNG file to write (default: {name}.png '
+                    'in the run directory)')
     s.add_argument('ckpt', help=f'a train.py checkpoint or run directory{which}')
     add_data_flag(s)
     s.add_argument('--index', type=int, default=0, help='which image of --data')
@@ -316,8 +356,9 @@ def parser():
     p, sub = subcommands(__doc__)
 
     s = add_command(sub, 'spectrum', cmd_spectrum,
-                    'singular values of the covariance of the visual features (Figure 5)',
-                    'spectrum.png')
+                    'singular values of the covariance of the visual features (Figure 5)', None,
+                    'the PNG file to write (default: spectrum.png in the run directory; with '
+                    'several, in the folder that holds them)')
     s.add_argument('ckpts', nargs='+',
                    help='train.py checkpoints or run directories, one line each')
     add_data_flag(s)

@@ -5,7 +5,8 @@ and noisy: read the ratios).
     python bench.py loss            # llip_loss fwd+bwd: naive, plain, gram, mixed; N = 256 .. 1024
     python bench.py loss --dim=1280 --k=64        # bigG's mixer; naive skipped where it won't fit
     python bench.py step            # tiny preset training step, batch 256: pool=llip vs avg,
-                                    # time and matmul FLOPs (--forms plain gram: those forms too)
+                                    # time and matmul FLOPs (--forms plain gram: those forms too;
+                                    # --captions 1 2 4: C captions per image, each C beside avg's)
     python bench.py zeroshot --n 256              # zero-shot img/s, 1000 classes: Llip vs CLIP
     python bench.py accum --threads 1             # peak memory of a step against --grad_accum,
                                                   # feature-cached vs the whole batch at once
@@ -129,10 +130,11 @@ def bench_loss(args):
                   flush=True)
 
 
-def one_step_setup(pool, batch, seed=0, preset='tiny', image_size=None, form='auto'):
-    """A preset with this pool, AdamW, and a random batch: returns a function doing one step.
-    For pool=llip, form other than 'auto' runs llip_loss in that form (the model's forward
-    with the form forced); 'auto' is the model's own forward."""
+def one_step_setup(pool, batch, seed=0, preset='tiny', image_size=None, form='auto', captions=1):
+    """A preset with this pool, AdamW, and a random batch of `batch` images with `captions`
+    captions each: returns a function doing one step. For pool=llip, form other than 'auto' runs
+    llip_loss in that form (the model's forward with the form forced); 'auto' is the model's
+    own forward."""
     from dataclasses import replace
     from loss import llip_loss
     from model import PRESETS, Llip
@@ -141,13 +143,14 @@ def one_step_setup(pool, batch, seed=0, preset='tiny', image_size=None, form='au
     m = Llip(c)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.2)
     images = torch.randn(batch, 3, c.image_size, c.image_size)
-    tokens = torch.randint(1, c.vocab_size, (batch, c.context_length))
+    tokens = torch.randint(1, c.vocab_size, (batch * captions, c.context_length))
 
     def loss_of(images, tokens):
         if form == 'auto':
             return m(images, tokens)
         img, txt = m.encode_image(images), m.encode_text(tokens)
-        return llip_loss(img, txt, m.out_proj, c.tau, m.logit_scale.exp(), m.logit_bias, form=form)
+        return llip_loss(img, txt, m.out_proj, c.tau, m.logit_scale.exp(), m.logit_bias, form=form,
+                         captions_per_image=captions)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -175,10 +178,15 @@ def bench_step(args):
     print(f"training step of the {args.preset} preset (image {c.image_size}, D={c.embed_dim}, "
           f"K={c.num_mixture}, M={c.mixer_heads}), batch {args.batch}, random images and tokens, "
           f"fp32, CPU, {torch.get_num_threads()} threads; llip's default form here: {auto}")
-    runs = {'avg': ('avg', 'auto')}
-    runs.update({('llip' if f == 'auto' else f'llip/{f}'): ('llip', f) for f in args.forms})
-    steps = {name: one_step_setup(pool, args.batch, 0, args.preset, args.image_size, form)
-             for name, (pool, form) in runs.items()}
+    runs, reference = {}, {}          # name: (pool, form, C); name: avg's run at the same C
+    for captions in args.captions:
+        tag = '' if captions == 1 else f' C={captions}'
+        runs['avg' + tag] = ('avg', 'auto', captions)
+        runs.update({('llip' if f == 'auto' else f'llip/{f}') + tag: ('llip', f, captions)
+                     for f in args.forms})
+        reference.update({name: 'avg' + tag for name in runs if name not in reference})
+    steps = {name: one_step_setup(pool, args.batch, 0, args.preset, args.image_size, form, c)
+             for name, (pool, form, c) in runs.items()}
     for step in steps.values():
         step()                                          # warm-up (allocations, AdamW state)
     wall = {name: [] for name in steps}
@@ -197,8 +205,9 @@ def bench_step(args):
           f" {'CPU:FLOP':>9}"
           f"  (of {args.repeats})")
     for name in steps:
-        time_r, cpu_r = med[name] / med['avg'], med_cpu[name] / med_cpu['avg']
-        flop_r, gflop = flops[name] / flops['avg'], flops[name] / 1e9
+        ref = reference[name]
+        time_r, cpu_r = med[name] / med[ref], med_cpu[name] / med_cpu[ref]
+        flop_r, gflop = flops[name] / flops[ref], flops[name] / 1e9
         print(f"{name:>11} {med[name]:>9.3f} {min(wall[name]):>7.3f} {max(wall[name]):>7.3f}"
               f" {med_cpu[name]:>7.3f} {gflop:>7.1f} {gflop / med[name]:>8.1f}"
               f" {time_r:>9.3f} {cpu_r:>8.3f} {flop_r:>9.3f} {time_r / flop_r:>10.3f}"
@@ -367,6 +376,9 @@ if __name__ == '__main__':
     p.add_argument('--forms', nargs='+', default=['auto'],
                    help="step: llip_loss forms to run for pool=llip ('auto': training's default; "
                         "plain, gram, mixed: forced)")
+    p.add_argument('--captions', type=int, nargs='+', default=[1],
+                   help='step: captions per image (--captions_per_image); each C is a run of '
+                        'avg and llip, its ratios against avg at the same C')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument(
         '--repeats',

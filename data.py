@@ -13,9 +13,16 @@ Shards are what img2dataset writes: tar files whose members KEY.jpg|jpeg|png|web
 field of KEY.json (caption_key). For training, the whole text is one caption (a web caption may
 hold a newline), except with caption_lines (the built-in synthetic data, COCO-style shards):
 one caption per line, one of them drawn each time a sample is read (evaluation reads one caption
-per line, as COCO-style retrieval sets hold several per image). Shards are named by a brace
-pattern 'dir/{00000..09999}.tar', a list, a directory (every *.tar in it) or 'pipe:COMMAND' (the tar
-comes from the command's stdout, e.g. 'pipe:aws s3 cp s3://bucket/00001.tar -').
+per line, as COCO-style retrieval sets hold several per image). With captions_per_image=C > 1
+(train.py --captions_per_image) each image comes with C of its distinct captions, drawn without
+replacement, and a batch's tokens are (B C, L), image-major: rows i C .. i C + C - 1 are image
+i's. An image with fewer than C distinct captions gives all of them, then repeats them in the
+same order until there are C (a repeat is still a positive of its own image in the loss). C is
+not part of the saved position: the order of samples does not depend on it.
+
+Shards are named by a brace pattern 'dir/{00000..09999}.tar', a list, a directory (every *.tar
+in it) or 'pipe:COMMAND' (the tar comes from the command's stdout, e.g. 'pipe:aws s3 cp
+s3://bucket/00001.tar -').
 
 How ShardLoader orders samples, and why a resumed run continues exactly:
 - the rank's DataLoader workers are "roles" 0..workers-1; role w of rank r is global worker
@@ -137,9 +144,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, pattern, batch_size, image_size, context_length, tokenizer, rank,
                  world_size, roles, seed, shuffle_buffer, resample, train, caption_lines=True,
-                 caption_key='caption'):
+                 caption_key='caption', captions_per_image=1):
         super().__init__()
         self.caption_lines, self.caption_key = caption_lines, caption_key
+        self.captions_per_image = captions_per_image
         self.urls, self.pattern, self.batch_size, self.context_length = (
             urls,
             pattern,
@@ -180,15 +188,26 @@ class _ShardStream(torch.utils.data.IterableDataset):
             )
         return items
 
+    def pick_captions(self, captions, rng):
+        """The captions an image comes with: C = 1, one drawn (train) or the first; C > 1, C of
+        its distinct ones, drawn without replacement (train) or the first C; with fewer than C,
+        all of them, then again in the same order until C."""
+        if self.captions_per_image == 1:
+            return [rng.choice(captions) if self.train else captions[0]]
+        distinct = list(dict.fromkeys(captions))
+        if self.train:
+            distinct = rng.sample(distinct, len(distinct))
+        return [distinct[i % len(distinct)] for i in range(self.captions_per_image)]
+
     def decode(self, item, epoch, s, problems):
-        """(image (3, S, S), caption), or None after counting the problem."""
+        """(image (3, S, S), its captions (a list of C)), or None after counting the problem."""
         problem, key, image_bytes, captions = item
         if problem is None:
             rng = random.Random(f'{self.seed}/{epoch}/{s}/{key}')   # this sample's caption and crop
             try:
-                caption = rng.choice(captions) if self.train else captions[0]
+                chosen = self.pick_captions(captions, rng)
                 with open_image(io.BytesIO(image_bytes)) as im:
-                    return self.transform(im, rng), caption
+                    return self.transform(im, rng), chosen
             except ImageTooLarge as e:
                 problem = ('image too large', f'{self.urls[s]}: {key}: {e}')
             except (
@@ -207,10 +226,11 @@ class _ShardStream(torch.utils.data.IterableDataset):
             torch.utils.data.default_collate([x for x, _ in samples]) if samples else None
         )  # (B, 3, S, S)
         tokens = (
-            tokenize([c for _, c in samples], self.context_length, self.tokenizer)
+            tokenize([c for _, chosen in samples for c in chosen], self.context_length,
+                     self.tokenizer)
             if samples
             else None
-        )  # (B, L)
+        )  # (B C, L), image-major
         return images, tokens, {'role': role, 'position': position, 'problems': problems,
                                 'empty_epoch': empty_epoch}
 
@@ -257,9 +277,11 @@ EMPTY_EPOCHS = 10
 
 
 class ShardLoader:
-    """Batches (images (B, 3, S, S) float32, tokens (B, L) int64) from WebDataset shards, for
-    one rank: `for images, tokens in loader`. See the module docstring for the order of
-    samples; state_dict() / load_state_dict() resume exactly after the batches taken.
+    """Batches (images (B, 3, S, S) float32, tokens (B C, L) int64) from WebDataset shards, for
+    one rank: `for images, tokens in loader`; C = captions_per_image (default 1), C captions of
+    each image in a row (module docstring; fewer distinct ones than C: repeated in order). See
+    the module docstring for the order of samples; state_dict() / load_state_dict() resume
+    exactly after the batches taken.
 
     urls: brace pattern, list or directory. workers: DataLoader processes (0: in this
     process, the same batches as 1). resample=True repeats epochs forever (training);
@@ -287,6 +309,7 @@ class ShardLoader:
         train=True,
         caption_lines=False,
         caption_key='caption',
+        captions_per_image=1,
     ):
         for name, value, low in (
             ('batch_size', batch_size, 1),
@@ -295,6 +318,7 @@ class ShardLoader:
             ('workers', workers, 0),
             ('rank', rank, 0),
             ('shuffle_buffer', shuffle_buffer, 0),
+            ('captions_per_image', captions_per_image, 1),
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"ShardLoader: {name}={value!r}, expected an integer >= {low}")
@@ -323,6 +347,7 @@ class ShardLoader:
             train,
             self.caption_lines,
             caption_key,
+            captions_per_image,
         )
         self.positions = [
             (0, 0, 0)

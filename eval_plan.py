@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from eval import evaluate_synthetic, flatten, retrieval, zeroshot
+from eval import retrieval, synthetic_results, zeroshot
 from eval_data import class_names_and_templates, clip_benchmark_layout, image_folder
 
 
@@ -59,9 +59,10 @@ def training_plan(args):
 
 
 def evaluate_plan(model, plan, device, autocast):
-    """The EvalPlan's metrics: {'zeroshot/<folder>/top1': .., 'retrieval/i2t_r1': .., ...};
-    {} and a warning if the evaluation fails (the data changed under the run, ...): training
-    goes on, a week of it is not lost to a bad image folder."""
+    """The EvalPlan's results as eval.py has them, {'zeroshot/<folder>': {tau: metrics},
+    'retrieval': {tau: metrics}, ...} (eval.flatten makes log.jsonl's keys, eval.print_table a
+    table); {} and a warning if the evaluation fails (the data changed under the run, ...):
+    training goes on, a week of it is not lost to a bad image folder."""
     try:
         return _evaluate_plan(model, plan, device, autocast)
     except Exception as e:
@@ -76,15 +77,12 @@ def _evaluate_plan(model, plan, device, autocast):
     model.eval()
     with torch.no_grad(), autocast:
         if plan.synthetic_root is not None:
-            metrics = evaluate_synthetic(model, plan.synthetic_root, device=device)
-        else:
-            results = {}
-            if plan.zeroshot:
-                folder, names, templates = plan.zeroshot
-                name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
-                results[name] = zeroshot(model, folder, names, templates, device=device)
-            if plan.retrieval:
-                results['retrieval'] = retrieval(model, plan.retrieval, device=device)
-            metrics = flatten(results)
-    model.train()
-    return metrics
+            return synthetic_results(model, plan.synthetic_root, device=device)
+        results = {}
+        if plan.zeroshot:
+            folder, names, templates = plan.zeroshot
+            name = f'zeroshot/{os.path.basename(os.path.normpath(folder))}'
+            results[name] = zeroshot(model, folder, names, templates, device=device)
+        if plan.retrieval:
+            results['retrieval'] = retrieval(model, plan.retrieval, device=device)
+        return results

@@ -9,6 +9,12 @@ order: the mixer (eq. 1-2), the contextual cosine, the sigmoid loss (eq. 3), the
 
     L = (1/N) sum_i sum_j -log sigmoid( y_ij (a cos_ij + b) ),  y_ii = +1, y_ij = -1 otherwise
 
+With C captions per image (train.py --captions_per_image) the captions come image-major, C of
+image 0, then C of image 1, ...: caption j belongs to image j // C, here and across ranks (rank
+r's captions follow ranks 0..r-1's, so its caption j is global caption r N C + j, of global
+image r N + j // C). y_ij = +1 for each of image i's C captions, -1 for every other pair, and
+the sum is still divided by N, the images (C = 1 is the line above).
+
 llip_loss and pairwise_cosine take the feature tuples the model returns (model.ImageFeatures:
 keys, values (N_img, M, K, D/M); model.TextFeatures: queries (N_txt, M, D/M) and emb (N_txt, D),
 normalised) and the mixer's parameters (out_proj = W_O (D, D), tau). They never hold more than
@@ -63,44 +69,66 @@ def contextual_cosine(image, text, out_proj, tau):
 
 
 # ----------------------------------------------------------------------------- the loss (eq. 3)
-def sigmoid_loss_sum(cos, a, b, offset=0):
+def sigmoid_loss_sum(cos, a, b, offset=0, captions=1):
     """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), cos (I, T); y_ij = +1 where caption
-    j = image i + offset (this rank's first image is caption offset of the gathered batch)."""
+    j belongs to image i + offset, j // captions = i + offset (row i is global image offset + i;
+    the columns are every rank's captions, `captions` per image, image-major)."""
     cos = cos.to(torch.promote_types(cos.dtype, a.dtype))   # bf16 pairs -> fp32 loss
     i = torch.arange(cos.shape[0], device=cos.device)[:, None] + offset
     j = torch.arange(cos.shape[1], device=cos.device)[None, :]
-    labels = torch.where(i == j, 1.0, -1.0).to(cos.dtype)                # y_ij, (I, T)
+    labels = torch.where(i == j // captions, 1.0, -1.0).to(cos.dtype)    # y_ij, (I, T)
     return -F.logsigmoid(labels * (a * cos + b)).sum()
 
 
 # ----------------------------------------------------------------------------- CLIP and SigLIP
-def clip_loss(image_emb, text_emb, a):
-    """Image->text and text->image cross-entropy; embeddings (N, D) normalised."""
+def clip_loss(image_emb, text_emb, a, captions_per_image=1):
+    """Image->text and text->image cross-entropy; embeddings (N, D) and (N C, D) normalised.
+    With C > 1 an image's target is its C captions, 1/C each; a caption's is its one image."""
     rank, _ = rank_and_world()
-    n = image_emb.shape[0]
+    n, c = image_emb.shape[0], captions_per_image
+    check_captions(n, text_emb.shape[0], c)
     all_images, all_texts = gather(image_emb), gather(text_emb)
-    targets = torch.arange(n, device=image_emb.device) + rank * n
-    return (F.cross_entropy(a * image_emb @ all_texts.T, targets)
-            + F.cross_entropy(a * text_emb @ all_images.T, targets)) / 2
+    targets = torch.arange(n * c, device=image_emb.device) // c + rank * n    # captions' images
+    logits = a * image_emb @ all_texts.T                                 # (N, N_global C)
+    if c == 1:
+        image_to_text = F.cross_entropy(logits, targets)
+    else:   # every image's row: 1/C on each of its own captions
+        owner = torch.arange(logits.shape[1], device=logits.device) // c
+        mine = owner[None, :] == torch.arange(n, device=logits.device)[:, None] + rank * n
+        image_to_text = F.cross_entropy(logits, mine.to(logits.dtype) / c)
+    return (image_to_text + F.cross_entropy(a * text_emb @ all_images.T, targets)) / 2
 
 
-def siglip_loss(image_emb, text_emb, a, b):
-    """Sigmoid loss of every local image against every caption; embeddings (N, D) normalised."""
+def siglip_loss(image_emb, text_emb, a, b, captions_per_image=1):
+    """Sigmoid loss of every local image against every caption; embeddings (N, D) normalised,
+    the captions (N C, D), C of each image, image-major (the module docstring)."""
     rank, _ = rank_and_world()
     n = image_emb.shape[0]
-    cos = image_emb @ gather(text_emb).T                                 # (N, N_global)
-    return sigmoid_loss_sum(cos, a, b, rank * n) / n
+    check_captions(n, text_emb.shape[0], captions_per_image)
+    cos = image_emb @ gather(text_emb).T                                 # (N, N_global C)
+    return sigmoid_loss_sum(cos, a, b, rank * n, captions_per_image) / n
+
+
+def check_captions(n_img, n_txt, captions_per_image):
+    """C > 1 needs exactly C captions of each image (C = 1 also allows more, as today: caption i
+    is image i's, the rest are negatives only)."""
+    if captions_per_image < 1 or (captions_per_image > 1 and n_txt != n_img * captions_per_image):
+        raise ValueError(f'captions_per_image={captions_per_image}: {n_txt} captions for {n_img} '
+                         f'images (expected C captions of each image, image-major)')
 
 
 # ----------------------------------------------------------------------------- Llip
-def llip_loss(image, text, out_proj, tau, a, b, chunk_size=None, form='auto'):
+def llip_loss(image, text, out_proj, tau, a, b, chunk_size=None, form='auto',
+              captions_per_image=1):
     """Eq. 3 for this rank's images against every rank's captions. image: keys and values
     (N_img, M, K, D/M); text: queries (N_txt, M, D/M) and emb (N_txt, D), normalised; out_proj
     (D, D) = W_O; a and b as in eq. 3: a = exp(t) (the model's logit_scale is t), b the model's
-    logit_bias. Image i's positive is caption i of the same rank. chunk_size: images per chunk
-    (None: default_chunk); form: 'plain', 'gram', 'mixed' or 'auto' (see pick_form)."""
+    logit_bias. Image i's positives are captions i C .. i C + C - 1 of the same rank, C =
+    captions_per_image (N_txt = N_img C). chunk_size: images per chunk (None: default_chunk);
+    form: 'plain', 'gram', 'mixed' or 'auto' (see pick_form)."""
     rank, _ = rank_and_world()
-    n = image.keys.shape[0]
+    n, c = image.keys.shape[0], captions_per_image
+    check_captions(n, text.emb.shape[0], c)
     text = text._replace(queries=gather(text.queries), emb=gather(text.emb))
     a, b = (x if torch.is_tensor(x) else torch.tensor(float(x), device=image.keys.device)
             for x in (a, b))
@@ -111,26 +139,26 @@ def llip_loss(image, text, out_proj, tau, a, b, chunk_size=None, form='auto'):
         for s in range(0, n, chunk):
             # only the chunk's scalar loss is kept; backward recomputes the chunk's z_ij
             part = _image_chunk(image, s, chunk)
-            offset = rank * n + s                                        # its first positive
+            offset = rank * n + s                           # the global index of its first image
             total = total + checkpoint(_plain_loss_sum, part, text, out_proj, tau, a, b, offset,
-                                       use_reentrant=False)
+                                       c, use_reentrant=False)
     else:   # the same sum, fast: loss_gram.py
         fast = loss_gram.mixed_loss_sum if form == 'mixed' else loss_gram.gram_loss_sum
         total = fast(image.keys, image.values, text.queries, text.emb, out_proj, tau, a, b,
-                     rank * n, chunk)
+                     rank * n, chunk, c)
     return total / n
 
 
-def _plain_loss_sum(image, text, out_proj, tau, a, b, offset):
+def _plain_loss_sum(image, text, out_proj, tau, a, b, offset, captions):
     return sigmoid_loss_sum(contextual_cosine(image, text, out_proj, tau), a, b,
-                            offset)
+                            offset, captions)
 
 
-def llip_loss_reference(image, text, out_proj, tau, a, b):
+def llip_loss_reference(image, text, out_proj, tau, a, b, captions_per_image=1):
     """The plain form without chunks: every z_ij (N_img x N_txt x D) at once, and autograd
     keeps it all. Single process only; what the chunking saves, in bench.py."""
     cos = contextual_cosine(image, text, out_proj, tau)
-    return sigmoid_loss_sum(cos, a, b) / image.keys.shape[0]
+    return sigmoid_loss_sum(cos, a, b, 0, captions_per_image) / image.keys.shape[0]
 
 
 def pairwise_cosine(image, text, out_proj, tau, chunk_size=None, form='auto'):

@@ -109,27 +109,36 @@ def gram_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
 
 # ----------------------------------------------------------------------------- the loss
 def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b, offset,
-                  chunk):
-    """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), y_ij = +1 where caption j is image
-    i + offset; keys and values are this rank's images, queries and text_emb every caption."""
+                  chunk, captions=1):
+    """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), y_ij = +1 where caption j is one of
+    image i + offset's (j // captions = i + offset); keys and values are this rank's images,
+    queries and text_emb every caption, `captions` per image, image-major."""
     text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
-    return _GramSigmoidLoss.apply(tau, chunk, offset, keys, values, queries, text_out,
+    return _GramSigmoidLoss.apply(tau, chunk, (offset, captions), keys, values, queries, text_out,
                                   out_proj @ out_proj.T, a, b)
 
 
-def _sigmoid_pairs(dot, norm, a, b, diagonal, exact, grad_ab=None):
+def positives(x, first):
+    """The positive pairs of a chunk x (I, T) whose row r is global image first[0] + r, against
+    every caption, C = first[1] of each image, image-major: row r's are columns (first[0] + r) C
+    to (first[0] + r) C + C - 1. A view, (C, I): with C = 1 the diagonal first[0] of x."""
+    image, captions = first
+    return x.view(x.shape[0], -1, captions).diagonal(image, dim1=0, dim2=1)
+
+
+def _sigmoid_pairs(dot, norm, a, b, first, exact, grad_ab=None):
     """Eq. 3 on a chunk of pairs from z_ij . z'_j and |z_ij| (I, T): (the summed loss, the
     cosines, along = dl/dc / n or None), x = a cos + b; with grad_ab = (dl/da, dl/db), the
-    chunk's share is added to them. The positives (image s + r, caption offset + s + r) are a
-    diagonal of the chunk."""
+    chunk's share is added to them. first = (the global index of the chunk's first image, C
+    captions per image): where the positives are (`positives`)."""
     cos = dot.to(exact) / norm.to(exact)                                  # (I, T)
     x = a * cos + b
     # -log sigmoid(y x) is softplus(x) for y = -1 and softplus(x) - x for y = +1
-    loss = -F.logsigmoid(-x).sum() - x.diagonal(diagonal).sum()
+    loss = -F.logsigmoid(-x).sum() - positives(x, first).sum()
     if grad_ab is None:
         return loss, cos, None
     grad_x = torch.sigmoid(x)                                             # dl/dx
-    grad_x.diagonal(diagonal).sub_(1)                                     # sigmoid(x) - [y = +1]
+    positives(grad_x, first).sub_(1)                                      # sigmoid(x) - [y = +1]
     grad_ab[0].add_((grad_x * cos).sum())
     grad_ab[1].add_(grad_x.sum())
     return loss, cos, a * grad_x / norm
@@ -145,7 +154,8 @@ def precision(keys, a):
 
 class _GradientsInForward(torch.autograd.Function):
     """A loss whose forward computes its gradients too, in the same pass over the pairs, and
-    saves them (for the inputs after tau, chunk and offset): backward only scales them."""
+    saves them (for the inputs after tau, chunk and first = (offset, captions per image)):
+    backward only scales them."""
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -169,8 +179,8 @@ class _GramSigmoidLoss(_GradientsInForward):
     and logits and A are matmuls, so their gradients are the transposed matmuls."""
 
     @staticmethod
-    def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
-        device, dtype, exact = precision(keys, a)
+    def forward(ctx, tau, chunk, first, keys, values, queries, text_out, out_gram, a, b):
+        (offset, captions), (device, dtype, exact) = first, precision(keys, a)
         need_grads = any(ctx.needs_input_grad)
         with torch.autocast(device, enabled=False):
             kv = _image_side(keys, values).to(dtype)                      # (2, M, I, K, d)
@@ -190,8 +200,8 @@ class _GramSigmoidLoss(_GradientsInForward):
                     gram = gram_from_out_gram(values_c, out_gram_)       # (I, MK, MK)
                 pairs = _gram_pairs(kv_c, qs, gram.detach())
                 out, phi_a, phi, phi_img, phi_g_phi, dot, norm = pairs
-                loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, offset + s, exact,
-                                                  (grad_a, grad_b) if need_grads else None)
+                loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, (offset + s, captions),
+                                                  exact, (grad_a, grad_b) if need_grads else None)
                 total += loss
                 if not need_grads:
                     continue                                # dl/dc / n
@@ -307,10 +317,10 @@ def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
 
 @torch.compiler.disable
 def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b,
-                   offset, chunk):
+                   offset, chunk, captions=1):
     """gram_loss_sum in the mixed form: the same sum, the same arguments."""
     text_out = text_through_out_proj(text_emb, out_proj, keys.shape[1])
-    return _MixedSigmoidLoss.apply(tau, chunk, offset, keys, values, queries, text_out,
+    return _MixedSigmoidLoss.apply(tau, chunk, (offset, captions), keys, values, queries, text_out,
                                    out_proj @ out_proj.T, a, b)
 
 
@@ -324,8 +334,8 @@ class _MixedSigmoidLoss(_GradientsInForward):
     with Phi = e / S, the 1/S goes into g = dl/dx / S: dl/dlogits = e (V . g - x . g)."""
 
     @staticmethod
-    def forward(ctx, tau, chunk, offset, keys, values, queries, text_out, out_gram, a, b):
-        device, dtype, exact = precision(keys, a)
+    def forward(ctx, tau, chunk, first, keys, values, queries, text_out, out_gram, a, b):
+        (offset, captions), (device, dtype, exact) = first, precision(keys, a)
         need_grads = any(ctx.needs_input_grad)
         n_img, heads, k, d = keys.shape
         with torch.autocast(device, enabled=False):
@@ -346,8 +356,8 @@ class _MixedSigmoidLoss(_GradientsInForward):
                 values_c = values_h[:, st:st + n].reshape(heads * n, k, d)   # (M I, K, d)
                 e, sums, x, x_rows, hx, dot, norm = _mixed_pairs(keys_c, values_c, q, s,
                                                                  out_gram_, scratch)
-                loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, offset + st, exact,
-                                                  (grad_a, grad_b) if need_grads else None)
+                loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, (offset + st, captions),
+                                                  exact, (grad_a, grad_b) if need_grads else None)
                 total += loss
                 if not need_grads:
                     continue                                # dl/dc / n, (I, T)

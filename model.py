@@ -343,7 +343,8 @@ class Llip(nn.Module):
         return pairwise_cosine(image_features, text_features, self.out_proj, tau, chunk_size)
 
     def forward(self, images, tokens, chunk_size=None):
-        """The training loss (eq. 3) of this rank's images against every rank's captions."""
+        """The training loss (eq. 3) of this rank's images (N, 3, S, S) against every rank's
+        captions; tokens (N C, L): C captions of each image, image-major (see `loss`)."""
         return self.loss(self.encode_image(images), self.encode_text(tokens), chunk_size)
 
     def loss(self, image_features: ImageFeatures, text_features: TextFeatures, chunk_size=None,
@@ -351,13 +352,19 @@ class Llip(nn.Module):
         """The training loss on the towers' features (what accumulation.py calls on the features
         it cached). For pool=llip the sigmoid loss on cos(z_ij, z'_j), z_ij as in
         `contextualize`, which loss.llip_loss computes a chunk of images at a time; SigLIP's
-        loss on the one vector per image for the other pools."""
+        loss on the one vector per image for the other pools. N images come with N C captions,
+        C of each image in a row (train.py --captions_per_image): C is read from the sizes, and
+        each image's C captions are its positives, every other caption a negative."""
         img, txt = image_features, text_features
+        n_img, n_txt = (img.keys if img.emb is None else img.emb).shape[0], txt.emb.shape[0]
+        if n_txt % n_img:
+            raise ValueError(f'{n_txt} captions for {n_img} images: expected the same number of '
+                             f'captions (C) of each image')
         a = self.logit_scale.exp()
         if img.emb is not None:
-            return siglip_loss(img.emb, txt.emb, a, self.logit_bias)
+            return siglip_loss(img.emb, txt.emb, a, self.logit_bias, n_txt // n_img)
         return llip_loss(img, txt, self.out_proj, self.config.tau, a, self.logit_bias,
-                         chunk_size=chunk_size, form=form)
+                         chunk_size=chunk_size, form=form, captions_per_image=n_txt // n_img)
 
 
 # ----------------------------------------------------------------------------- initial weights

@@ -24,7 +24,8 @@ batch_size x world size x grad_accum. --global_batch=N asks for that product and
 other two from N and the world size: the same command trains the same batch on 8 or 256 GPUs.
 --shard=fsdp shards the model instead of copying it (sharding.py); its checkpoints are
 directories every rank writes (checkpoint_dcp.py). A run resumes from either kind of checkpoint
-on any number of ranks, each sample of the epoch seen once.
+on any number of ranks, each sample of the epoch seen once. Ranks started by hand (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) wait --rendezvous_timeout s for each other.
 Every flag is --key=value (bools too: --eval=false); `python train.py --help` lists them. Any
 LlipConfig field can be overridden (--num_mixture=64 --tau=8 ...). On several nodes, --out_dir
 must be one shared filesystem path: rank 0 picks the checkpoint and every rank reads it.
@@ -33,16 +34,20 @@ What happens on preemption, a dead rank, NaN, a full disk or a corrupt checkpoin
 """
 import argparse
 import dataclasses
+import datetime
+import io
 import itertools
 import json
 import math
 import os
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -50,11 +55,13 @@ import accumulation
 import bench_plan
 import checkpoint
 import data
+import eval as llip_eval
 import eval_plan
 import run_dir
 import sharding
 import synthetic
 from checkpoint import Preemption
+from metrics import print_table
 from model import Llip, LlipConfig, init_weights
 from train_flags import check_flags, config_fields, parser
 
@@ -151,6 +158,44 @@ def ranks():
     return True, int(rank), int(world)
 
 
+def rendezvous(rank, world, timeout):
+    """The store every rank meets at (torchrun's, or rank 0's when the ranks were started by
+    hand), within timeout seconds: a rank that never comes is a one-line error, not a silent
+    wait of torch's default 30 minutes."""
+    addr, port = os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
+    if 'TORCHELASTIC_RUN_ID' not in os.environ:   # by hand: say what it waits for
+        print(f'rank {rank}: waiting up to {timeout:g} s for {world} ranks at {addr}:{port} '
+              '(--rendezvous_timeout)', file=sys.stderr, flush=True)
+    start = time.time()
+    try:
+        if rank > 0:   # rank 0's store is up first: torch's client would log a C++ trace a try
+            listening(addr, port, start + timeout)
+        store, _, _ = next(dist.rendezvous('env://', rank=rank, world_size=world,
+                                           timeout=datetime.timedelta(seconds=timeout)))
+    except (RuntimeError, ValueError, OSError) as e:   # torch's DistStoreError is a RuntimeError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f'error: rank {rank} waited {time.time() - start:.0f} s for {world} ranks at '
+                 f'{addr}:{port} and gave up ({reason}); start them all with torchrun '
+                 f'(--nproc_per_node={world}), or each with its RANK within '
+                 f'--rendezvous_timeout={timeout:g} s')
+    # from here on, the store's operations wait as long as torch's default (the first
+    # collective can come minutes after the rendezvous: rank 0 writes the built-in data first)
+    store.set_timeout(default_pg_timeout)
+    return store
+
+
+def listening(addr, port, deadline):
+    """Return once something listens at addr:port; OSError after the deadline."""
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise OSError(f'nothing listens at {addr}:{port}: is rank 0 running?') from None
+            time.sleep(0.2)
+
+
 def set_up(args, config):
     """Ranks (torchrun's environment alone decides DDP), device and precision."""
     ddp, rank, world = ranks()
@@ -168,7 +213,7 @@ def set_up(args, config):
             torch.cuda.set_device(device)
         # torchrun keeps its store across --max-restarts: without a prefix per attempt, a
         # restarted rank can read a dead rank's address from the last attempt and never connect
-        store, _, _ = next(dist.rendezvous('env://', rank=rank, world_size=world))
+        store = rendezvous(rank, world, args.rendezvous_timeout)
         attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', rank=rank,
                                 world_size=world,
@@ -228,8 +273,11 @@ def build(run):
                                        {'params': no_decay, 'weight_decay': 0.0}],
                                       lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
     micro = f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''
-    run.log(f'contrastive pairs per step: {args.batch_size} per rank x {run.world} rank(s)'
-            f'{micro} = {args.batch_size * run.world * args.grad_accum}')
+    images = args.batch_size * run.world * args.grad_accum
+    captions = (f', against {images * args.captions_per_image} captions '
+                f'({args.captions_per_image} an image)' if args.captions_per_image > 1 else '')
+    run.log(f'images per step: {args.batch_size} per rank x {run.world} rank(s)'
+            f'{micro} = {images}{captions}')
     run.log(f'device {run.device}, {args.dtype}; data {args.data}')
     run.log(f'out_dir {args.out_dir}')
 
@@ -274,7 +322,8 @@ def training_data(run):
                                 tokenizer=config.tokenizer, rank=run.rank, world_size=run.world,
                                 workers=args.workers, seed=args.seed, resample=True,
                                 # the built-in data has one caption per line
-                                caption_lines=args.caption_lines or args.data == 'synthetic')
+                                caption_lines=args.caption_lines or args.data == 'synthetic',
+                                captions_per_image=args.captions_per_image)
     except ValueError as e:
         sys.exit(f'error: --data={args.data}: {e}')
 
@@ -303,6 +352,12 @@ def train(run, start_step, plan, preemption):
     tracker = run_dir.Tracker(args.logger, args.out_dir, run.record()) if run.master else None
     logfile = run_dir.open_append(log_path) if run.master else None
     stream = iter(run.loader)
+
+    def write(record):   # a line of log.jsonl, and the tracker's
+        if run.master:
+            logfile.write(json.dumps(record) + '\n')
+            logfile.flush()
+            tracker.log(record)
     try:
         try:
             first = Preemption.deaf_workers(stream)
@@ -322,41 +377,59 @@ def train(run, start_step, plan, preemption):
             dt, t0 = time.time() - t0, time.time()
             images_per_s = args.batch_size * args.grad_accum * run.world / dt
             bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.0f}')
-            record = {}
             if done % args.log_every == 0 or done == args.steps:
-                record = {'step': done, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm,
-                          'images_per_s': images_per_s,
-                          'logit_scale': run.model.logit_scale.exp().item(),
-                          'logit_bias': run.model.logit_bias.item(), 'time': time.time()}
-            if plan.any and ((args.eval_every and done % args.eval_every == 0)
-                             or done == args.steps):
-                # rank 0 evaluates alone: a sharded model would wait for the other ranks in its
-                # first forward, so every rank gathers the weights and rank 0 gets a plain copy
-                model = sharding.unsharded_copy(run.model, run.device, run.master)
-                if run.master:
-                    metrics = eval_plan.evaluate_plan(model, plan, run.device, run.autocast)
-                    run.log(f'step {done} eval: '
-                            + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
-                    record = {'step': done, **record, **metrics}
-                del model
-            if record and run.master:
-                logfile.write(json.dumps(record) + '\n')
-                logfile.flush()
-                tracker.log(record)
+                write({'step': done, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm,
+                       'images_per_s': images_per_s,
+                       'logit_scale': run.model.logit_scale.exp().item(),
+                       'logit_bias': run.model.logit_bias.item(), 'time': time.time()})
             stop = torch.tensor(float(preemption.requested), device=run.device)
             if run.ddp:
                 dist.all_reduce(stop)   # every rank stops at the same step
+            # Saved before the evaluation, which can take minutes and touches other data: a
+            # crash, a kill or a SIGTERM during it loses no step of a save step or of the last
+            # step. An evaluation step that is not a save step is not saved: --save_every says
+            # how often a checkpoint is worth its cost (the model and AdamW state written whole)
+            # and --keep counts checkpoints; a failing evaluation is a warning (eval_plan.py).
             if done % args.save_every == 0 or done == args.steps or stop.item():
                 checkpoint.save_run(run, done, preemption)
-            if stop.item():
-                run.log(f'{preemption.name}: saved a checkpoint at step {done}; exiting. '
-                        'Resume with --resume=auto.')
+            due = plan.any and ((args.eval_every and done % args.eval_every == 0)
+                                or done == args.steps)
+            if stop.item():   # no evaluation now: the signal asks for an exit within seconds
+                then = ('Resume with --resume=auto.' if done < args.steps else
+                        f'Its final evaluation was skipped: eval.py --ckpt={args.out_dir}'
+                        if due else '')
+                run.log(f'{preemption.name}: saved a checkpoint at step {done}; exiting. {then}')
                 break
+            if due:
+                metrics = evaluate(run, plan, done, final=done == args.steps)
+                if metrics:
+                    write({'step': done, **metrics})
     finally:
         stream.close()   # the DataLoader workers end now, however the loop ended
         if run.master:
             logfile.close()
             tracker.close()
+
+
+def evaluate(run, plan, step, final):
+    """The EvalPlan on rank 0 (eval_plan.py), as log.jsonl's flat keys ({} on other ranks, or
+    if it failed); a line, or for the final evaluation the table eval.py prints."""
+    # rank 0 evaluates alone: a sharded model would wait for the other ranks in its first
+    # forward, so every rank gathers the weights and rank 0 gets a plain copy
+    model = sharding.unsharded_copy(run.model, run.device, run.master)
+    if not run.master:
+        return {}
+    results = eval_plan.evaluate_plan(model, plan, run.device, run.autocast)
+    metrics = llip_eval.flatten(results)
+    if final and results:
+        table = io.StringIO()
+        with redirect_stdout(table):
+            print_table(results)
+        run.log(f'step {step}, final evaluation (%; tau: the mixing temperature):\n'
+                + table.getvalue().rstrip())
+    elif metrics:
+        run.log(f'step {step} eval: ' + ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
+    return metrics
 
 
 def train_step(run, batches, step):

@@ -73,6 +73,14 @@ parser.add_argument('--grad_accum', type=int, default=None,
                     'meets every caption of all of them (feature-cached accumulation, '
                     'accumulation.py: activation memory of one micro-batch, one more forward of '
                     'the towers). Default 1; with --global_batch, derived from it')
+parser.add_argument('--captions_per_image', type=int, default=1,
+               help='C: each image comes with C of its distinct captions (drawn without '
+                    'replacement; fewer than C: all of them, repeated in order until C), and the '
+                    'sigmoid loss has a positive for each of them and a negative for every other '
+                    'image-caption pair, every pool alike, across ranks. The loss is still '
+                    'divided by the images. With --grad_accum a micro-batch holds --batch_size '
+                    'images and their C captions each, and the loss still sees the whole batch. '
+                    'Default 1: one caption drawn per image')
 parser.add_argument('--global_batch', type=int, default=None,
                help='the contrastive batch of a step, batch_size x world size x grad_accum '
                     '(paper: 32768); --batch_size and --grad_accum are derived from it and the '
@@ -139,6 +147,10 @@ parser.add_argument('--keep', type=int, default=3,
 parser.add_argument('--resume', default='auto',
                help="'auto': continue from the newest valid checkpoint in --out_dir if any; "
                     "a path: from that file; 'never': start afresh")
+parser.add_argument('--rendezvous_timeout', type=float, default=600,
+                    help='seconds a rank waits for the others to join (ranks started by hand with '
+                         'RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; under torchrun, for its '
+                         'store) before it stops with a message')
 parser.add_argument('--stop_grace', type=float, default=10,
                help='seconds after SIGTERM within which the step must end before the rank exits '
                     'without saving (a rank blocked on a dead peer must not delay the restart)')
@@ -157,7 +169,7 @@ for f in config_fields:
 # checkpoint right after writing it. The model's own fields (num_mixture, tau, ...) are checked
 # by LlipConfig.
 AT_LEAST_ONE = ('steps', 'grad_accum', 'log_every', 'save_every', 'keep', 'batch_size',
-                'global_batch')
+                'global_batch', 'captions_per_image')
 AT_LEAST_ZERO = ('eval_every', 'workers', 'warmup', 'chunk_size')
 TRACKERS = {'tensorboard': 'torch.utils.tensorboard', 'wandb': 'wandb'}
 
@@ -170,7 +182,8 @@ NUMBERS = (('lr', lambda v: v > 0, 'a number > 0'), ('eps', lambda v: v > 0, 'a 
            ('min_lr_ratio', lambda v: 0 <= v <= 1, 'in [0, 1]'),
            ('grad_clip', lambda v: v >= 0, 'a number >= 0 (0: off)'),
            ('weight_decay', lambda v: v >= 0, 'a number >= 0'),
-           ('stop_grace', lambda v: v > 0, 'a number of seconds > 0'))
+           ('stop_grace', lambda v: v > 0, 'a number of seconds > 0'),
+           ('rendezvous_timeout', lambda v: v > 0, 'a number of seconds > 0'))
 
 
 def check_flags(args):

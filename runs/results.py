@@ -29,7 +29,7 @@ from model import POOLS
 # what synthetic_dir holds is fixed by synthetic_objects, synthetic_captions and image_size,
 # which are compared
 BOOKKEEPING = {'out_dir', 'resume', 'seed', 'save_every', 'keep', 'log_every', 'eval_every',
-               'workers', 'device', 'compile', 'synthetic_dir'}
+               'workers', 'device', 'compile', 'synthetic_dir', 'stop_grace', 'rendezvous_timeout'}
 LEVEL = 0.95   # of the paired intervals
 
 

@@ -223,7 +223,7 @@ def test_bad_global_batch_is_a_one_line_error(tmp_path, monkeypatch, flags, worl
 def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):
     out = str(tmp_path)   # SMALL's --batch_size=8 is overridden by the later flag
     result = train(out, synthetic, '--global_batch=12', '--batch_size=4', '--steps=1')
-    assert 'contrastive pairs per step: 4 per rank x 1 rank(s) x 3 micro-batches = 12' \
+    assert 'images per step: 4 per rank x 1 rank(s) x 3 micro-batches = 12' \
         in result.stdout
     with open(os.path.join(out, 'config.json')) as f:
         config = json.load(f)

@@ -10,10 +10,14 @@
 - the attention maps, recomputed from the last block's input, have rows summing to 1 and,
   applied to the values, give exactly what the block's attention produced;
 - every subcommand writes a PNG from a checkpoint in train.py's format and a tiny synthetic
-  dataset.
+  dataset; by default into the run directory (several runs: the folder holding them), never
+  where the command was started; mixing --unrelated=N shows N other captions, none of the
+  image's own; attention's caption line does not overlap the panels.
 """
+import dataclasses
 import math
 
+import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,7 @@ import analysis
 import data
 import loss
 from conftest import plotted_tiny, save_checkpoint
+from model import Llip
 from synthetic import make_synthetic
 
 
@@ -150,3 +155,55 @@ def test_every_subcommand_writes_a_png(files, tmp_path, is_png):
         assert is_png(tmp_path / f'{name}.png'), name
     with pytest.raises(SystemExit, match='--index=99'):
         analysis.main(['attention', files['llip'], d, '--index=99', f"--out={tmp_path / 'x.png'}"])
+
+
+# ----------------------------------------------------------------------------- what a person sees
+def test_mixing_shows_as_many_other_captions_as_asked(files, images_and_captions, tmp_path,
+                                                      monkeypatch):
+    shown, real = [], analysis.caption_mixing
+    monkeypatch.setattr(analysis, 'caption_mixing',
+                        lambda model, image, texts, tau: shown.append(texts) or real(
+                            model, image, texts, tau))
+    own = images_and_captions[1][0]
+    for n in (4, 0):
+        analysis.main(['mixing', files['llip'], f"--data={files['data']}", f'--unrelated={n}',
+                       f"--out={tmp_path / 'mixing.png'}"])
+        assert shown[-1][:len(own)] == own
+        others = shown[-1][len(own):]
+        assert len(others) == n and len(set(others)) == n and not set(others) & set(own)
+
+
+def test_plots_go_into_the_run_directory_by_default(files, tmp_path, monkeypatch):
+    runs, cwd = tmp_path / 'runs', tmp_path / 'cwd'
+    for name, pool in (('a', 'llip'), ('b', 'cls')):
+        (runs / name).mkdir(parents=True)
+        (runs / name / 'ckpt.pt').write_bytes(open(files[pool], 'rb').read())
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)   # where the command is started: nothing must land here
+    d = f"--data={files['data']}"
+    analysis.main(['attention', str(runs / 'a'), d])
+    analysis.main(['mixing', str(runs / 'a' / 'ckpt.pt'), d])
+    analysis.main(['spectrum', str(runs / 'a'), str(runs / 'b'), d, '--images=6'])
+    assert sorted(p.name for p in (runs / 'a').iterdir()) == ['attention.png', 'ckpt.pt',
+                                                               'mixing.png']
+    assert (runs / 'spectrum.png').exists() and list(cwd.iterdir()) == []
+
+
+def test_the_attention_caption_does_not_overlap_the_panels(files, tmp_path, monkeypatch):
+    torch.manual_seed(0)   # 16 mixture tokens: three rows of panels
+    model = Llip(plotted_tiny(num_mixture=16))
+    path = tmp_path / 'k16.pt'
+    torch.save({'model': model.state_dict(), 'step': 0,
+                'config': {'model_config': dataclasses.asdict(model.config)}}, path)
+    figures = []
+    monkeypatch.setattr(analysis, 'save', lambda fig, out: figures.append(fig))
+    analysis.main(['attention', str(path), f"--data={files['data']}"])
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()   # the layout is done when drawn
+    first = analysis.load_images(files['data'], 16, 1)[1][0][0]
+    caption, = [t for t in fig.findobj(matplotlib.text.Text) if first in t.get_text()]
+    box = caption.get_window_extent(renderer)
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.get_visible()
+              and ax.images]
+    assert len(panels) == 17 and not any(box.overlaps(p) for p in panels)

@@ -203,7 +203,7 @@ def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic
     assert len(lines) <= 10 and all(len(line.replace(out, 'OUT')) <= 100 for line in lines), lines
     text = result.stdout
     assert 'K=4' in text and 'D=16' in text and 'tau=' in text and 'parameters' in text
-    assert 'contrastive pairs per step: 8 per rank x 1 rank(s) = 8' in text
+    assert 'images per step: 8 per rank x 1 rank(s) = 8' in text
     assert 'device cpu, float32' in text and f'out_dir {out}' in text
     with open(os.path.join(out, 'config.json')) as f:
         config = json.load(f)
