@@ -41,9 +41,12 @@ def built_weights(run):
     return sharding.full_state_dict(run.model)
 
 
+def config():
+    return train.check_flags(train.parser.parse_args(FLAGS))
+
+
 def plain(seed=7):
-    config = train.check_flags(train.parser.parse_args(FLAGS))
-    return {name: value.detach() for name, value in Llip(config, seed=seed).state_dict().items()}
+    return {name: value.detach() for name, value in Llip(config(), seed=seed).state_dict().items()}
 
 
 def assert_equal(a, b, what):
@@ -60,13 +63,12 @@ def test_a_different_seed_gives_different_weights():
 
 
 def test_without_a_seed_torch_manual_seed_decides():
-    config = PRESETS['tiny']
     torch.manual_seed(0)
-    a = Llip(config).text_proj
+    a = Llip(PRESETS['tiny']).text_proj
     torch.manual_seed(0)
-    b = Llip(config).text_proj
+    b = Llip(PRESETS['tiny']).text_proj
     torch.manual_seed(1)
-    assert torch.equal(a, b) and not torch.equal(a, Llip(config).text_proj)
+    assert torch.equal(a, b) and not torch.equal(a, Llip(PRESETS['tiny']).text_proj)
 
 
 def test_the_largest_preset_builds_on_meta_in_no_time():
@@ -86,7 +88,7 @@ def test_two_ranks_with_ddp_and_with_fsdp_build_the_same_weights(tmp_path):
     port = free_port()
     mp.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
     expected = plain()
-    model = Llip(train.check_flags(train.parser.parse_args(FLAGS)), seed=7)
+    model = Llip(config(), seed=7)
     for rank in range(2):
         ddp, fsdp, features, unsharded, head = torch.load(tmp_path / f'rank{rank}.pt')
         assert_equal(ddp, expected, f'rank {rank} with DDP')
