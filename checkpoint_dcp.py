@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 import checkpoint
 from checkpoint import CheckpointError, UnsafeCheckpointError, load_weights
-from model import Llip, LlipConfig
+from model import LlipConfig, for_loading
 
 MANIFEST, TRAIN_STATE = 'manifest.json', 'train_state.pt'
 
@@ -294,7 +294,7 @@ def load_model(path):
     state = verify(path)
     config = state['config'].get('model_config', state['config'])
     fields = LlipConfig.__dataclass_fields__
-    model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
+    model = for_loading(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
     with warnings.catch_warnings():   # DCP says it assumes one process: so it is meant
         warnings.filterwarnings('ignore', message='torch.distributed is disabled')
         load(path, model, check=False)

@@ -24,7 +24,7 @@ import torch
 import checkpoint
 import checkpoint_dcp
 import data
-from model import Llip, LlipConfig, load_official
+from model import LlipConfig, for_loading, load_official
 
 
 def load(path, device='cpu'):
@@ -120,7 +120,7 @@ def from_checkpoint(ckpt, path):
         raise ValueError(f"{path}: {e}") from None
     config = ckpt['config'].get('model_config', ckpt['config'])
     fields = {f.name for f in dataclasses.fields(LlipConfig)}
-    model = Llip(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
+    model = for_loading(LlipConfig(**{k: v for k, v in config.items() if k in fields}))
     try:
         model.load_state_dict(checkpoint.unwrapped(ckpt['model']))
     except RuntimeError as e:   # a hand-edited shape or a missing key: torch's first lines

@@ -367,6 +367,15 @@ class Llip(nn.Module):
                          chunk_size=chunk_size, form=form, captions_per_image=n_txt // n_img)
 
 
+def for_loading(config):
+    """A Llip for weights read from a file: built on meta and allocated, no initial value drawn
+    (every rank drawing every parameter is minutes of CPU for vit_g14). Its values are garbage
+    until a strict load_state_dict (or DCP's load, which also fails on a missing key) fills all."""
+    with torch.device('meta'):
+        model = Llip(config)
+    return model.to_empty(device='cpu')
+
+
 # ----------------------------------------------------------------------------- initial weights
 # Why by name: a parameter's initial value is a function of (seed, its name) alone, drawn whole on
 # CPU from its own generator. Then 1 process, 8 DDP ranks or 64 FSDP ranks, each keeping its own
@@ -490,7 +499,7 @@ def load_official(path_or_state_dict, **overrides):
     if missing:
         raise KeyError(f"not an official Llip checkpoint: missing {', '.join(missing)}")
     config = replace(config_from_official(sd), **overrides)
-    model = Llip(config)
+    model = for_loading(config)   # every value comes from sd, checked key by key below
     ours = {}
     for name, tensor in sd.items():
         for pattern, new in OFFICIAL_NAMES:
