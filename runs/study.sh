@@ -166,9 +166,12 @@ if [ "$WHAT" = captions ]; then   # C captions of each image in a step: same ima
                  "--captions_per_image=$c --seed=$seed --lr=$(lr_of $pool)"
         done
     done; done | run_all
-    python -m runs.report pressure "$OUT"/ladder/pool={cls,llip},seed=[012]/ "$OUT"/captions/*/ \
-        --by=captions_per_image --baseline=cls --pool=llip --metrics=$RETRIEVAL,$ZEROSHOT \
-        --out=runs/results/captions.png --table=runs/results/captions.md
+    for what in retrieval zeroshot; do
+        metrics=$RETRIEVAL; [ $what = zeroshot ] && metrics=$ZEROSHOT
+        python -m runs.report pressure "$OUT"/ladder/pool={cls,llip},seed=[012]/ "$OUT"/captions/*/ \
+            --by=captions_per_image --baseline=cls --pool=llip --metrics=$metrics \
+            --out=runs/results/captions_per_image_$what.png --table=runs/results/captions_per_image_$what.md
+    done
     exit 0
 fi
 
