@@ -3,6 +3,7 @@ fixtures and helpers that several test files share (`from conftest import train,
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,11 +94,48 @@ def torchrun(*flags):
 
 
 @pytest.fixture(scope='session')
-def trained(tmp_path_factory, synthetic):
-    """An --out_dir after a 2-step run that saved at steps 1 and 2 (tests copy it)."""
+def trained_run(tmp_path_factory, synthetic):
+    """(--out_dir, what train.py printed) after a 2-step run that saved at steps 1 and 2: one run
+    for every test that needs a few checkpoints to resume from, damage or refuse."""
     out = str(tmp_path_factory.mktemp('trained'))
-    train(out, synthetic, '--steps=2', '--save_every=1', '--workers=0')
+    result = train(out, synthetic, '--steps=2', '--save_every=1', '--workers=0')
+    return out, result.stdout
+
+
+@pytest.fixture(scope='session')
+def trained(trained_run):
+    """The --out_dir of trained_run (tests change a copy_of it, never it)."""
+    return trained_run[0]
+
+
+def copy_of(trained, tmp_path):
+    out = str(tmp_path / 'run')
+    shutil.copytree(trained, out)
     return out
+
+
+def main_in_process(monkeypatch, out_dir, synthetic, *flags):
+    """train.main() in this process, with SMALL and `flags`: for a run whose process is not what
+    a test proves (no new python and its imports, a few seconds each). It returns, or raises
+    SystemExit as the process would exit."""
+    import train as train_py
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={out_dir}',
+                                      f'--synthetic_dir={synthetic}', *SMALL, *flags])
+    return train_py.main()
+
+
+def start_ranks(fn, args, nprocs):
+    """mp.spawn(fn, args, nprocs) with the ranks forked from this process instead of started
+    afresh: they begin with its imports (torch and the modules under test) rather than paying
+    for them again, seconds a rank. Each rank runs on one thread, as a DataLoader worker does
+    after its fork."""
+    mp.start_processes(_one_thread, args=(fn, args), nprocs=nprocs, join=True,
+                       start_method='fork')
+
+
+def _one_thread(rank, fn, args):
+    torch.set_num_threads(1)
+    fn(rank, *args)
 
 
 def assert_same_weights(a, b):

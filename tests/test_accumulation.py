@@ -28,14 +28,13 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from accumulation import Towers, split_batch, train_step
-from conftest import (ROOT, SMALL, assert_same_weights, batch, free_port, log_lines, tiny, torchrun,
-                      train, weights)
+from conftest import (ROOT, SMALL, assert_same_weights, batch, free_port, log_lines, start_ranks,
+                      tiny, torchrun, train, weights)
 from model import Llip
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
@@ -115,7 +114,6 @@ def count_all_reduces(pool, rank, accum):
 
 
 def worker(rank, port, out):
-    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD)
     result = {}
@@ -129,7 +127,7 @@ def worker(rank, port, out):
 
 
 def test_two_ranks_equal_the_whole_batch(tmp_path, one_thread):
-    mp.spawn(worker, args=(free_port(), str(tmp_path / 'rank')), nprocs=WORLD, join=True)
+    start_ranks(worker, (free_port(), str(tmp_path / 'rank')), WORLD)
     ranks = [torch.load(tmp_path / f'rank.{r}', weights_only=False) for r in range(WORLD)]
     for pool, form in CASES:
         want = reference(pool, WORLD)

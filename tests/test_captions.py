@@ -28,7 +28,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -37,7 +36,8 @@ import data
 import loss_gram
 import sharding
 from accumulation import Towers, train_step
-from conftest import batch, free_port, log_lines, png, tiny, train, write_tar
+from conftest import (batch, free_port, log_lines, png, start_ranks, tiny, train,
+                      write_tar)
 from loss import clip_loss, llip_loss, siglip_loss, sigmoid_loss_sum
 from model import ImageFeatures, Llip, TextFeatures
 
@@ -273,7 +273,7 @@ def rank_worker(rank, port, out):
 
 
 def test_two_ranks_equal_the_loop_on_the_global_batch(tmp_path, one_thread):
-    mp.spawn(rank_worker, args=(free_port(), str(tmp_path / 'rank')), nprocs=WORLD, join=True)
+    start_ranks(rank_worker, (free_port(), str(tmp_path / 'rank')), WORLD)
     ranks = [torch.load(tmp_path / f'rank.{r}', weights_only=False) for r in range(WORLD)]
     loops = {'llip': loop_llip, 'siglip': loop_siglip, 'clip': loop_clip}
     for case in LOSS_CASES:

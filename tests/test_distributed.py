@@ -12,12 +12,11 @@ import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from loss import clip_loss, llip_loss, siglip_loss
-from conftest import batch, tiny
+from conftest import batch, start_ranks, tiny
 from model import ImageFeatures, Llip, TextFeatures
 
 N, WORLD = 6, 2
@@ -81,7 +80,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path / 'rank')), nprocs=WORLD, join=True)
+    start_ranks(worker, (port, str(tmp_path / 'rank')), WORLD)
     ranks = [torch.load(tmp_path / f'rank.{r}') for r in range(WORLD)]
     single = run_all(0, 1)
 

@@ -15,12 +15,11 @@ import subprocess
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import sharding
 from accumulation import Towers, train_step
-from conftest import ROOT, SMALL, batch, free_port, log_lines, tiny, torchrun
+from conftest import ROOT, SMALL, batch, free_port, log_lines, start_ranks, tiny, torchrun
 from model import Llip
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
@@ -97,7 +96,7 @@ def worker(rank, port, out):
 
 
 def test_fsdp_accumulation_equals_the_whole_batch(tmp_path, one_thread):
-    mp.spawn(worker, args=(free_port(), str(tmp_path / 'rank')), nprocs=WORLD, join=True)
+    start_ranks(worker, (free_port(), str(tmp_path / 'rank')), WORLD)
     ranks = [torch.load(tmp_path / f'rank.{r}', weights_only=False) for r in range(WORLD)]
     for pool in POOLS:
         ref_loss, ref_grads, ref_norm = reference(pool)

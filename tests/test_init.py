@@ -16,14 +16,13 @@ import os
 import time
 
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import bench_plan
 import sharding
 import train
 from model import PRESETS, Llip
-from conftest import batch, free_port
+from conftest import batch, free_port, start_ranks
 
 FLAGS = ['--model=tiny', '--num_mixture=5', '--seed=7', '--device=cpu', '--dtype=float32',
          '--workers=0']
@@ -86,7 +85,7 @@ def test_one_process_builds_the_plain_models_weights(tmp_path):
 
 def test_two_ranks_with_ddp_and_with_fsdp_build_the_same_weights(tmp_path):
     port = free_port()
-    mp.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_two_ranks, (port, str(tmp_path)), 2)
     expected = plain()
     model = Llip(config(), seed=7)
     for rank in range(2):

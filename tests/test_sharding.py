@@ -26,7 +26,6 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -35,7 +34,7 @@ import data
 import loss
 import sharding
 from model import Llip
-from conftest import batch, tiny
+from conftest import batch, start_ranks, tiny
 
 N, WORLD = 4, 2
 # the three forms of llip_loss, each forced on Llip.forward (see `form`), and pool=cls
@@ -63,8 +62,7 @@ def free_port():
 
 def spawn(worker, tmp_path, world=WORLD):
     """Run worker(rank, world, out) on `world` gloo ranks; returns what each rank saved."""
-    mp.spawn(_init_and_run, args=(world, free_port(), worker, str(tmp_path / 'rank')),
-             nprocs=world, join=True)
+    start_ranks(_init_and_run, (world, free_port(), worker, str(tmp_path / 'rank')), world)
     return [torch.load(tmp_path / f'rank.{r}') for r in range(world)]
 
 

@@ -17,7 +17,6 @@ GPUs), on a very small model and the built-in synthetic data, CPU only
 import importlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,15 +27,9 @@ import torch
 
 import checkpoint
 import run_dir
-from conftest import FAST, ROOT, train
+from conftest import FAST, ROOT, copy_of, train
 
 ZERO_WORKERS = ['--workers=0']
-
-def copy_of(trained, tmp_path):
-    out = str(tmp_path / 'run')
-    shutil.copytree(trained, out)
-    return out
-
 
 def wait_for_log(out, proc, timeout=120):
     path, end = os.path.join(out, 'log.jsonl'), time.time() + timeout
