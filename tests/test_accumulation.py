@@ -11,8 +11,11 @@ tests/test_accumulation.py), in float64 on a small Llip:
   on the image tower gives the same features twice), and the generator ends where one forward
   of every micro-batch would leave it;
 - train.py with --grad_accum: a run killed mid-step (checkpoints are written between steps
-  only) resumes to the same weights as an uninterrupted run;
-- two ranks under torchrun train with --global_batch (accumulation under DDP, end to end);
+  only) resumes to the same weights as an uninterrupted run (which asked for its micro-batches
+  with --grad_accum, the killed one with --global_batch); what --global_batch derived is printed
+  and recorded in config.json;
+- two ranks under torchrun train with --global_batch (accumulation under DDP, end to end; the
+  one torchrun run of test_train.py's claim that two ranks train and agree);
 - --global_batch=N derives --batch_size and --grad_accum from N and the world size, keeps and
   checks the ones given, and refuses with a one-line error an N that does not divide or
   contradicts them.
@@ -33,8 +36,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from accumulation import Towers, split_batch, train_step
-from conftest import (ROOT, SMALL, assert_same_weights, batch, free_port, log_lines, start_ranks,
-                      tiny, torchrun, train, weights)
+from conftest import (ROOT, SMALL, assert_same_weights, batch, free_port, log_lines,
+                      main_in_process, start_ranks, tiny, torchrun, train, weights)
 from model import Llip
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
@@ -164,22 +167,33 @@ def test_replay_draws_the_same_random_numbers(one_thread):
     assert torch.equal(torch.get_rng_state(), after_one_pass)
 
 
-ACCUM_RUN = ['--grad_accum=3', '--batch_size=4', '--steps=6']
+# the killed run asks for its 3 micro-batches of 4 through --global_batch, the uninterrupted one
+# directly: the same weights also show that the two say the same thing
+ACCUM_RUN = ['--batch_size=4', '--steps=6']
+GLOBAL_BATCH = ['--global_batch=12']
 
 
-def test_killed_mid_step_resumes_to_the_same_weights(tmp_path, synthetic):
+def test_killed_mid_step_resumes_to_the_same_weights(tmp_path, synthetic, monkeypatch, capsys):
     full, out = str(tmp_path / 'full'), str(tmp_path / 'killed')
-    train(full, synthetic, *ACCUM_RUN, '--save_every=3')
-    proc = train(out, synthetic, *ACCUM_RUN, '--save_every=2', popen=True)
+    proc = train(out, synthetic, *ACCUM_RUN, *GLOBAL_BATCH, '--save_every=2', popen=True)
     while not os.path.exists(os.path.join(out, 'ckpt_0000002.pt')) and proc.poll() is None:
         time.sleep(0.01)
     time.sleep(0.3)                        # into step 3's micro-batches
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=120)
     assert not os.path.exists(os.path.join(out, 'ckpt_0000006.pt')), 'the run ended first'
-    result = train(out, synthetic, *ACCUM_RUN, '--save_every=3')
-    assert 'resuming from' in result.stdout + result.stderr
+    # the uninterrupted run and the resumed one in this process: they are not what is tested
+    main_in_process(monkeypatch, full, synthetic, *ACCUM_RUN, '--grad_accum=3', '--save_every=3')
+    capsys.readouterr()
+    main_in_process(monkeypatch, out, synthetic, *ACCUM_RUN, *GLOBAL_BATCH, '--save_every=3')
+    printed = capsys.readouterr()
+    assert 'resuming from' in printed.err
     assert_same_weights(weights(out), weights(full))
+    # --global_batch is trained and recorded as what it derives
+    assert 'images per step: 4 per rank x 1 rank(s) x 3 micro-batches = 12' in printed.out
+    with open(os.path.join(out, 'config.json')) as f:
+        config = json.load(f)
+    assert (config['global_batch'], config['batch_size'], config['grad_accum']) == (12, 4, 3)
 
 
 @pytest.mark.parametrize('given, world, want', [
@@ -218,17 +232,12 @@ def test_bad_global_batch_is_a_one_line_error(tmp_path, monkeypatch, flags, worl
     assert len(message.splitlines()) == 1
 
 
-def test_global_batch_is_trained_and_recorded(tmp_path, synthetic):
-    out = str(tmp_path)   # SMALL's --batch_size=8 is overridden by the later flag
-    result = train(out, synthetic, '--global_batch=12', '--batch_size=4', '--steps=1')
-    assert 'images per step: 4 per rank x 1 rank(s) x 3 micro-batches = 12' \
-        in result.stdout
-    with open(os.path.join(out, 'config.json')) as f:
-        config = json.load(f)
-    assert (config['global_batch'], config['batch_size'], config['grad_accum']) == (12, 4, 3)
+# --global_batch trained and recorded by one process: in
+# test_killed_mid_step_resumes_to_the_same_weights
 
 
 def test_two_ranks_with_torchrun_and_global_batch(tmp_path, synthetic):
+    """Also test_train.py's two ranks under torchrun --standalone: they train and agree."""
     out = str(tmp_path)
     cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
                    f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL,
@@ -238,4 +247,5 @@ def test_two_ranks_with_torchrun_and_global_batch(tmp_path, synthetic):
     assert '4 per rank x 2 rank(s) x 2 micro-batches = 16' in result.stdout
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['config']['grad_accum'] == 2 and len(ckpt['loader']) == 2
+    assert ckpt['config']['world_size'] == 2
     assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2]

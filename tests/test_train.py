@@ -22,7 +22,8 @@ small model and the built-in synthetic data, CPU only:
 - --logger=wandb sends each record to the package when installed (a fake one here), and main()
   leaves the SIGTERM handler as it found it;
 - a NaN loss stops the run with a clear message and leaves the last checkpoint intact;
-- two ranks under torchrun (gloo) and two "nodes" on localhost (--nnodes=2) train and agree.
+- two ranks under torchrun (gloo; the run is in test_accumulation.py, with --global_batch) and
+  two "nodes" on localhost (--nnodes=2) train and agree.
 """
 import importlib
 import json
@@ -37,14 +38,20 @@ import pytest
 import torch
 
 import train_flags
-from conftest import (ROOT, SMALL, assert_same_weights, free_port, log_lines, torchrun, train,
-                      weights)
+from conftest import (ROOT, SMALL, assert_same_weights, copy_of, free_port, log_lines,
+                      main_in_process, torchrun, train, weights)
+
+# Most runs here are train.main() in the test's process (main_in_process): what they prove is
+# in the files written and the lines printed, and a new python costs seconds. Separate processes
+# remain where the process is the point: a signal or kill mid-run, startup output, the exit of
+# torchrun's ranks.
 
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, synthetic):
     out = str(tmp_path_factory.mktemp('full'))
-    train(out, synthetic, '--steps=12', '--save_every=4', '--eval')
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        main_in_process(monkeypatch, out, synthetic, '--steps=12', '--save_every=4', '--eval')
     return out
 
 
@@ -68,20 +75,22 @@ def test_run_writes_log_config_checkpoints(uninterrupted):
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
 
 
-def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, uninterrupted):
-    out = str(tmp_path)
-    train(out, synthetic, '--steps=12', '--save_every=4')
+def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, uninterrupted,
+                                                       monkeypatch, capsys):
+    out = copy_of(uninterrupted, tmp_path)                   # a run that stopped cleanly at 12
     os.remove(os.path.join(out, 'ckpt_0000012.pt'))
     os.remove(os.path.join(out, 'ckpt_0000008.pt'))          # back to step 4
-    result = train(out, synthetic, '--steps=12', '--save_every=4')
-    assert 'resuming from' in result.stdout + result.stderr
+    main_in_process(monkeypatch, out, synthetic, '--steps=12', '--save_every=4')
+    assert 'resuming from' in capsys.readouterr().err
     assert_same_weights(weights(out), weights(uninterrupted))
-    # log.jsonl was cut back to step 4 on resume: steps 5..12 once, not twice
+    # log.jsonl was cut back to step 4 on resume: steps 5..12 once, not twice (and without
+    # --eval this time, no evaluation line after the last step's)
     assert [r['step'] for r in log_lines(out)] == list(range(1, 13))
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, sig):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, sig,
+                                                monkeypatch):
     out = str(tmp_path)
     proc = train(out, synthetic, '--steps=12', '--save_every=1', popen=True)
     while not os.path.exists(os.path.join(out, 'ckpt_0000002.pt')) and proc.poll() is None:
@@ -95,22 +104,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupt
     assert not os.path.exists(
         os.path.join(out, 'ckpt_0000012.pt')
     ), 'the run ended before the signal'
-    train(out, synthetic, '--steps=12', '--save_every=4')
+    main_in_process(monkeypatch, out, synthetic, '--steps=12', '--save_every=4')
     assert_same_weights(weights(out), weights(uninterrupted))
     steps = [r['step'] for r in log_lines(out) if 'loss' in r]
     resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=True)['step']
     assert resumed_at == 12 and max(steps) == 12
 
 
-def test_truncated_checkpoint_is_skipped(tmp_path, synthetic):
-    out = str(tmp_path)
-    train(out, synthetic, '--steps=4', '--save_every=2')
-    newest = os.path.join(out, 'ckpt_0000004.pt')
+# trained: a run's --out_dir with ckpt_0000001.pt and ckpt_0000002.pt (conftest)
+def test_truncated_checkpoint_is_skipped(trained, tmp_path, synthetic, monkeypatch, capsys):
+    out = copy_of(trained, tmp_path)
+    newest = os.path.join(out, 'ckpt_0000002.pt')
     with open(newest, 'r+b') as f:
         f.truncate(1000)
-    result = train(out, synthetic, '--steps=6', '--save_every=2')
-    text = result.stdout + result.stderr
-    assert 'skipping checkpoint' in text and 'ckpt_0000002.pt at step 2' in text
+    main_in_process(monkeypatch, out, synthetic, '--steps=3', '--save_every=1', '--workers=0')
+    text = capsys.readouterr().err
+    assert 'skipping checkpoint' in text and 'ckpt_0000001.pt at step 1' in text
 
 
 def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
@@ -126,26 +135,28 @@ def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.random.randn(5), expected)
 
 
-def test_only_numbered_checkpoints_are_resumed_and_rotated(tmp_path, synthetic):
-    out = str(tmp_path)
-    train(out, synthetic, '--steps=4', '--save_every=2')
-    best = os.path.join(out, 'ckpt_best.pt')   # a user's copy of step 2: by name it sorts last
-    with open(os.path.join(out, 'ckpt_0000002.pt'), 'rb') as src, open(best, 'wb') as dst:
+def test_only_numbered_checkpoints_are_resumed_and_rotated(trained, tmp_path, synthetic,
+                                                           monkeypatch, capsys):
+    out = copy_of(trained, tmp_path)
+    best = os.path.join(out, 'ckpt_best.pt')   # a user's copy of step 1: by name it sorts last
+    with open(os.path.join(out, 'ckpt_0000001.pt'), 'rb') as src, open(best, 'wb') as dst:
         dst.write(src.read())
-    result = train(out, synthetic, '--steps=6', '--save_every=2', '--keep=2')
-    assert 'ckpt_0000004.pt at step 4' in result.stdout + result.stderr
+    main_in_process(monkeypatch, out, synthetic, '--steps=4', '--save_every=2', '--keep=2',
+                    '--workers=0')
+    assert 'ckpt_0000002.pt at step 2' in capsys.readouterr().err
     assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == \
-        ['ckpt_0000004.pt', 'ckpt_0000006.pt', 'ckpt_best.pt']
+        ['ckpt_0000002.pt', 'ckpt_0000004.pt', 'ckpt_best.pt']
 
 
-def test_other_model_config_is_refused(tmp_path, synthetic):
-    out = str(tmp_path)
-    train(out, synthetic, '--steps=2')
+def test_other_model_config_is_refused(trained, tmp_path, synthetic, monkeypatch):
+    out = copy_of(trained, tmp_path)
     with open(os.path.join(out, 'config.json')) as f:
         config = f.read()
-    result = train(out, synthetic, '--steps=4', '--num_mixture=8', check=False)
-    assert result.returncode != 0
-    assert 'different model config' in result.stderr and 'num_mixture' in result.stderr
+    with pytest.raises(SystemExit) as stop:
+        main_in_process(monkeypatch, out, synthetic, '--steps=4', '--num_mixture=8',
+                        '--workers=0')
+    message = str(stop.value.code)   # sys.exit(message): what stderr shows, exit status 1
+    assert 'different model config' in message and 'num_mixture' in message
     with open(os.path.join(out, 'config.json')) as f:
         assert f.read() == config, 'the refused launch overwrote config.json'
 
@@ -188,20 +199,22 @@ def test_every_bool_flag_takes_key_value(monkeypatch):
 
 
 @pytest.mark.parametrize('content', [b'', b'not a tar file, just text\n'])
-def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, content):
+def test_an_empty_or_non_tar_shard_is_a_one_line_error(tmp_path, synthetic, content,
+                                                       monkeypatch, capfd):
     shard = tmp_path / 'bad.tar'
     shard.write_bytes(content)
-    result = train(str(tmp_path / 'out'), synthetic, f'--data={shard}', '--steps=2', check=False)
-    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(f'error: --data={shard}: ')
+    with pytest.raises(SystemExit) as stop:   # with SMALL's DataLoader worker, as a run has
+        main_in_process(monkeypatch, tmp_path / 'out', synthetic, f'--data={shard}', '--steps=2')
+    message = stop.value.code   # a string: what python prints on exit, with status 1
+    assert isinstance(message, str) and len(message.splitlines()) == 1, message
+    assert message.startswith(f'error: --data={shard}: ')
+    assert 'Traceback' not in capfd.readouterr().err   # nor from the worker
 
 
-def test_startup_is_a_few_lines_and_config_json_has_no_nulls(tmp_path, synthetic):
-    out = str(tmp_path)
-    result = train(out, synthetic, '--steps=1')
-    lines = result.stdout.strip().splitlines()   # the progress bar is on stderr
+def test_startup_is_a_few_lines_and_config_json_has_no_nulls(trained_run):
+    out, text = trained_run   # a 2-step run's --out_dir and what train.py printed (conftest)
+    lines = text.strip().splitlines()   # the progress bar is on stderr
     assert len(lines) <= 10 and all(len(line.replace(out, 'OUT')) <= 100 for line in lines), lines
-    text = result.stdout
     assert 'K=4' in text and 'D=16' in text and 'tau=' in text and 'parameters' in text
     assert 'images per step: 8 per rank x 1 rank(s) = 8' in text
     assert 'device cpu, float32' in text and f'out_dir {out}' in text
@@ -237,19 +250,21 @@ def make_real_eval_data(root):
         (root / 'captions' / f'{i}.txt').write_text(f'a picture number {i}\n')
 
 
-def test_eval_on_real_data_during_training(tmp_path, synthetic):
+def test_eval_on_real_data_during_training(tmp_path, synthetic, monkeypatch, capsys):
     make_real_eval_data(tmp_path)
     out = str(tmp_path / 'out')
-    result = train(out, synthetic, f'--data={synthetic}/train', f'--zeroshot_data={tmp_path}/zs',
-                   f'--retrieval_data={tmp_path}/captions', '--steps=2', '--eval_every=1',
-                   '--eval=true')
-    assert 'eval: zero-shot on' in result.stdout and 'retrieval on' in result.stdout
+    main_in_process(monkeypatch, out, synthetic, f'--data={synthetic}/train',
+                    f'--zeroshot_data={tmp_path}/zs', f'--retrieval_data={tmp_path}/captions',
+                    '--steps=2', '--eval_every=1', '--eval=true', '--workers=0')
+    printed = capsys.readouterr().out
+    assert 'eval: zero-shot on' in printed and 'retrieval on' in printed
     evaluated = [r for r in log_lines(out) if 'zeroshot/zs/top1' in r]
     assert [r['step'] for r in evaluated] == [1, 2]
     assert all(0 <= r['retrieval/i2t_r1'] <= 1 for r in evaluated)
-    quiet = train(str(tmp_path / 'quiet'), synthetic, f'--data={synthetic}/train', '--steps=1',
-                  '--eval=true')
-    assert 'eval: nothing' in quiet.stdout and '--zeroshot_data' in quiet.stdout
+    main_in_process(monkeypatch, tmp_path / 'quiet', synthetic, f'--data={synthetic}/train',
+                    '--steps=1', '--eval=true', '--workers=0')
+    quiet = capsys.readouterr().out
+    assert 'eval: nothing' in quiet and '--zeroshot_data' in quiet
 
 
 def fake_tracker(kind, calls):
@@ -296,34 +311,22 @@ def test_logger_sends_records_to_an_installed_package_and_main_restores_sigterm(
     assert {'loss', 'lr'} <= {key for c in logged for key in c[2]}
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, synthetic):
-    out = str(tmp_path)
-    train(out, synthetic, '--steps=2', '--save_every=2')
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, synthetic, monkeypatch,
+                                                     capsys):
+    out = copy_of(trained, tmp_path)
     before = open(os.path.join(out, 'ckpt_0000002.pt'), 'rb').read()
-    result = train(out, synthetic, '--steps=40', '--save_every=100', '--lr=1e30', '--grad_clip=0',
-                   '--warmup=1', check=False)
-    assert result.returncode == 1 and 'loss is nan' in (result.stdout + result.stderr).lower()
+    with pytest.raises(SystemExit) as stop:
+        main_in_process(monkeypatch, out, synthetic, '--steps=40', '--save_every=100',
+                        '--lr=1e30', '--grad_clip=0', '--warmup=1', '--workers=0')
+    printed = capsys.readouterr()
+    assert stop.value.code == 1 and 'loss is nan' in (printed.out + printed.err).lower()
     assert open(os.path.join(out, 'ckpt_0000002.pt'), 'rb').read() == before
-    assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == ['ckpt_0000002.pt']
+    assert sorted(n for n in os.listdir(out) if n.startswith('ckpt_')) == \
+        ['ckpt_0000001.pt', 'ckpt_0000002.pt']
 
 
-def test_two_ranks_with_torchrun(tmp_path, synthetic):
-    out = str(tmp_path)
-    cmd = torchrun(
-        '--standalone',
-        '--nproc_per_node=2',
-        os.path.join(ROOT, 'train.py'),
-        f'--out_dir={out}',
-        f'--synthetic_dir={synthetic}',
-        *SMALL,
-        '--steps=3',
-        '--save_every=3',
-    )
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert ckpt['config']['world_size'] == 2 and len(ckpt['loader']) == 2
-    assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2, 3]
+# two ranks under torchrun --standalone: test_accumulation.py's
+# test_two_ranks_with_torchrun_and_global_batch (one torchrun for both)
 
 
 def test_two_nodes_on_localhost(tmp_path, synthetic):
