@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import FAST, ROOT, SMALL, free_port, torchrun, train, weights
+from conftest import (FAST, ROOT, SMALL, copy_of, free_port, main_in_process, torchrun, train,
+                      weights)
 
 
 
@@ -105,9 +106,9 @@ def test_max_restarts_after_kill_9_of_a_rank_resumes_from_the_newest_checkpoint(
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 30
 
 
-def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_the_run_clearly(tmp_path, synthetic):
-    shared, separate = str(tmp_path / 'node0'), str(tmp_path / 'node1')
-    train(shared, synthetic, '--steps=2', '--save_every=2')   # node 0's --out_dir has step 2
+def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_the_run_clearly(trained, tmp_path,
+                                                                          synthetic):
+    shared, separate = copy_of(trained, tmp_path), str(tmp_path / 'node1')   # node 0's: step 2
     procs = launch_ranks([shared, separate], synthetic, '--steps=4', '--save_every=2')
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert all(p.returncode not in (0, None, -signal.SIGABRT) for p in procs), outputs
@@ -167,16 +168,16 @@ def flip_bytes(path, tensor_bytes=64):
         f.write(bytes(b ^ 0x40 for b in old))
 
 
-def test_a_flipped_bit_fails_the_checksum_and_the_previous_checkpoint_is_used(tmp_path, synthetic):
-    out = str(tmp_path)
-    train(out, synthetic, '--steps=4', '--save_every=2', '--workers=0')
-    flip_bytes(os.path.join(out, 'ckpt_0000004.pt'))
+def test_a_flipped_bit_fails_the_checksum_and_the_previous_checkpoint_is_used(
+        trained, tmp_path, synthetic, monkeypatch, capsys):
+    out = copy_of(trained, tmp_path)   # a run's checkpoints at steps 1 and 2 (conftest)
+    flip_bytes(os.path.join(out, 'ckpt_0000002.pt'))
     with pytest.raises(checkpoint.CheckpointError, match='checksum'):
-        checkpoint.load(os.path.join(out, 'ckpt_0000004.pt'))
-    result = train(out, synthetic, '--steps=6', '--save_every=2', '--workers=0')
-    text = result.stdout + result.stderr
+        checkpoint.load(os.path.join(out, 'ckpt_0000002.pt'))
+    main_in_process(monkeypatch, out, synthetic, '--steps=3', '--save_every=1', '--workers=0')
+    text = capsys.readouterr().err
     assert 'skipping checkpoint' in text and 'checksum mismatch' in text, text[-2000:]
-    assert 'ckpt_0000002.pt at step 2' in text
+    assert 'ckpt_0000001.pt at step 1' in text
 
 
 def test_disk_full_says_no_space_and_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 
 import eval as llip_eval
 from model import load_official
-from conftest import train
+from conftest import copy_of, main_in_process
 
 
 class Payload:
@@ -50,19 +50,22 @@ def test_library_loaders_refuse_a_crafted_pickle(tmp_path, entry):
     assert not marker.exists(), 'the payload ran'
 
 
-def test_train_resume_refuses_a_crafted_pickle(tmp_path, synthetic):   # noqa: F811
-    out, marker = tmp_path / 'out', tmp_path / 'MARKER'
-    train(str(out), synthetic, '--steps=2', '--save_every=2')
+def test_train_resume_refuses_a_crafted_pickle(trained, tmp_path, synthetic, monkeypatch,
+                                               capsys):
+    # train.main() in this process (conftest.main_in_process): the payload would run here too
+    out, marker = copy_of(trained, tmp_path), tmp_path / 'MARKER'   # checkpoints at steps 1, 2
     # an explicit --resume=<file>: an error that says why
     path = crafted(tmp_path / 'evil.pt', marker, our_layout)
-    result = train(str(out), synthetic, '--steps=4', f'--resume={path}', check=False)
-    assert result.returncode != 0 and not marker.exists()
-    assert 'refusing to unpickle' in result.stderr, result.stderr
-    assert 'weights_only' in result.stderr, result.stderr
+    with pytest.raises(SystemExit) as stop:
+        main_in_process(monkeypatch, out, synthetic, '--steps=4', f'--resume={path}',
+                        '--workers=0')
+    message = str(stop.value.code)   # a string: printed on exit, status 1
+    assert not marker.exists()
+    assert 'refusing to unpickle' in message and 'weights_only' in message, message
     # --resume=auto: the crafted file, named as the newest checkpoint, is skipped with a warning
-    crafted(out / 'ckpt_0000020.pt', marker, our_layout)
-    result = train(str(out), synthetic, '--steps=4', '--save_every=2')
-    text = result.stdout + result.stderr
+    crafted(os.path.join(out, 'ckpt_0000020.pt'), marker, our_layout)
+    main_in_process(monkeypatch, out, synthetic, '--steps=4', '--save_every=2', '--workers=0')
+    text = capsys.readouterr().err
     assert not marker.exists(), 'the payload ran'
     assert 'skipping checkpoint' in text and 'refusing to unpickle' in text
     assert 'ckpt_0000002.pt at step 2' in text
