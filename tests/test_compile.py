@@ -44,10 +44,20 @@ def losses(steps, compile=False, dtype=torch.float32, grad_ckpt=False, seed=0, c
     return out, [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache():
+    """One dynamo cache for this file's compiles, emptied before and after: each test compiles a
+    fresh model (guards decide what a compiled frame may be reused for), and the frames the Gram
+    loss's autograd Function breaks into (its einops calls) compile once, not once a test: most
+    of a Gram compile's ~18 s on a CPU."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize('form', ['gram', 'mixed'])
 @pytest.mark.parametrize('grad_ckpt', [False, True])
 def test_compiled_model_gives_the_eager_loss(grad_ckpt, form, one_thread):
-    torch._dynamo.reset()
     config = FORMS[form]
     eager, eager_grads = losses(3, grad_ckpt=grad_ckpt, config=config)
     compiled, compiled_grads = losses(3, compile=True, grad_ckpt=grad_ckpt, config=config)
@@ -57,7 +67,6 @@ def test_compiled_model_gives_the_eager_loss(grad_ckpt, form, one_thread):
 
 
 def test_bfloat16_training_learns_and_follows_fp32(one_thread):
-    torch._dynamo.reset()
     fp32, _ = losses(15)
     bf16, grads = losses(15, dtype=torch.bfloat16)
     assert all(torch.isfinite(g).all() for g in grads)
