@@ -36,7 +36,7 @@ import data
 import loss_gram
 import sharding
 from accumulation import Towers, train_step
-from conftest import (batch, free_port, log_lines, png, start_ranks, tiny, train,
+from conftest import (batch, free_port, log_lines, main_in_process, png, start_ranks, tiny,
                       write_tar)
 from loss import clip_loss, llip_loss, siglip_loss, sigmoid_loss_sum
 from model import ImageFeatures, Llip, TextFeatures
@@ -389,11 +389,12 @@ def test_captions_per_image_below_one_is_a_one_line_error(tmp_path, monkeypatch,
     assert str(stop.value.code) == f'error: --captions_per_image={value}: must be an integer >= 1'
 
 
-def test_train_py_with_two_captions_and_grad_accum(tmp_path, synthetic):
-    out = train(str(tmp_path), synthetic, '--captions_per_image=2', '--grad_accum=2',
-                '--batch_size=4', '--steps=3', '--save_every=3')   # (train checks the exit status)
+def test_train_py_with_two_captions_and_grad_accum(tmp_path, synthetic, monkeypatch, capsys):
+    main_in_process(monkeypatch, tmp_path, synthetic, '--captions_per_image=2', '--grad_accum=2',
+                    '--batch_size=4', '--steps=3', '--save_every=3')   # train.main() here
+    out = capsys.readouterr()
     assert ('images per step: 4 per rank x 1 rank(s) x 2 micro-batches = 8, against 16 captions '
-            '(2 an image)') in out.stdout + out.stderr
+            '(2 an image)') in out.out + out.err
     with open(tmp_path / 'config.json') as f:
         assert json.load(f)['captions_per_image'] == 2
     losses = [r['loss'] for r in log_lines(str(tmp_path)) if 'loss' in r]

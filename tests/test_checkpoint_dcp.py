@@ -17,8 +17,8 @@ import errno
 import json
 import os
 import pickle
+import runpy
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -127,11 +127,14 @@ def test_saved_on_two_ranks_loads_on_three_and_on_one(saved, tmp_path):
     torch.testing.assert_close(fresh.state_dict(), optimizer.state_dict(), rtol=0, atol=0)
 
 
-def test_consolidated_file_reads_as_an_unsharded_checkpoint(saved, tmp_path):
+def test_consolidated_file_reads_as_an_unsharded_checkpoint(saved, tmp_path, monkeypatch,
+                                                           capsys):
     run, expected = saved
     out = tmp_path / 'model.pt'
-    subprocess.run([sys.executable, 'checkpoint_dcp.py', str(run / 'ckpt_0000002'), str(out)],
-                   cwd=ROOT, check=True, capture_output=True)
+    # the command `python checkpoint_dcp.py DIR model.pt`, run as __main__ in this process
+    monkeypatch.setattr(sys, 'argv', ['checkpoint_dcp.py', str(run / 'ckpt_0000002'), str(out)])
+    runpy.run_path(os.path.join(ROOT, 'checkpoint_dcp.py'), run_name='__main__')
+    assert capsys.readouterr().out == f'wrote {out}\n'
     model = llip_eval.load_checkpoint(str(out))
     torch.testing.assert_close(model.state_dict(), expected['model'], rtol=0, atol=0)
     # eval.py --ckpt, analysis.py and diagnose.py take the directory itself too

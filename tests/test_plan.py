@@ -107,15 +107,15 @@ def test_bad_input_is_one_line(argv, cause):
 
 def test_bench_plan_command_line():
     """Through bench.py, as a user runs it: the table, and an error without a traceback."""
-    ok = subprocess.run([sys.executable, 'bench.py', 'plan', '--model=tiny', '--gpus=8'],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert ok.returncode == 0, ok.stderr
-    rows = [line for line in ok.stdout.splitlines() if line.split()[:1] == ['tiny']]
+    ok, bad = (subprocess.Popen([sys.executable, 'bench.py', 'plan', *argv], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for argv in (['--model=tiny', '--gpus=8'], ['--gpu=tpu']))   # side by side
+    (ok_out, ok_err), (_, bad_err) = ok.communicate(timeout=300), bad.communicate(timeout=300)
+    assert ok.returncode == 0, ok_err
+    rows = [line for line in ok_out.splitlines() if line.split()[:1] == ['tiny']]
     assert len(rows) == 4                            # shard none / fsdp x grad_ckpt no / yes
-    bad = subprocess.run([sys.executable, 'bench.py', 'plan', '--gpu=tpu'],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.strip().count('\n') == 0
-    assert 'unknown GPU' in bad.stderr
+    assert bad.returncode == 1 and bad_err.strip().count('\n') == 0
+    assert 'unknown GPU' in bad_err
 
 
 def test_flops_scale_as_the_paper_says():

@@ -78,22 +78,28 @@ def test_saved_before_evaluating_and_the_final_evaluation_is_a_table(tmp_path, s
 
 
 # ---------------------------------------------------------------- ranks started by hand
-@pytest.mark.parametrize('rank', ['0', '1'])
-def test_ranks_started_by_hand_time_out_with_one_line(tmp_path, synthetic, rank):
-    port = free_port()
-    env = {**os.environ, 'RANK': rank, 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1',
-           'MASTER_PORT': str(port), 'OMP_NUM_THREADS': '1'}
-    start = time.time()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'),
-                             f'--out_dir={tmp_path / "run"}', f'--synthetic_dir={synthetic}',
-                             *SMALL, '--workers=0', '--steps=1', '--rendezvous_timeout=2'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-    assert f'rank {rank}: waiting up to 2 s for 2 ranks at 127.0.0.1:{port}' in lines[0]
-    assert lines[-1].startswith(f'error: rank {rank} waited ') and f'127.0.0.1:{port}' in lines[-1]
-    assert 'torchrun' in lines[-1] and '--rendezvous_timeout=2' in lines[-1]
-    assert len(lines) == 2, 'no C++ trace from torch'
+def test_ranks_started_by_hand_time_out_with_one_line(tmp_path, synthetic):
+    """Rank 0 alone, and rank 1 with no rank 0: side by side (they mostly wait), at two ports
+    so that they do not meet."""
+    start, ranks = time.time(), {}
+    for rank in ('0', '1'):
+        port = free_port()
+        env = {**os.environ, 'RANK': rank, 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1',
+               'MASTER_PORT': str(port), 'OMP_NUM_THREADS': '1'}
+        ranks[rank] = port, subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={tmp_path / rank}',
+             f'--synthetic_dir={synthetic}', *SMALL, '--workers=0', '--steps=1',
+             '--rendezvous_timeout=2'], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for rank, (port, proc) in ranks.items():
+        stderr = proc.communicate(timeout=120)[1]
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 1 and 'Traceback' not in stderr, stderr[-3000:]
+        assert f'rank {rank}: waiting up to 2 s for 2 ranks at 127.0.0.1:{port}' in lines[0]
+        assert lines[-1].startswith(f'error: rank {rank} waited ') and \
+            f'127.0.0.1:{port}' in lines[-1]
+        assert 'torchrun' in lines[-1] and '--rendezvous_timeout=2' in lines[-1]
+        assert len(lines) == 2, 'no C++ trace from torch'
     assert time.time() - start < 60
 
 
