@@ -55,17 +55,30 @@ def wait_for(path, procs, timeout=60):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize('ranks', [1, 2])
-def test_sigterm_to_the_process_group_with_workers_saves_and_exits_0(tmp_path, synthetic, ranks):
-    out = str(tmp_path)
-    procs = launch_ranks([out] * ranks, synthetic, '--steps=500', '--save_every=2')
-    wait_for(os.path.join(out, 'ckpt_0000002.pt'), procs)
-    os.killpg(procs[0].pid, signal.SIGTERM)   # the trainers and their DataLoader workers
-    outputs = [p.communicate(timeout=60)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * ranks, '\n'.join(o[-2000:] for o in outputs)
-    assert 'SIGTERM: saved a checkpoint' in outputs[0]
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert 2 <= ckpt['step'] < 500 and len(ckpt['loader']) == ranks
+def test_sigterm_to_the_process_group_with_workers_saves_and_exits_0(tmp_path, synthetic):
+    """1 rank and 2 ranks, each run its own process group, the two runs side by side."""
+    runs = {}
+    try:
+        for ranks in (1, 2):
+            out = str(tmp_path / f'{ranks}')
+            runs[ranks] = out, launch_ranks([out] * ranks, synthetic, '--steps=500',
+                                            '--save_every=2')
+        for out, procs in runs.values():
+            wait_for(os.path.join(out, 'ckpt_0000002.pt'), procs)
+            os.killpg(procs[0].pid, signal.SIGTERM)   # the trainers and their DataLoader workers
+        for ranks, (out, procs) in runs.items():
+            outputs = [p.communicate(timeout=60)[0] for p in procs]
+            assert [p.returncode for p in procs] == [0] * ranks, \
+                '\n'.join(o[-2000:] for o in outputs)
+            assert 'SIGTERM: saved a checkpoint' in outputs[0]
+            ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+            assert 2 <= ckpt['step'] < 500 and len(ckpt['loader']) == ranks
+    finally:
+        for _, procs in runs.values():   # a run left going by a failed check
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
 
 
 def test_sigterm_on_a_rank_blocked_by_a_stopped_peer_exits_promptly(tmp_path, synthetic):

@@ -88,27 +88,35 @@ def test_resume_after_clean_stop_continues_identically(tmp_path, synthetic, unin
     assert [r['step'] for r in log_lines(out)] == list(range(1, 13))
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, sig,
-                                                monkeypatch):
-    out = str(tmp_path)
-    proc = train(out, synthetic, '--steps=12', '--save_every=1', popen=True)
-    while not os.path.exists(os.path.join(out, 'ckpt_0000002.pt')) and proc.poll() is None:
+def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, uninterrupted, monkeypatch):
+    """SIGTERM (saves, exits 0) and SIGKILL, each to a run of its own: the two side by side,
+    each signalled as soon as its step 2 is saved."""
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        out = str(tmp_path / sig.name)
+        runs[sig] = out, train(out, synthetic, '--steps=12', '--save_every=1', popen=True)
+    waiting = set(runs)
+    while waiting:
+        for sig in list(waiting):
+            out, proc = runs[sig]
+            if os.path.exists(os.path.join(out, 'ckpt_0000002.pt')) or proc.poll() is not None:
+                proc.send_signal(sig)
+                waiting.remove(sig)
         time.sleep(0.01)
-    proc.send_signal(sig)
-    output = proc.communicate(timeout=120)[0]
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 0 and 'SIGTERM' in output, output[-2000:]
-    else:
-        assert proc.returncode == -signal.SIGKILL
-    assert not os.path.exists(
-        os.path.join(out, 'ckpt_0000012.pt')
-    ), 'the run ended before the signal'
-    main_in_process(monkeypatch, out, synthetic, '--steps=12', '--save_every=4')
-    assert_same_weights(weights(out), weights(uninterrupted))
-    steps = [r['step'] for r in log_lines(out) if 'loss' in r]
-    resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=True)['step']
-    assert resumed_at == 12 and max(steps) == 12
+    for sig, (out, proc) in runs.items():
+        output = proc.communicate(timeout=120)[0]
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 0 and 'SIGTERM' in output, output[-2000:]
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        assert not os.path.exists(
+            os.path.join(out, 'ckpt_0000012.pt')
+        ), f'the run ended before the signal ({sig.name})'
+        main_in_process(monkeypatch, out, synthetic, '--steps=12', '--save_every=4')
+        assert_same_weights(weights(out), weights(uninterrupted))
+        steps = [r['step'] for r in log_lines(out) if 'loss' in r]
+        resumed_at = torch.load(os.path.join(out, 'ckpt_0000012.pt'), weights_only=True)['step']
+        assert resumed_at == 12 and max(steps) == 12
 
 
 # trained: a run's --out_dir with ckpt_0000001.pt and ckpt_0000002.pt (conftest)

@@ -127,19 +127,30 @@ def test_keep_1_with_a_junk_high_numbered_file_keeps_the_new_checkpoint(tmp_path
 
 
 # ---------------------------------------------------------------- 4, 5. signals
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGHUP])
-def test_ctrl_c_and_sighup_to_the_group_save_and_exit_0(tmp_path, synthetic, sig):
-    out = str(tmp_path / 'run')
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
-           f'--synthetic_dir={synthetic}', *FAST, '--steps=100000', '--save_every=100000']
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, process_group=0, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    wait_for_log(out, proc)
-    os.killpg(proc.pid, sig)   # a terminal sends Ctrl-C to the trainer and its workers
-    output = proc.communicate(timeout=60)[0]
-    name = 'Ctrl-C' if sig == signal.SIGINT else 'SIGHUP'
-    assert proc.returncode == 0 and f'{name}: saved a checkpoint' in output, output[-3000:]
-    assert checkpoint.load(os.path.join(out, 'ckpt.pt'))['step'] >= 1
+def test_ctrl_c_and_sighup_to_the_group_save_and_exit_0(tmp_path, synthetic):
+    """Ctrl-C and SIGHUP, each to a run of its own, the two runs side by side."""
+    runs = {}
+    try:
+        for sig, name in [(signal.SIGINT, 'Ctrl-C'), (signal.SIGHUP, 'SIGHUP')]:
+            out = str(tmp_path / name)
+            cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
+                   f'--synthetic_dir={synthetic}', *FAST, '--steps=100000', '--save_every=100000']
+            runs[sig] = name, out, subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                process_group=0, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        for sig, (name, out, proc) in runs.items():
+            wait_for_log(out, proc)
+            os.killpg(proc.pid, sig)   # a terminal sends Ctrl-C to the trainer and its workers
+        for sig, (name, out, proc) in runs.items():
+            output = proc.communicate(timeout=60)[0]
+            assert proc.returncode == 0 and f'{name}: saved a checkpoint' in output, \
+                output[-3000:]
+            assert checkpoint.load(os.path.join(out, 'ckpt.pt'))['step'] >= 1
+    finally:
+        for _, _, proc in runs.values():   # a run left going by a failed check
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
 
 
 SECOND_CTRL_C = '''
