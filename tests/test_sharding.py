@@ -14,6 +14,7 @@ rows while full_state_dict gathers the single-process weights; rank 0's unsharde
 evaluation computes what the single-process model does.
 """
 import collections
+import importlib
 import os
 import re
 import signal
@@ -229,7 +230,8 @@ def test_fsdp_steps_equal_ddp(ranks):
 
 
 # ----------------------------------------------------------------------- train.py --shard=fsdp
-# a wrapper around train.py that writes, per rank, the keys of every batch the loop takes
+# a patch of the loader that writes, per rank, the keys of every batch the loop takes; with
+# train.main() after it, a wrapper around train.py
 COUNTING = '''
 import os, sys
 sys.path.insert(0, {root!r})
@@ -242,7 +244,6 @@ def counted(self):
             f.flush()
             yield images, tokens
 data.ShardLoader.__iter__ = counted
-train.main()
 '''
 SMALL = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32',
          '--embed_dim=16', '--num_mixture=4', '--vision_head_width=16', '--text_heads=2',
@@ -277,7 +278,7 @@ def descendants(pid):
     return found
 
 
-def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path):
+def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path, capsys):
     from test_data import make_shards
     shards = tmp_path / 'shards'
     shards.mkdir()
@@ -285,7 +286,7 @@ def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path):
     everything = [f's{s}_{i:03d}' for s in range(6) for i in range(20)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wrapper = tmp_path / 'counting.py'
-    wrapper.write_text(COUNTING.format(root=root))
+    wrapper.write_text(COUNTING.format(root=root) + 'train.main()\n')
     out = tmp_path / 'out'
 
     def command(ranks, *flags):
@@ -315,11 +316,16 @@ def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert f'ckpt_{step:07d} at step {step}' in second.stderr
-    env['KEYS'] = str(tmp_path / 'third')
-    third = subprocess.run(command(0, f'--steps={step + 9}'), env=env, cwd=root,
-                           capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
-    assert f'ckpt_{step + 8:07d} at step {step + 8}' in third.stderr
+    # the plain process is this one: train.main() with the same patch of the loader (undone after)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data.ShardLoader, '__iter__', data.ShardLoader.__iter__)
+        exec(COUNTING.format(root=root), {})
+        patch.setenv('KEYS', str(tmp_path / 'third'))
+        patch.delenv('RANK', raising=False)
+        patch.setattr(sys, 'argv', command(0, f'--steps={step + 9}')[1:])
+        capsys.readouterr()
+        importlib.import_module('train').main()
+    assert f'ckpt_{step + 8:07d} at step {step + 8}' in capsys.readouterr().err
 
     # what the last checkpoint says is left of the epochs begun, read by a fresh loader
     state = checkpoint.load(checkpoint.path_of(str(out), step + 9))
