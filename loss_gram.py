@@ -27,6 +27,7 @@ caption:
 
     python -m pytest tests/test_loss.py     # these forms == the readable one, value and gradients
 """
+import functools
 import math
 
 import torch
@@ -292,9 +293,21 @@ class _Scratch:
         return self.flat[name][:numel].view(shape)
 
 
+def eager_when_compiled(fn):
+    """torch.compiler.disable(fn), taken when a compiled model first reaches fn rather than at
+    import: the decorator imports torch._dynamo, 2 s more on every process's start-up (every test
+    that runs train.py pays it) that a run without --compile never needs."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
 # torch.compile runs these two eagerly (a graph break): they write into views of reused buffers
 # (out=...), which AOTAutograd cannot trace, and are hand-written kernels already
-@torch.compiler.disable
+@eager_when_compiled
 def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
     """cos(z_ij, z'_j) for every image and caption in the mixed form, `chunk` images at a time:
     (I, T). For inference only (its steps work in place): no gradients."""
@@ -315,7 +328,7 @@ def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
         return torch.cat(parts)
 
 
-@torch.compiler.disable
+@eager_when_compiled
 def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b,
                    offset, chunk, captions=1):
     """gram_loss_sum in the mixed form: the same sum, the same arguments."""

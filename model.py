@@ -26,6 +26,7 @@ print(m(torch.randn(4, 3, 32, 32), torch.randint(1, 49408, (4, 16))))"
 import hashlib
 import math
 import re
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
@@ -34,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, einsum
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import load_weights, unwrapped
@@ -222,7 +222,10 @@ class TextTransformer(nn.Module):
 
     def __init__(self, c: LlipConfig):
         super().__init__()
-        self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
+        # given an empty weight, nn.Embedding draws none of its own (init_weights does): its normal_
+        # on the meta device would import torch._dynamo, 2 s more at the start of every process
+        self.token_embed = nn.Embedding(c.vocab_size, c.text_width,
+                                        _weight=torch.empty(c.vocab_size, c.text_width))
         self.pos_embed = nn.Parameter(torch.empty(c.context_length, c.text_width))
         self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, 4.0, c.quick_gelu)
         self.ln_final = nn.LayerNorm(c.text_width)
@@ -383,6 +386,14 @@ def for_loading(config):
 # the whole model; the order in which modules are built or visited changes nothing; and a GPU run
 # starts where a CPU test does (CUDA's generator would draw other numbers). The price: every
 # rank draws every parameter whole, a few minutes of one CPU core for vit_g14.
+def is_dtensor(x):
+    """isinstance(x, DTensor) (a sharded parameter or gradient) without importing
+    torch.distributed.tensor: 1.4 s more at the start of every process, which a run without
+    --shard=fsdp never needs; no DTensor can exist before that module is loaded."""
+    dtensor = sys.modules.get('torch.distributed.tensor')
+    return dtensor is not None and isinstance(x, dtensor.DTensor)
+
+
 def init_weights(model, seed):
     """Give every parameter of `model` (a Llip, plain or sharded by sharding.shard, or any of its
     parts) its initial value from `seed` and its name. A sharded parameter (a DTensor) gets its
@@ -394,7 +405,8 @@ def init_weights(model, seed):
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little') >> 1)
             value = initial_value(module, name, param.shape, generator)
             with torch.no_grad():
-                if isinstance(param, DTensor):   # this rank's rows, as fully_shard cut them
+                if is_dtensor(param):   # this rank's rows, as fully_shard cut them
+                    from torch.distributed.tensor import distribute_tensor
                     value = distribute_tensor(value.to(param.device), param.device_mesh,
                                               param.placements, src_data_rank=None)
                     param.to_local().copy_(value.to_local())
