@@ -263,10 +263,11 @@ def _heads_side(keys, values, queries, text_out, tau, dtype):
 
 
 def _mixed_pairs(keys_c, values_c, q2, s, out_gram, scratch):
-    """The mixed form on a chunk of I images x T captions. keys_c (M, I K, d), values_c (M I, K, d),
-    q2 = log2(e) queries / tau and s (M, d, T), out_gram = H (D, D). Returns e (M I, K, T), S (M I, 1, T), x (M I, d, T)
-    and x with (m d) rows (D, I T), H x (D, I T), and z_ij . z'_j, |z_ij| (I, T). Every big
-    tensor is written into `scratch` (_Scratch): fresh ones cost more than the arithmetic here."""
+    """The mixed form on a chunk of I images x T captions. keys_c (M, I K, d), values_c
+    (M I, K, d), q2 = log2(e) queries / tau and s (M, d, T), out_gram = H (D, D). Returns
+    e (M I, K, T), S (M I, 1, T), x (M I, d, T) and x with (m d) rows (D, I T), H x (D, I T),
+    and z_ij . z'_j, |z_ij| (I, T). Every big tensor is written into `scratch` (_Scratch): fresh
+    ones cost more than the arithmetic here."""
     heads, d, n_txt = q2.shape
     n_img = values_c.shape[0] // heads
     logits2 = torch.bmm(keys_c, q2, out=scratch.pairs('e', heads, keys_c.shape[1], n_txt))
