@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import checkpoint_dcp
 import data
 from model import LlipConfig, for_loading, load_official
 
@@ -99,6 +98,7 @@ def load_checkpoint(path):
     directory (train.py --shard=fsdp), gathered into this one process."""
     if os.path.isdir(path):
         try:
+            import checkpoint_dcp   # here: torch's DCP adds a second to every start
             return checkpoint_dcp.load_model(path)[0]
         except checkpoint.CheckpointError as e:
             raise ValueError(f"{path}: {e}") from None

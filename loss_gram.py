@@ -27,6 +27,7 @@ caption:
 
     python -m pytest tests/test_loss.py     # these forms == the readable one, value and gradients
 """
+import functools
 import math
 
 import torch
@@ -35,9 +36,11 @@ from einops import einsum, rearrange
 
 # Default chunk: chunk x N_txt x M x K mixing weights at once. On CPU a chunk that stays in
 # cache wins (one thread, fwd+bwd: 3.0 s at 2^20 vs 3.9 s at 2^23 for N = 512, D = 512,
-# K = 32; 0.20 s vs 0.31 s at the tiny preset's shapes, N = 256); on a GPU bigger chunks mean
-# fewer kernel launches (2^24: not measured, no GPU was at hand).
-ELEMENTS_PER_CHUNK = {'cpu': 2 ** 20, 'cuda': 2 ** 24}
+# K = 32); 2^19 beats 2^20 a little more (CPU time, median of 6, N = 256: the Gram form at
+# D = 512, K = 32 1.21 s vs 1.27 s; the mixed form at the tiny preset's shapes 92 ms vs 107 ms;
+# 2^18 loses in both); on a GPU bigger chunks mean fewer kernel launches (2^24: not measured,
+# no GPU was at hand).
+ELEMENTS_PER_CHUNK = {'cpu': 2 ** 19, 'cuda': 2 ** 24}
 
 
 def images_per_chunk(n_txt, heads, k, device_type):
@@ -245,6 +248,12 @@ class _GramSigmoidLoss(_GradientsInForward):
 # so per pair it pays D^2 where the Gram form pays (M K)^2, the rest alike; one (D, D) @ (D, I T)
 # matmul for a chunk. The softmax is left unnormalised: e = exp(logits - max_k), S = sum_k e,
 # and 1/S is applied to x and to dl/dx (d numbers per head) instead of to e (K per head).
+# e is taken as 2^(log2(e) logits - max_k): the same numbers, and on CPU exp2 costs half of exp
+# (0.34 ms against 0.72 ms for 2^19 floats, one thread), a tenth of the whole loss at the tiny
+# preset; the factor log2(e) goes into the queries, T M d numbers.
+LOG2_E = 1 / math.log(2)
+
+
 def _heads_side(keys, values, queries, text_out, tau, dtype):
     """Keys (M, I K, d) and values (M, I, K, d) heads first; queries / tau and s_j as (M, d, T)."""
     return (rearrange(keys, 'i m k d -> m (i k) d').to(dtype).contiguous(),
@@ -253,16 +262,17 @@ def _heads_side(keys, values, queries, text_out, tau, dtype):
             rearrange(text_out, 't m d -> m d t').to(dtype).contiguous())
 
 
-def _mixed_pairs(keys_c, values_c, q, s, out_gram, scratch):
-    """The mixed form on a chunk of I images x T captions. keys_c (M, I K, d), values_c (M I, K, d),
-    q and s (M, d, T), out_gram = H (D, D). Returns e (M I, K, T), S (M I, 1, T), x (M I, d, T)
-    and x with (m d) rows (D, I T), H x (D, I T), and z_ij . z'_j, |z_ij| (I, T). Every big
-    tensor is written into `scratch` (_Scratch): fresh ones cost more than the arithmetic here."""
-    heads, d, n_txt = q.shape
+def _mixed_pairs(keys_c, values_c, q2, s, out_gram, scratch):
+    """The mixed form on a chunk of I images x T captions. keys_c (M, I K, d), values_c
+    (M I, K, d), q2 = log2(e) queries / tau and s (M, d, T), out_gram = H (D, D). Returns
+    e (M I, K, T), S (M I, 1, T), x (M I, d, T) and x with (m d) rows (D, I T), H x (D, I T),
+    and z_ij . z'_j, |z_ij| (I, T). Every big tensor is written into `scratch` (_Scratch): fresh
+    ones cost more than the arithmetic here."""
+    heads, d, n_txt = q2.shape
     n_img = values_c.shape[0] // heads
-    logits = torch.bmm(keys_c, q, out=scratch.pairs('e', heads, keys_c.shape[1], n_txt))
-    logits = logits.view(heads * n_img, -1, n_txt)                       # (M I, K, T)
-    e = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()             # eq. 1, unnormalised
+    logits2 = torch.bmm(keys_c, q2, out=scratch.pairs('e', heads, keys_c.shape[1], n_txt))
+    logits2 = logits2.view(heads * n_img, -1, n_txt)                     # (M I, K, T), log2(e) x
+    e = logits2.sub_(logits2.amax(dim=1, keepdim=True)).exp2_()          # eq. 1, unnormalised
     total = e.sum(dim=1, keepdim=True)                                   # S, >= 1
     x = torch.bmm(values_c.transpose(1, 2), e, out=scratch.pairs('x', heads * n_img, d, n_txt))
     x.div_(total)                                                        # eq. 2: (M I, d, T)
@@ -292,9 +302,21 @@ class _Scratch:
         return self.flat[name][:numel].view(shape)
 
 
+def eager_when_compiled(fn):
+    """torch.compiler.disable(fn), taken when a compiled model first reaches fn rather than at
+    import: the decorator imports torch._dynamo, 2 s more on every process's start-up (every test
+    that runs train.py pays it) that a run without --compile never needs."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
 # torch.compile runs these two eagerly (a graph break): they write into views of reused buffers
 # (out=...), which AOTAutograd cannot trace, and are hand-written kernels already
-@torch.compiler.disable
+@eager_when_compiled
 def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
     """cos(z_ij, z'_j) for every image and caption in the mixed form, `chunk` images at a time:
     (I, T). For inference only (its steps work in place): no gradients."""
@@ -310,12 +332,13 @@ def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
             for st in range(0, keys.shape[0], chunk):
                 keys_c = keys_h[:, st * k:(st + chunk) * k]
                 values_c = values_h[:, st:st + chunk].reshape(-1, k, values_h.shape[3])
-                *_, dot, norm = _mixed_pairs(keys_c, values_c, q, s, out_gram.to(dtype), scratch)
+                *_, dot, norm = _mixed_pairs(keys_c, values_c, q * LOG2_E, s, out_gram.to(dtype),
+                                             scratch)
                 parts.append(dot / norm)
         return torch.cat(parts)
 
 
-@torch.compiler.disable
+@eager_when_compiled
 def mixed_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b,
                    offset, chunk, captions=1):
     """gram_loss_sum in the mixed form: the same sum, the same arguments."""
@@ -343,7 +366,7 @@ class _MixedSigmoidLoss(_GradientsInForward):
             out_gram_ = out_gram.detach().to(dtype)
             a_, b_ = a.to(exact), b.to(exact)
             total = torch.zeros((), dtype=exact, device=keys.device)
-            scratch = _Scratch(dtype, keys.device)
+            scratch, q2 = _Scratch(dtype, keys.device), q * LOG2_E
             if need_grads:
                 grad_keys = torch.empty_like(keys_h, dtype=exact)
                 grad_values = torch.empty_like(values_h, dtype=exact)
@@ -354,7 +377,7 @@ class _MixedSigmoidLoss(_GradientsInForward):
                 n = min(chunk, n_img - st)                                # images in this chunk
                 keys_c = keys_h[:, st * k:(st + n) * k]                   # (M, I K, d)
                 values_c = values_h[:, st:st + n].reshape(heads * n, k, d)   # (M I, K, d)
-                e, sums, x, x_rows, hx, dot, norm = _mixed_pairs(keys_c, values_c, q, s,
+                e, sums, x, x_rows, hx, dot, norm = _mixed_pairs(keys_c, values_c, q2, s,
                                                                  out_gram_, scratch)
                 loss, cos, along = _sigmoid_pairs(dot, norm, a_, b_, (offset + st, captions),
                                                   exact, (grad_a, grad_b) if need_grads else None)

@@ -25,19 +25,17 @@ print(m(torch.randn(4, 3, 32, 32), torch.randint(1, 49408, (4, 16))))"
 """
 import hashlib
 import math
-import re
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, einsum
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import load_weights, unwrapped
 from loss import llip_loss, mix, pairwise_cosine, siglip_loss
 
 POOLS = ('cls', 'registers', 'avg', 'learned', 'llip')
@@ -222,7 +220,10 @@ class TextTransformer(nn.Module):
 
     def __init__(self, c: LlipConfig):
         super().__init__()
-        self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
+        # given an empty weight, nn.Embedding draws none of its own (init_weights does): its normal_
+        # on the meta device would import torch._dynamo, 2 s more at the start of every process
+        self.token_embed = nn.Embedding(c.vocab_size, c.text_width,
+                                        _weight=torch.empty(c.vocab_size, c.text_width))
         self.pos_embed = nn.Parameter(torch.empty(c.context_length, c.text_width))
         self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, 4.0, c.quick_gelu)
         self.ln_final = nn.LayerNorm(c.text_width)
@@ -383,6 +384,14 @@ def for_loading(config):
 # the whole model; the order in which modules are built or visited changes nothing; and a GPU run
 # starts where a CPU test does (CUDA's generator would draw other numbers). The price: every
 # rank draws every parameter whole, a few minutes of one CPU core for vit_g14.
+def is_dtensor(x):
+    """isinstance(x, DTensor) (a sharded parameter or gradient) without importing
+    torch.distributed.tensor: 1.4 s more at the start of every process, which a run without
+    --shard=fsdp never needs; no DTensor can exist before that module is loaded."""
+    dtensor = sys.modules.get('torch.distributed.tensor')
+    return dtensor is not None and isinstance(x, dtensor.DTensor)
+
+
 def init_weights(model, seed):
     """Give every parameter of `model` (a Llip, plain or sharded by sharding.shard, or any of its
     parts) its initial value from `seed` and its name. A sharded parameter (a DTensor) gets its
@@ -394,7 +403,8 @@ def init_weights(model, seed):
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little') >> 1)
             value = initial_value(module, name, param.shape, generator)
             with torch.no_grad():
-                if isinstance(param, DTensor):   # this rank's rows, as fully_shard cut them
+                if is_dtensor(param):   # this rank's rows, as fully_shard cut them
+                    from torch.distributed.tensor import distribute_tensor
                     value = distribute_tensor(value.to(param.device), param.device_mesh,
                                               param.placements, src_data_rank=None)
                     param.to_local().copy_(value.to_local())
@@ -432,93 +442,9 @@ def initial_value(module, name, shape, generator):
 
 
 # ----------------------------------------------------------------------------- the authors' weights
-# Their names (facebookresearch/Llip, class CMP) -> ours. Transformer blocks share the layout
-# (ln_1, attn.in_proj_weight, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj) and need no renaming.
-OFFICIAL_NAMES = [
-    (r'^visual\.conv1\.weight$', 'visual.patch_embed.weight'),
-    (r'^visual\.class_embedding$', 'visual.mixture_tokens'),
-    (r'^visual\.positional_embedding$', 'visual.pos_embed'),
-    (r'^visual\.transformer\.resblocks\.', 'visual.transformer.blocks.'),
-    (r'^transformer\.resblocks\.', 'text.transformer.blocks.'),
-    (r'^token_embedding\.weight$', 'text.token_embed.weight'),
-    (r'^positional_embedding$', 'text.pos_embed'),
-    (r'^ln_final\.', 'text.ln_final.'),
-    (r'^text_projection$', 'text_proj'),
-    (r'^pred\.out_proj$', 'out_proj'),
-    (r'^([KQV])_norm\.', lambda m: f'{m.group(1).lower()}_norm.'),
-]
-
-
-def _count_blocks(sd, prefix):
-    return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
-
-
-def config_from_official(sd):
-    """Everything but head counts and tau is in the shapes; those come from PRESETS."""
-    conv, tokens = sd['visual.conv1.weight'], sd['visual.class_embedding']
-    K, width, patch = tokens.shape[0], conv.shape[0], conv.shape[-1]
-    num_patches = sd['visual.positional_embedding'].shape[0] - K
-    text_width = sd['ln_final.weight'].shape[0]
-    c = LlipConfig(
-        image_size=math.isqrt(num_patches) * patch, patch_size=patch, vision_width=width,
-        vision_layers=_count_blocks(sd, 'visual.transformer.resblocks.'), vision_head_width=64,
-        vision_mlp_ratio=sd['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0] / width,
-        tokenizer='clip', vocab_size=sd['token_embedding.weight'].shape[0],
-        context_length=sd['positional_embedding'].shape[0], text_width=text_width,
-        text_layers=_count_blocks(sd, 'transformer.resblocks.'),
-        text_heads=max(1, text_width // 64),
-        embed_dim=sd['text_projection'].shape[1], num_mixture=K, qkv_norm='K_norm.weight' in sd)
-    for preset in PRESETS.values():   # same widths as an authors' config: take its heads and tau
-        widths = (preset.vision_width, preset.text_width, preset.embed_dim)
-        if widths == (width, text_width, c.embed_dim):
-            c = replace(c, vision_head_width=preset.vision_head_width, text_heads=preset.text_heads,
-                        tau=preset.tau)
-            break
-    return c
-
-
 def load_official(path_or_state_dict, **overrides):
     """Build a Llip from the authors' weights: a released file (llip_b16_k32.pt, llip_G14_k64.pt)
-    or a training checkpoint of their code ({'state_dict': ...}, keys prefixed by its wrappers)."""
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
-        sd = load_weights(sd)   # their files are plain tensor dicts: no allow-list needed
-    sd = unwrapped(sd.get('state_dict', sd))
-    # as the authors' loader does: W_O saved at the top level is pred.out_proj, and a single
-    # mixture token saved as a vector is one row
-    if 'out_proj' in sd:
-        sd['pred.out_proj'] = sd.pop('out_proj')
-    tokens = sd.get('visual.class_embedding')
-    if tokens is not None and tokens.dim() == 1:
-        sd['visual.class_embedding'] = tokens[None]                     # (W,) -> (1, W)
-    required = ['visual.conv1.weight', 'visual.class_embedding', 'visual.positional_embedding',
-                'ln_final.weight', 'text_projection', 'token_embedding.weight',
-                'positional_embedding',
-                'k_proj', 'v_proj', 'q_proj', 'pred.out_proj']
-    missing = [k for k in required if k not in sd]
-    if missing:
-        raise KeyError(f"not an official Llip checkpoint: missing {', '.join(missing)}")
-    config = replace(config_from_official(sd), **overrides)
-    model = for_loading(config)   # every value comes from sd, checked key by key below
-    ours = {}
-    for name, tensor in sd.items():
-        for pattern, new in OFFICIAL_NAMES:
-            name = re.sub(pattern, new, name)
-        ours[name] = tensor
-    # their patchify is a Conv2d (W, 3, p, p); ours is a Linear on (p1 p2 c)-ordered patches
-    ours['visual.patch_embed.weight'] = rearrange(ours['visual.patch_embed.weight'],
-                                                  'w c p1 p2 -> w (p1 p2 c)')
-    ours['logit_scale'] = ours['logit_scale'].reshape(())
-    ours['logit_bias'] = ours.get('logit_bias', torch.tensor(config.init_logit_bias)).reshape(())
-    expected = model.state_dict()
-    unknown = sorted(set(ours) - set(expected))
-    missing = sorted(set(expected) - set(ours))
-    if unknown or missing:
-        raise KeyError(f"official checkpoint does not match the model built from it: "
-                       f"unknown keys {unknown[:10]}, missing keys {missing[:10]}")
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ours.items()
-             if v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"official checkpoint has unexpected shapes: {wrong[:10]}")
-    model.load_state_dict(ours)
-    return model.eval()
+    or a training checkpoint of their code ({'state_dict': ...}). Their names -> ours, the config
+    from the shapes: official.py."""
+    import official   # here, not above: official.py builds its Llip with this module
+    return official.load_official(path_or_state_dict, **overrides)

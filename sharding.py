@@ -40,16 +40,15 @@ What changes with shards, and how each is kept exact:
     call, then compile, then shard); model.Transformer checkpoints the call of each sharded
     block, so the recomputation in backward gathers the block's weights again.
 """
+import sys
 import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
-                                    register_fsdp_forward_method)
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import Llip
+from model import Llip, is_dtensor
+# torch.distributed.fsdp and .tensor are imported where they are used, not here: they add 1.4 s
+# to the start of every process, and a run with --shard=none never needs them
 
 # the loss head, whole on every rank: t and b (0-d, which fully_shard cannot split) and W_O
 HEAD = ('logit_scale', 'logit_bias', 'out_proj')
@@ -57,7 +56,8 @@ SHARDS = ('none', 'fsdp')
 
 
 def is_sharded(model):
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get('torch.distributed.fsdp')   # not loaded: nothing is sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def shard(model: Llip, device_type='cpu', param_dtype=None, compile=False):
@@ -66,6 +66,9 @@ def shard(model: Llip, device_type='cpu', param_dtype=None, compile=False):
     param_dtype: the dtype blocks compute in (bf16 under --dtype=bfloat16; None: keep the
     parameters' own), gradients then reduced in float32. compile: torch.compile each block
     before it is sharded. Build the optimizer after this: it must hold the sharded parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     low = param_dtype is not None and param_dtype != torch.float32
     blocks = MixedPrecisionPolicy(param_dtype=param_dtype if low else None,
@@ -121,13 +124,13 @@ def clip_grad_norm(parameters, max_norm):
     the norm (a 0-d tensor, the same on every rank); scales the gradients in place by
     min(1, max_norm / (norm + 1e-6))."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]
     zero = torch.zeros((), dtype=torch.float64, device=local[0].device)
     sharded = sum((g.double().square().sum() for g, full in zip(local, grads)
-                   if isinstance(full, DTensor)), zero)
+                   if is_dtensor(full)), zero)
     whole = sum((g.double().square().sum() for g, full in zip(local, grads)
-                 if not isinstance(full, DTensor)), zero)
-    if any(isinstance(g, DTensor) for g in grads):
+                 if not is_dtensor(full)), zero)
+    if any(is_dtensor(g) for g in grads):
         dist.all_reduce(sharded)   # every rank's rows of every parameter, each counted once
     norm = (sharded + whole).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -141,7 +144,7 @@ def full_state_dict(model):
     parameter from every rank: all ranks must call it, together."""
     out = {}
     for name, value in model.state_dict().items():
-        if isinstance(value, DTensor):
+        if is_dtensor(value):
             value = value.full_tensor()
         out[name] = value.detach().cpu()
     return out
@@ -153,7 +156,8 @@ def load_full_state_dict(model, state):
     with torch.no_grad():
         for name, target in model.state_dict().items():
             source = state[name].to(target.dtype)
-            if isinstance(target, DTensor):   # this rank's rows, as fully_shard cut them
+            if is_dtensor(target):   # this rank's rows, as fully_shard cut them
+                from torch.distributed.tensor import distribute_tensor
                 source = distribute_tensor(source.to(target.device), target.device_mesh,
                                            target.placements, src_data_rank=None).to_local()
                 target = target.to_local()

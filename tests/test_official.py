@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, config_from_official, load_official
+from model import PRESETS, load_official
+from official import config_from_official
 
 W, WT, D, K, P, PATCH, LAYERS, VOCAB, CTX, HEADS, M = 128, 128, 32, 4, 16, 4, 2, 300, 12, 2, 8
 
