@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRESH_THREADS = torch.get_num_threads()   # what a new python (a train.py run) starts with
 sys.path.insert(0, ROOT)
 
 import dataclasses  # noqa: E402
@@ -121,7 +122,14 @@ def main_in_process(monkeypatch, out_dir, synthetic, *flags):
     import train as train_py
     monkeypatch.setattr(sys, 'argv', ['train.py', f'--out_dir={out_dir}',
                                       f'--synthetic_dir={synthetic}', *SMALL, *flags])
-    return train_py.main()
+    # with the threads of a new python: a run resumed here must give the weights, to 1e-6, of
+    # the same run in a separate process, and a matmul's sums depend on the thread count
+    before = torch.get_num_threads()
+    torch.set_num_threads(FRESH_THREADS)
+    try:
+        return train_py.main()
+    finally:
+        torch.set_num_threads(before)
 
 
 def start_ranks(fn, args, nprocs):

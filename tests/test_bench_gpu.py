@@ -17,9 +17,11 @@ import bench_gpu
 
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp('gpu') / 'report.json'
     failed = bench_gpu.main(['--device=cpu', '--small', f'--out={path}'])
+    torch.set_num_threads(before)
     assert not failed, failed
     return json.loads(path.read_text())
 
