@@ -36,10 +36,10 @@ from einops import einsum, rearrange
 
 # Default chunk: chunk x N_txt x M x K mixing weights at once. On CPU a chunk that stays in
 # cache wins (one thread, fwd+bwd: 3.0 s at 2^20 vs 3.9 s at 2^23 for N = 512, D = 512,
-# K = 32); 2^19 beats 2^20 a little more (CPU time, median of 6, N = 256: the Gram form at
-# D = 512, K = 32 1.21 s vs 1.27 s; the mixed form at the tiny preset's shapes 92 ms vs 107 ms;
-# 2^18 loses in both); on a GPU bigger chunks mean fewer kernel launches (2^24: not measured,
-# no GPU was at hand).
+# K = 32). 2^19 against 2^20, CPU time, N = 256: the mixed form at the tiny preset's shapes
+# 168 ms vs 202 ms (median of 40, with exp2 below against exp); the Gram form at D = 512, K = 32
+# no clear difference (1.21 s vs 1.27 s, then 1.40 s vs 1.28 s, medians of 6 on a shared
+# machine). On a GPU bigger chunks mean fewer kernel launches (2^24: not measured, no GPU).
 ELEMENTS_PER_CHUNK = {'cpu': 2 ** 19, 'cuda': 2 ** 24}
 
 
@@ -47,6 +47,18 @@ def images_per_chunk(n_txt, heads, k, device_type):
     """The default chunk of this form: images per chunk, from ELEMENTS_PER_CHUNK."""
     elements = ELEMENTS_PER_CHUNK.get(device_type, ELEMENTS_PER_CHUNK['cuda'])
     return max(1, elements // (n_txt * heads * k))
+
+
+def eager_when_compiled(fn):
+    """torch.compiler.disable(fn), taken when a compiled model first reaches fn rather than at
+    import: the decorator imports torch._dynamo, 2 s more at the start of every process that
+    loads this module (eval.py, analysis.py: they build no optimizer, which would import it)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -111,6 +123,11 @@ def gram_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
 
 
 # ----------------------------------------------------------------------------- the loss
+# torch.compile runs it eagerly (a graph break): the torch.autograd.grad inside the Function's
+# forward breaks dynamo's graph anyway, and compiling the rest frame by frame, recompiled per
+# chunk shape, gained nothing over matmuls batched already and cost most of the warm-up
+# (tests/test_compile.py, the Gram-form model: 33.5 s -> 11.8 s, 14.0 s -> 7.5 s with grad_ckpt)
+@eager_when_compiled
 def gram_loss_sum(keys, values, queries, text_emb, out_proj, tau, a, b, offset,
                   chunk, captions=1):
     """sum over pairs of -log sigmoid(y_ij (a cos_ij + b)), y_ij = +1 where caption j is one of
@@ -300,18 +317,6 @@ class _Scratch:
         if name not in self.flat or self.flat[name].numel() < numel:
             self.flat[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
         return self.flat[name][:numel].view(shape)
-
-
-def eager_when_compiled(fn):
-    """torch.compiler.disable(fn), taken when a compiled model first reaches fn rather than at
-    import: the decorator imports torch._dynamo, 2 s more on every process's start-up (every test
-    that runs train.py pays it) that a run without --compile never needs."""
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return torch.compiler.disable(fn)(*args, **kwargs)
-        return fn(*args, **kwargs)
-    return call
 
 
 # torch.compile runs these two eagerly (a graph break): they write into views of reused buffers

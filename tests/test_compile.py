@@ -2,11 +2,11 @@
 (python -m pytest tests/test_compile.py):
 - torch.compile of a tiny Llip gives the loss of the eager model, step after step of AdamW, to
   float tolerance, and gradients equal to eager's. Backend aot_eager: dynamo's graph capture and
-  AOTAutograd's joint graph, where our code meets the compiler (the Gram loss's autograd
-  Function, checkpointed blocks, einops); inductor's code generation, what `--compile` adds on
-  top, takes minutes of gcc on a shared CPU and is left to `bench.py gpu` (c) on a GPU. Both
-  exact loss forms the model picks (gram, mixed) are compiled (the mixed form runs eagerly inside
-  the compiled model: torch.compiler.disable, a graph break);
+  AOTAutograd's joint graph, where our code meets the compiler (checkpointed blocks, einops, the
+  loss's graph break); inductor's code generation, what `--compile` adds on top, takes minutes
+  of gcc on a shared CPU and is left to `bench.py gpu` (c) on a GPU. Both exact loss forms the
+  model picks (gram, mixed) are compiled with it; both run eagerly inside the compiled model
+  (loss_gram.eager_when_compiled, a graph break);
 - training under bfloat16 autocast (as `--dtype=bfloat16`) runs through the whole step, the loss
   (computed in fp32 from bf16 pairs) falls on a fixed batch and follows the fp32 run loosely.
 """
