@@ -288,7 +288,7 @@ def _mixed_pairs(keys_c, values_c, q2, s, out_gram, scratch):
     heads, d, n_txt = q2.shape
     n_img = values_c.shape[0] // heads
     logits2 = torch.bmm(keys_c, q2, out=scratch.pairs('e', heads, keys_c.shape[1], n_txt))
-    logits2 = logits2.view(heads * n_img, -1, n_txt)                     # (M I, K, T), log2(e) x
+    logits2 = logits2.view(heads * n_img, -1, n_txt)            # (M I, K, T): log2(e) logits
     e = logits2.sub_(logits2.amax(dim=1, keepdim=True)).exp2_()          # eq. 1, unnormalised
     total = e.sum(dim=1, keepdim=True)                                   # S, >= 1
     x = torch.bmm(values_c.transpose(1, 2), e, out=scratch.pairs('x', heads * n_img, d, n_txt))
@@ -334,11 +334,11 @@ def mixed_cosine(keys, values, queries, text_emb, out_proj, tau, chunk):
             keys_h, values_h, q, s = _heads_side(keys, values, queries, text_out, tau, dtype)
             heads, k = keys.shape[1:3]
             scratch, parts = _Scratch(dtype, keys.device), []
+            q2, out_gram = q * LOG2_E, out_gram.to(dtype)       # once, not per chunk
             for st in range(0, keys.shape[0], chunk):
                 keys_c = keys_h[:, st * k:(st + chunk) * k]
                 values_c = values_h[:, st:st + chunk].reshape(-1, k, values_h.shape[3])
-                *_, dot, norm = _mixed_pairs(keys_c, values_c, q * LOG2_E, s, out_gram.to(dtype),
-                                             scratch)
+                *_, dot, norm = _mixed_pairs(keys_c, values_c, q2, s, out_gram, scratch)
                 parts.append(dot / norm)
         return torch.cat(parts)
 
