@@ -35,6 +35,7 @@ What happens on preemption, a dead rank, NaN, a full disk or a corrupt checkpoin
 import argparse
 import dataclasses
 import datetime
+import gc
 import io
 import itertools
 import json
@@ -128,6 +129,10 @@ def main():
     plan = eval_plan.training_plan(args)
     run = set_up(args, config)
     build(run)
+    # torch and the compiler stack that AdamW imports leave ~280,000 objects that live as long
+    # as the process: frozen, the garbage collector no longer walks them (at exit that walk took
+    # 1.5 s a process) and the DataLoader workers forked below share their pages, not copy them
+    gc.freeze()
     run.loader = training_data(run)
     start_step = checkpoint.resume(run)
     if start_step >= args.steps:   # change nothing: not config.json, not log.jsonl

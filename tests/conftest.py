@@ -1,5 +1,6 @@
 """Make the flat top-level modules (model, loss, data, ...) importable from the tests; the
 fixtures and helpers that several test files share (`from conftest import train, SMALL`)."""
+import gc
 import io
 import json
 import os
@@ -24,6 +25,14 @@ import dataclasses  # noqa: E402
 
 from model import PRESETS, Llip  # noqa: E402
 from synthetic import make_synthetic  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def collectable():
+    """train.main() run in a test's process freezes what the process holds (gc.freeze, to spare
+    its own exit): the next test finds it collectable again."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
@@ -273,9 +282,6 @@ def write_folder(root, classes, per_class=3, seed=0):
             pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f'{i}.png')
     return root
-
-
-@torch.no_grad()
 
 
 def reference_one_way(scores, truth, ks=(1, 5, 10), true_first=False):
