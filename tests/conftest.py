@@ -145,7 +145,13 @@ def start_ranks(fn, args, nprocs):
     """mp.spawn(fn, args, nprocs) with the ranks forked from this process instead of started
     afresh: they begin with its imports (torch and the modules under test) rather than paying
     for them again, seconds a rank. Each rank runs on one thread, as a DataLoader worker does
-    after its fork."""
+    after its fork.
+    What the ranks import on their first DTensor (torch._dynamo, ~2.5 s: DTensor's entry
+    points are wrapped to keep dynamo out) and on fully_shard is imported here first, once a
+    session: else each rank imports it again after every fork, 2 or 3 ranks a launch contending
+    for 2 cores."""
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
     mp.start_processes(_one_thread, args=(fn, args), nprocs=nprocs, join=True,
                        start_method='fork')
 
@@ -162,8 +168,12 @@ def assert_same_weights(a, b):
 
 # ----------------------------------------------------------------------------- small models
 def tiny(**overrides):
+    """A small Llip for `batch`, whose token ids are bytes' (1..258): the byte vocabulary, not
+    the tiny preset's 49408 BPE ids, whose embedding (3.2 M parameters at width 64) would be
+    most of the model: of every float64 gradient, DDP all-reduce and FSDP shard here."""
     small = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
-                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16)
+                 num_mixture=4, context_length=16, image_size=16, vision_head_width=16,
+                 tokenizer='byte', vocab_size=259)
     return replace(PRESETS['tiny'], **{**small, **overrides})
 
 
