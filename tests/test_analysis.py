@@ -16,8 +16,10 @@
 """
 import dataclasses
 import math
+from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,8 +160,19 @@ def test_every_subcommand_writes_a_png(files, tmp_path, is_png):
 
 
 # ----------------------------------------------------------------------------- what a person sees
+def unrendered(monkeypatch):
+    """analysis.save without matplotlib's drawing (~0.5 s a figure), for tests of what goes into
+    a figure or where it goes: an empty file at the path, the figure closed. That each command
+    draws and writes a real PNG is test_every_subcommand_writes_a_png's."""
+    def save(fig, path):
+        Path(path).touch()
+        plt.close(fig)
+    monkeypatch.setattr(analysis, 'save', save)
+
+
 def test_mixing_shows_as_many_other_captions_as_asked(files, images_and_captions, tmp_path,
                                                       monkeypatch):
+    unrendered(monkeypatch)
     shown, real = [], analysis.caption_mixing
     monkeypatch.setattr(analysis, 'caption_mixing',
                         lambda model, image, texts, tau: shown.append(texts) or real(
@@ -180,6 +193,7 @@ def test_plots_go_into_the_run_directory_by_default(files, tmp_path, monkeypatch
         (runs / name / 'ckpt.pt').write_bytes(open(files[pool], 'rb').read())
     cwd.mkdir()
     monkeypatch.chdir(cwd)   # where the command is started: nothing must land here
+    unrendered(monkeypatch)
     d = f"--data={files['data']}"
     analysis.main(['attention', str(runs / 'a'), d])
     analysis.main(['mixing', str(runs / 'a' / 'ckpt.pt'), d])
