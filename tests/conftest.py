@@ -240,7 +240,10 @@ def big_png(width, height):
             + payload
             + struct.pack('>I', zlib.crc32(kind + payload))
         )
-    packer, row = zlib.compressobj(9), b'\0' * (width + 1)      # filter byte 0, then the pixels
+    # run-length matches only (Z_RLE): on rows of zeros the bytes of level 9's default, in a
+    # third of the time (0.4 s, not 1.3 s, for 14000 x 14000)
+    packer = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    row = b'\0' * (width + 1)                                   # filter byte 0, then the pixels
     pixels = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
     return (
         b'\x89PNG\r\n\x1a\n'
