@@ -155,7 +155,7 @@ def test_ctrl_c_and_sighup_to_the_group_save_and_exit_0(tmp_path, synthetic):
 
 SECOND_CTRL_C = '''
 import os, signal, time
-from checkpoint import Preemption
+from preemption import Preemption
 with Preemption(grace=60) as p:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.5)
