@@ -334,8 +334,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, synthet
         ['ckpt_0000001.pt', 'ckpt_0000002.pt']
 
 
-# two ranks under torchrun --standalone: test_accumulation.py's
-# test_two_ranks_with_torchrun_and_global_batch (one torchrun for both)
+# torchrun --standalone (one node): test_sharding.py's killed and resumed --shard=fsdp run
 
 
 def test_two_nodes_on_localhost_with_global_batch(tmp_path, synthetic):
