@@ -61,9 +61,9 @@ import eval_plan
 import run_dir
 import sharding
 import synthetic
-from checkpoint import Preemption
 from metrics import print_table
 from model import Llip, LlipConfig, init_weights
+from preemption import Preemption
 from train_flags import check_flags, config_fields, parser
 
 parser.description = __doc__   # --help shows the commands above

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 
 import numpy as np
@@ -107,9 +108,14 @@ def torchrun(*flags):
 def trained_run(tmp_path_factory, synthetic):
     """(--out_dir, what train.py printed) after a 2-step run that saved at steps 1 and 2: one run
     for every test that needs a few checkpoints to resume from, damage or refuse."""
-    out = str(tmp_path_factory.mktemp('trained'))
-    result = train(out, synthetic, '--steps=2', '--save_every=1', '--workers=0')
-    return out, result.stdout
+    import run_dir
+    out, printed = str(tmp_path_factory.mktemp('trained')), io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, redirect_stdout(printed), \
+            redirect_stderr(io.StringIO()):   # stderr: the progress bar
+        main_in_process(monkeypatch, out, synthetic, '--steps=2', '--save_every=1',
+                        '--workers=0')
+    run_dir._release(out)   # as the run's exit would: its lock file emptied
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope='session')

@@ -14,8 +14,8 @@ tests/test_accumulation.py), in float64 on a small Llip:
   only) resumes to the same weights as an uninterrupted run (which asked for its micro-batches
   with --grad_accum, the killed one with --global_batch); what --global_batch derived is printed
   and recorded in config.json;
-- two ranks under torchrun train with --global_batch (accumulation under DDP, end to end; the
-  one torchrun run of test_train.py's claim that two ranks train and agree);
+- (two ranks under torchrun with --global_batch, accumulation under DDP end to end: in
+  test_train.py, whose two "nodes" run it);
 - --global_batch=N derives --batch_size and --grad_accum from N and the world size, keeps and
   checks the ones given, and refuses with a one-line error an N that does not divide or
   contradicts them.
@@ -24,7 +24,6 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -36,8 +35,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from accumulation import Towers, split_batch, train_step
-from conftest import (ROOT, SMALL, assert_same_weights, batch, free_port, log_lines,
-                      main_in_process, start_ranks, tiny, torchrun, train, weights)
+from conftest import (assert_same_weights, batch, free_port, main_in_process, start_ranks, tiny,
+                      train, weights)
 from model import Llip
 
 MICRO, ACCUM, WORLD = 3, 3, 2            # 3 images per micro-batch, 3 micro-batches per step
@@ -236,16 +235,5 @@ def test_bad_global_batch_is_a_one_line_error(tmp_path, monkeypatch, flags, worl
 # test_killed_mid_step_resumes_to_the_same_weights
 
 
-def test_two_ranks_with_torchrun_and_global_batch(tmp_path, synthetic):
-    """Also test_train.py's two ranks under torchrun --standalone: they train and agree."""
-    out = str(tmp_path)
-    cmd = torchrun('--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py'),
-                   f'--out_dir={out}', f'--synthetic_dir={synthetic}', *SMALL,
-                   '--global_batch=16', '--batch_size=4', '--steps=2', '--save_every=2')
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert '4 per rank x 2 rank(s) x 2 micro-batches = 16' in result.stdout
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert ckpt['config']['grad_accum'] == 2 and len(ckpt['loader']) == 2
-    assert ckpt['config']['world_size'] == 2
-    assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2]
+# --global_batch on two ranks under torchrun (accumulation under DDP, end to end): in
+# test_train.py's test_two_nodes_on_localhost_with_global_batch

@@ -1,8 +1,10 @@
 """What this proves about train.py and checkpoint.py under faults (run: python -m pytest
 tests/test_faults.py), on a very small model and the built-in synthetic data, CPU only:
 - SIGTERM to the whole process group (as SLURM and torchrun send it), with 2 DataLoader
-  workers per rank, saves a checkpoint and exits 0, for 1 and 2 ranks;
-- a rank blocked on a stopped peer exits within --stop_grace of SIGTERM instead of hanging;
+  workers per rank, saves a checkpoint and exits 0, for 1 and 2 ranks; so do Ctrl-C and SIGHUP
+  (as a terminal sends them) to a plain `python train.py`;
+- a rank blocked on a stopped peer exits within --stop_grace of SIGTERM instead of hanging, and
+  takes its DataLoader workers with it;
 - torchrun --max-restarts after kill -9 of one rank restarts both ranks, which resume from the
   newest checkpoint and finish;
 - a rank that cannot read the checkpoint rank 0 resumes from (a separate --out_dir per node)
@@ -26,8 +28,8 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import (FAST, ROOT, SMALL, copy_of, free_port, main_in_process, torchrun, train,
-                      weights)
+from conftest import FAST, ROOT, SMALL, copy_of, free_port, main_in_process, torchrun, weights
+from test_sharding import descendants
 
 
 
@@ -55,24 +57,28 @@ def wait_for(path, procs, timeout=60):
         time.sleep(0.05)
 
 
-def test_sigterm_to_the_process_group_with_workers_saves_and_exits_0(tmp_path, synthetic):
-    """1 rank and 2 ranks, each run its own process group, the two runs side by side."""
+def test_stop_signals_to_the_process_group_with_workers_save_and_exit_0(tmp_path, synthetic):
+    """SIGTERM, as SLURM and torchrun send it, to 1 rank and to 2 ranks; Ctrl-C and SIGHUP, as a
+    terminal sends them, to a plain `python train.py`. Four runs side by side, each its own
+    process group with 2 DataLoader workers a rank, each signalled once its step 2 is saved."""
+    stops = {'SIGTERM': signal.SIGTERM, 'Ctrl-C': signal.SIGINT, 'SIGHUP': signal.SIGHUP}
     runs = {}
     try:
-        for ranks in (1, 2):
-            out = str(tmp_path / f'{ranks}')
-            runs[ranks] = out, launch_ranks([out] * ranks, synthetic, '--steps=500',
-                                            '--save_every=2')
-        for out, procs in runs.values():
+        for name, ranks in [('SIGTERM', 1), ('SIGTERM', 2), ('Ctrl-C', 0), ('SIGHUP', 0)]:
+            out = str(tmp_path / f'{name}-{ranks}')   # ranks 0: no RANK, no process group
+            runs[name, ranks] = out, launch_ranks([out] * ranks, synthetic, '--steps=500',
+                                                  '--save_every=2') if ranks else \
+                [plain_run(out, synthetic, '--steps=500', '--save_every=2')]
+        for (name, _), (out, procs) in runs.items():
             wait_for(os.path.join(out, 'ckpt_0000002.pt'), procs)
-            os.killpg(procs[0].pid, signal.SIGTERM)   # the trainers and their DataLoader workers
-        for ranks, (out, procs) in runs.items():
+            os.killpg(procs[0].pid, stops[name])   # the trainers and their DataLoader workers
+        for (name, ranks), (out, procs) in runs.items():
             outputs = [p.communicate(timeout=60)[0] for p in procs]
-            assert [p.returncode for p in procs] == [0] * ranks, \
+            assert [p.returncode for p in procs] == [0] * len(procs), \
                 '\n'.join(o[-2000:] for o in outputs)
-            assert 'SIGTERM: saved a checkpoint' in outputs[0]
+            assert f'{name}: saved a checkpoint' in outputs[0], outputs[0][-2000:]
             ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-            assert 2 <= ckpt['step'] < 500 and len(ckpt['loader']) == ranks
+            assert 2 <= ckpt['step'] < 500 and len(ckpt['loader']) == len(procs)
     finally:
         for _, procs in runs.values():   # a run left going by a failed check
             for p in procs:
@@ -81,20 +87,47 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_0(tmp_path, s
                     p.communicate()
 
 
+def plain_run(out, synthetic, *flags):
+    """`python train.py` as typed in a terminal (no torchrun environment), in a new process
+    group as a terminal's job is."""
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
+                             f'--synthetic_dir={synthetic}', *FAST, *flags], cwd=ROOT, text=True,
+                            env={**env, 'OMP_NUM_THREADS': '1'}, process_group=0,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def test_sigterm_on_a_rank_blocked_by_a_stopped_peer_exits_promptly(tmp_path, synthetic):
     out = str(tmp_path)
     procs = launch_ranks([out, out], synthetic, '--steps=500', '--save_every=2', '--stop_grace=2')
     wait_for(os.path.join(out, 'ckpt_0000002.pt'), procs)
     procs[1].send_signal(signal.SIGSTOP)   # rank 0 now waits in a collective that never ends
+    workers = descendants(procs[0].pid)
     try:
         time.sleep(0.5)
         procs[0].send_signal(signal.SIGTERM)
-        output = procs[0].communicate(timeout=30)[0]   # before the fix: gloo's 30 minutes
-    finally:
-        procs[1].kill()
-        procs[1].send_signal(signal.SIGCONT)
+        procs[0].wait(timeout=30)   # before the fix: gloo's 30 minutes
+        # its workers are killed on its way out (orphans would check for their parent only every
+        # 5 s): gone within a second
+        end = time.time() + 1
+        while any(alive(w) for w in workers) and time.time() < end:
+            time.sleep(0.05)
+        left = [w for w in workers if alive(w)]
+        output = procs[0].communicate(timeout=30)[0]
+    finally:   # rank 1, stopped, and its workers: the rest of the group
+        os.killpg(procs[0].pid, signal.SIGKILL)
         procs[1].communicate(timeout=30)
     assert procs[0].returncode == 1 and 'stop_grace' in output, output[-2000:]
+    assert len(workers) == 2 and not left, (workers, left)
+
+
+def alive(pid):
+    """pid is a process that has not ended (a zombie has)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
 
 
 def test_max_restarts_after_kill_9_of_a_rank_resumes_from_the_newest_checkpoint(tmp_path,
@@ -103,8 +136,8 @@ def test_max_restarts_after_kill_9_of_a_rank_resumes_from_the_newest_checkpoint(
     cmd = torchrun('--nnodes=1', '--nproc_per_node=2', '--max-restarts=1', '--rdzv_backend=c10d',
                    f'--rdzv_endpoint=127.0.0.1:{port}', '--rdzv_id=llip-restart',
                    os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
-                   f'--synthetic_dir={synthetic}', *FAST, '--steps=30', '--save_every=2',
-                   '--stop_grace=2')
+                   f'--synthetic_dir={synthetic}', *FAST, '--steps=16', '--save_every=2',
+                   '--stop_grace=1')   # rank 0, blocked on the dead rank, is let go in 1 s
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     wait_for(os.path.join(out, 'ckpt_0000004.pt'), [agent])
@@ -116,7 +149,7 @@ def test_max_restarts_after_kill_9_of_a_rank_resumes_from_the_newest_checkpoint(
     output = agent.communicate(timeout=120)[0]
     assert agent.returncode == 0, output[-3000:]
     assert 'resuming from' in output
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 30
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 16
 
 
 def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_the_run_clearly(trained, tmp_path,

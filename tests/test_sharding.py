@@ -11,10 +11,15 @@ two gloo processes with FSDP2 (fully_shard), each with half of the batch, give
 and the traps of sharding, each shown: t and b, 0-d parameters fully_shard refuses, get their
 0-d gradients; reading them works on every rank; a sharded state_dict() holds only this rank's
 rows while full_state_dict gathers the single-process weights; rank 0's unsharded copy for
-evaluation computes what the single-process model does.
+evaluation computes what the single-process model does;
+and of train.py --shard=fsdp under torchrun: killed with SIGKILL on 2 ranks and resumed on 3
+(uneven shards; with --grad_accum=2 there, FSDP's accumulation end to end), then on 1 plain
+process, every sample of the epochs begun is taken exactly once; --shard=fsdp on a single
+process runs, and a refused combination or value is a one-line error.
 """
 import collections
 import importlib
+import math
 import os
 import re
 import signal
@@ -36,7 +41,7 @@ import loss
 import sharding
 import train_flags
 from model import Llip
-from conftest import batch, start_ranks, tiny
+from conftest import batch, log_lines, start_ranks, tiny
 
 N, WORLD = 4, 2
 # the three forms of llip_loss, each forced on Llip.forward (see `form`), and pool=cls
@@ -310,25 +315,30 @@ def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path, 
     # the newest whole checkpoint (a directory is renamed into place complete)
     step = max(int(m.group(1)) for name in os.listdir(out)
                if (m := re.fullmatch(r'ckpt_(\d+)', name)))
-    # 3 ranks (uneven shards) continue for 8 steps, then one plain process (--shard=none) for 1
+    # 3 ranks (uneven shards) continue for 4 steps of 2 micro-batches, then one plain process
+    # (--shard=none) for 1
     env['KEYS'] = str(tmp_path / 'second')
-    second = subprocess.run(command(3, '--shard=fsdp', f'--steps={step + 8}'), env=env, cwd=root,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command(3, '--shard=fsdp', '--grad_accum=2', f'--steps={step + 4}',
+                                    '--log_every=1'),
+                            env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert f'ckpt_{step:07d} at step {step}' in second.stderr
+    assert '4 per rank x 3 rank(s) x 2 micro-batches = 24' in second.stdout
+    losses = [r['loss'] for r in log_lines(out) if 'loss' in r and r['step'] > step]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
     # the plain process is this one: train.main() with the same patch of the loader (undone after)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data.ShardLoader, '__iter__', data.ShardLoader.__iter__)
         exec(COUNTING.format(root=root), {})
         patch.setenv('KEYS', str(tmp_path / 'third'))
         patch.delenv('RANK', raising=False)
-        patch.setattr(sys, 'argv', command(0, f'--steps={step + 9}')[1:])
+        patch.setattr(sys, 'argv', command(0, f'--steps={step + 5}')[1:])
         capsys.readouterr()
         importlib.import_module('train').main()
-    assert f'ckpt_{step + 8:07d} at step {step + 8}' in capsys.readouterr().err
+    assert f'ckpt_{step + 4:07d} at step {step + 4}' in capsys.readouterr().err
 
     # what the last checkpoint says is left of the epochs begun, read by a fresh loader
-    state = checkpoint.load(checkpoint.path_of(str(out), step + 9))
+    state = checkpoint.load(checkpoint.path_of(str(out), step + 5))
     rest = data.ShardLoader(str(shards), batch_size=5, image_size=8, context_length=16,
                             tokenizer='byte', workers=0, resample=False)
     rest.load_state_dict(state['loader'])

@@ -22,8 +22,9 @@ small model and the built-in synthetic data, CPU only:
 - --logger=wandb sends each record to the package when installed (a fake one here), and main()
   leaves the SIGTERM handler as it found it;
 - a NaN loss stops the run with a clear message and leaves the last checkpoint intact;
-- two ranks under torchrun (gloo; the run is in test_accumulation.py, with --global_batch) and
-  two "nodes" on localhost (--nnodes=2) train and agree.
+- two "nodes" on localhost (two torchrun agents, --nnodes=2, c10d rendezvous; gloo) train
+  with --global_batch: accumulation under DDP end to end, the micro-batches it derives printed
+  and recorded.
 """
 import importlib
 import json
@@ -333,35 +334,25 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, synthet
         ['ckpt_0000001.pt', 'ckpt_0000002.pt']
 
 
-# two ranks under torchrun --standalone: test_accumulation.py's
-# test_two_ranks_with_torchrun_and_global_batch (one torchrun for both)
+# torchrun --standalone (one node): test_sharding.py's killed and resumed --shard=fsdp run
 
 
-def test_two_nodes_on_localhost(tmp_path, synthetic):
+def test_two_nodes_on_localhost_with_global_batch(tmp_path, synthetic):
+    """Two torchrun agents, one rank each, meet by c10d rendezvous as two machines would; the
+    global batch of 16 is 4 images a rank times 2 micro-batches."""
     out, port = str(tmp_path), free_port()
-    nodes = [
-        subprocess.Popen(
-            torchrun(
-                '--nnodes=2',
-                '--nproc_per_node=1',
-                '--rdzv_backend=c10d',
-                f'--rdzv_endpoint=127.0.0.1:{port}',
-                '--rdzv_id=llip-test',
-                os.path.join(ROOT, 'train.py'),
-                f'--out_dir={out}',
-                f'--synthetic_dir={synthetic}',
-                *SMALL,
-                '--steps=3',
-                '--save_every=3',
-            ),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    node = torchrun('--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d',
+                    f'--rdzv_endpoint=127.0.0.1:{port}', '--rdzv_id=llip-test',
+                    os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
+                    f'--synthetic_dir={synthetic}', *SMALL, '--global_batch=16',
+                    '--batch_size=4', '--steps=2', '--save_every=2')
+    nodes = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
     outputs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), '\n'.join(o[-2000:] for o in outputs)
+    # rank 0, which prints, is on whichever node the rendezvous made first
+    assert any('4 per rank x 2 rank(s) x 2 micro-batches = 16' in o for o in outputs), outputs
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert ckpt['config']['world_size'] == 2 and ckpt['step'] == 3
+    assert ckpt['config']['world_size'] == 2 and ckpt['step'] == 2
+    assert ckpt['config']['grad_accum'] == 2 and len(ckpt['loader']) == 2
+    assert [r['step'] for r in log_lines(out) if 'loss' in r] == [1, 2]
