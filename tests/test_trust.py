@@ -5,8 +5,8 @@ GPUs), on a very small model and the built-in synthetic data, CPU only
   the first (its pid), and a lock left by a killed run is taken over; --resume=never in a used
   --out_dir is refused and changes nothing; a junk ckpt_0009999.pt neither counts toward --keep
   nor gets the new checkpoint deleted, and the warning names the file and what is wrong;
-  a second Ctrl-C exits at once (the first, and SIGHUP, save and exit 0: test_faults.py);
-  --steps already reached changes nothing;
+  Ctrl-C (SIGINT) and SIGHUP to the process group save and exit 0, a second Ctrl-C exits at
+  once; --steps already reached changes nothing;
 - the run's writes never follow a planted symbolic link (ckpt_N.pt.tmp, ckpt.pt.tmp), and a link
   where log.jsonl or config.json belongs is refused;
 - flags and an environment that would train on something else or wait forever (--grad_clip=-1,
@@ -17,6 +17,7 @@ GPUs), on a very small model and the built-in synthetic data, CPU only
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 
 import checkpoint
 import run_dir
-from conftest import ROOT, copy_of, main_in_process, train
+from conftest import FAST, ROOT, copy_of, main_in_process, train
 
 ZERO_WORKERS = ['--workers=0']
 
@@ -127,8 +128,30 @@ def test_keep_1_with_a_junk_high_numbered_file_keeps_the_new_checkpoint(tmp_path
 
 
 # ---------------------------------------------------------------- 4, 5. signals
-# Ctrl-C and SIGHUP to the process group save and exit 0: test_faults.py's
-# test_stop_signals_to_the_process_group_with_workers_save_and_exit_0, beside SIGTERM's runs
+def test_ctrl_c_and_sighup_to_the_group_save_and_exit_0(tmp_path, synthetic):
+    """Ctrl-C and SIGHUP, each to a run of its own, the two runs side by side."""
+    runs = {}
+    try:
+        for sig, name in [(signal.SIGINT, 'Ctrl-C'), (signal.SIGHUP, 'SIGHUP')]:
+            out = str(tmp_path / name)
+            cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={out}',
+                   f'--synthetic_dir={synthetic}', *FAST, '--steps=100000', '--save_every=100000']
+            runs[sig] = name, out, subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                process_group=0, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        for sig, (name, out, proc) in runs.items():
+            wait_for_log(out, proc)
+            os.killpg(proc.pid, sig)   # a terminal sends Ctrl-C to the trainer and its workers
+        for sig, (name, out, proc) in runs.items():
+            output = proc.communicate(timeout=60)[0]
+            assert proc.returncode == 0 and f'{name}: saved a checkpoint' in output, \
+                output[-3000:]
+            assert checkpoint.load(os.path.join(out, 'ckpt.pt'))['step'] >= 1
+    finally:
+        for _, _, proc in runs.values():   # a run left going by a failed check
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
 
 
 SECOND_CTRL_C = '''
