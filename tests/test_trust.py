@@ -46,7 +46,11 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_
     first = train(out, synthetic, '--steps=100000', '--save_every=100000', *ZERO_WORKERS,
                   popen=True)
     try:
-        wait_for_log(out, first)
+        # the lock is taken first thing, before the model is built: in use from then on
+        lock, end = os.path.join(out, run_dir.LOCK), time.time() + 120
+        while not (os.path.exists(lock) and os.path.getsize(lock) > 0):
+            assert first.poll() is None and time.time() < end, first.communicate()[0][-3000:]
+            time.sleep(0.05)
         with pytest.raises(SystemExit) as stop:   # this process is the second run
             main_in_process(monkeypatch, out, synthetic, '--steps=2', '--seed=1', *ZERO_WORKERS)
         last = stop.value.code   # a one-line string: printed on exit, status 1
