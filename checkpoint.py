@@ -399,6 +399,3 @@ def cut_log(path, step):
             kept.append(json.dumps(record) + '\n')
     if len(kept) != len(lines):
         run_dir.write_atomic(path, lambda f: f.writelines(kept), binary=False)
-
-
-# ----------------------------------------------------------------------------- preemption

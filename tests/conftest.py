@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 import dataclasses  # noqa: E402
 
+import run_dir  # noqa: E402
 from model import PRESETS, Llip  # noqa: E402
 from synthetic import make_synthetic  # noqa: E402
 
@@ -104,11 +105,36 @@ def torchrun(*flags):
     return [sys.executable, '-m', 'torch.distributed.run', *flags]
 
 
+def descendants(pid):
+    """Every process below pid, from /proc (children first found, then theirs)."""
+    parents = {}
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def alive(pid):
+    """pid is a process that has not ended (a zombie has)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope='session')
 def trained_run(tmp_path_factory, synthetic):
     """(--out_dir, what train.py printed) after a 2-step run that saved at steps 1 and 2: one run
     for every test that needs a few checkpoints to resume from, damage or refuse."""
-    import run_dir
     out, printed = str(tmp_path_factory.mktemp('trained')), io.StringIO()
     with pytest.MonkeyPatch.context() as monkeypatch, redirect_stdout(printed), \
             redirect_stderr(io.StringIO()):   # stderr: the progress bar

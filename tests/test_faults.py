@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import FAST, ROOT, SMALL, copy_of, free_port, main_in_process, torchrun, weights
-from test_sharding import descendants
+from conftest import (FAST, ROOT, SMALL, alive, copy_of, descendants, free_port, main_in_process,
+                      torchrun, weights)
 
 
 
@@ -104,15 +104,6 @@ def test_sigterm_on_a_rank_blocked_by_a_stopped_peer_exits_promptly(tmp_path, sy
         procs[1].communicate(timeout=30)
     assert procs[0].returncode == 1 and 'stop_grace' in output, output[-2000:]
     assert len(workers) == 2 and not left, (workers, left)
-
-
-def alive(pid):
-    """pid is a process that has not ended (a zombie has)."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
 
 
 # train.py whose rank 1, in torchrun's first attempt, dies by SIGKILL as it begins step 5 (index

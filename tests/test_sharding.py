@@ -41,7 +41,7 @@ import loss
 import sharding
 import train_flags
 from model import Llip
-from conftest import batch, log_lines, start_ranks, tiny
+from conftest import batch, descendants, log_lines, start_ranks, tiny
 
 N, WORLD = 4, 2
 # the three forms of llip_loss, each forced on Llip.forward (see `form`), and pool=cls
@@ -264,23 +264,6 @@ def batches_taken(keys_file, ranks, first=None):
             lines = f.read().splitlines()
         keys += [k for line in lines[:first] for k in line.split()]
     return keys
-
-
-def descendants(pid):
-    """Every process below pid, from /proc (children first found, then theirs)."""
-    parents = {}
-    for entry in os.listdir('/proc'):
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        children = [c for c, p in parents.items() if p in frontier]
-        found += children
-        frontier = children
-    return found
 
 
 def test_fsdp_killed_and_resumed_on_three_ranks_sees_each_sample_once(tmp_path, capsys):
